@@ -1,0 +1,176 @@
+"""The Backend protocol: the handful of async operations the engine needs from a place that runs code.
+
+Nothing here knows MCP, sessions or the registry. A backend owns containers (a sandboxed worker, a hosted
+container), runs code in them, lists and fetches their files, and puts files into them. The engine does
+everything else: choosing containers, expiry policy, harvesting, structured-output validation, budgets.
+
+Errors are raised as `code_interpreter_mcp.errors.CIError` subclasses; in particular a container that turns out
+to be gone raises `ContainerExpired`, and the engine replaces it and runs again.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol, runtime_checkable
+
+Progress = Callable[[float, float | None, str], Awaitable[None]]
+"""progress(done, total, message): the engine forwards it to the client as a progress notification."""
+
+
+async def no_progress(done: float, total: float | None, message: str) -> None:
+    return None
+
+
+@dataclass
+class ContainerState:
+    """What the backend knows of one container. For openai, times come from the API, not a local clock."""
+
+    id: str
+    backend: str
+    created_at: float  # unix seconds
+    last_active_at: float  # unix seconds
+    expires_after_s: float
+    status: str = "running"  # "running" while usable; anything else ("expired", "stopped", "deleted") is not
+    isolation: str = "bubblewrap"  # "bubblewrap" | "none" | "remote"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def expires_at(self) -> float:
+        return self.last_active_at + self.expires_after_s
+
+    def usable(self, now: float | None = None) -> bool:
+        return self.status == "running" and (now if now is not None else time.time()) < self.expires_at
+
+
+@dataclass
+class RemoteFile:
+    """A file as the backend sees it inside a container."""
+
+    path: str  # relative to the data folder (/mnt/data); absolute ("/tmp/x") when outside it
+    bytes: int
+    version: str  # changes whenever the content may have changed (mtime_ns+size, remote id+bytes, ...)
+    source: Literal["user", "generated"] = "generated"
+    created_at: float = 0.0
+    remote_id: str | None = None  # the backend's own id (openai: cfile_...)
+
+
+@dataclass
+class FetchResult:
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class StructuredRequest:
+    schema: dict[str, Any]
+    nonce: str  # per-run random; markers are ===BEGIN_JSON <nonce>=== ... ===END_JSON <nonce>===
+    strategy: Literal["two_pass_sentinel", "single_pass"] = "two_pass_sentinel"
+
+
+@dataclass
+class ExecRequest:
+    code: str
+    timeout_s: float
+    instructions: str | None = None  # openai only: extra guidance to the model
+    structured: StructuredRequest | None = None
+    run_number: int = 1  # 1-based count of runs in this container (used to name saved figures)
+
+
+@dataclass
+class ExecError:
+    type: str
+    message: str
+    traceback: str | None = None
+
+
+@dataclass
+class Usage:
+    input_tokens: int = 0
+    output_tokens: int = 0
+    total_tokens: int = 0
+
+    def add(self, other: Usage | None) -> None:
+        if other is not None:
+            self.input_tokens += other.input_tokens
+            self.output_tokens += other.output_tokens
+            self.total_tokens += other.total_tokens
+
+
+@dataclass
+class ExecOutcome:
+    status: Literal["ok", "error", "timeout"]
+    stdout: str = ""
+    stderr: str = ""
+    result_repr: str | None = None  # repr() of the last expression (local), Jupyter-like
+    error: ExecError | None = None
+    truncated: bool = False
+    state_lost: bool = False  # the worker/container was restarted during this run: variables are gone
+    last_value_json: str | None = None  # local + structured: json.dumps(last expression) when serialisable
+    text: str | None = None  # the model's text (openai); sandbox: links are left for the engine to rewrite
+    sentinel_sources: list[str] = field(default_factory=list)  # texts to search for JSON marker blocks
+    single_pass_json: str | None = None  # openai single_pass: the structured-output text
+    cited_files: list[RemoteFile] = field(default_factory=list)  # known early (annotations): fetch at once
+    executed_code: str | None = None
+    warnings: list[str] = field(default_factory=list)
+    usage: Usage | None = None
+    model_calls: int = 0
+    container: ContainerState | None = None  # fresh state from the backend after the run, when it has one
+
+
+@dataclass
+class RepairOutcome:
+    text: str  # the repaired JSON text (to be validated again by the engine)
+    usage: Usage | None = None
+
+
+@runtime_checkable
+class Backend(Protocol):
+    name: str
+    isolation: str
+    has_model: bool  # True when a model runs the code (openai): sentinel markers carry the nonce, repair exists
+
+    async def start(self) -> None:
+        """Probe and prepare (e.g. the sandbox probe). Raise SandboxUnavailable/BackendError if unusable."""
+
+    async def aclose(self) -> None:
+        """Stop everything this backend started (workers; containers it created, if configured)."""
+
+    async def create_container(self, session_id: str, expires_after_s: float) -> ContainerState: ...
+
+    async def refresh(self, container: ContainerState) -> ContainerState:
+        """Current status and activity times (openai: from the API). Never raises for an expired container:
+        returns it with status != "running". A container this process does not know (a row left by an earlier
+        process whose worker is gone) comes back with status "stopped"."""
+        ...
+
+    async def execute(self, container: ContainerState, request: ExecRequest, progress: Progress) -> ExecOutcome:
+        """Run code. Cancellation of the calling task must stop the run (interrupt, then kill)."""
+        ...
+
+    async def list_files(self, container: ContainerState) -> list[RemoteFile]:
+        """Every regular file in the container's data folder (all pages). Symlinks are never listed."""
+        ...
+
+    async def fetch_file(self, container: ContainerState, file: RemoteFile, dest: Path, max_bytes: int) -> FetchResult:
+        """Stream one file to `dest` on the host (constant memory). FileTooLarge over max_bytes,
+        PathRefused for symlinks/escapes, DownloadFailed after retries."""
+        ...
+
+    async def put_file(self, container: ContainerState, src: Path, dest_path: str) -> RemoteFile:
+        """Copy a host file into the container's data folder at dest_path (relative)."""
+        ...
+
+    async def destroy(self, container: ContainerState) -> None:
+        """Stop and delete the container. Idempotent."""
+        ...
+
+    async def repair_json(self, schema: dict[str, Any], raw: str, problems: list[str]) -> RepairOutcome | None:
+        """One model call that turns `raw` into JSON matching `schema`; None when the backend has no model."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """Facts for `doctor` and logs (isolation, limits, endpoint without secrets)."""
+        ...

@@ -1,0 +1,142 @@
+"""One Settings object for the whole server, read from (lowest to highest priority): defaults, an optional TOML
+file (`CODE_INTERPRETER_CONFIG` or `--config`), environment variables `CODE_INTERPRETER_<FIELD>`, and CLI flags.
+
+Secrets (`OPENAI_API_KEY`, Azure keys) are read from their usual variables and never printed: `public_view`
+masks them.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import platformdirs
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+
+ENV_PREFIX = "CODE_INTERPRETER_"
+
+
+def default_data_dir() -> Path:
+    return Path(platformdirs.user_data_dir("code-interpreter-mcp", appauthor=False))
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    backend: Literal["local", "openai"] = "local"
+    data_dir: Path = Field(default_factory=default_data_dir)
+    transport: Literal["stdio", "http"] = "stdio"
+    host: str = "127.0.0.1"
+    port: int = 8765
+    log_level: str = "WARNING"
+    auth_token: SecretStr | None = Field(default=None, description="Bearer token required on HTTP, if set.")
+    allow_host_paths: bool | None = Field(
+        default=None,
+        description="May callers name host paths (files=, upload_file path, save_to)? Default: yes on stdio, "
+        "no on HTTP, where the caller is not the host's user.",
+    )
+
+    # Sessions and containers
+    expiry_minutes: float = Field(default=20.0, gt=0)
+    reaper_interval_s: float = Field(default=30.0, gt=0)
+    delete_containers_on_shutdown: bool = True
+
+    # Runs
+    default_timeout_s: float = Field(default=60.0, gt=0)
+    max_timeout_s: float = Field(default=3600.0, gt=0)
+    interrupt_grace_s: float = Field(default=2.0, ge=0)
+    output_cap_chars: int = Field(default=40_000, ge=1000, description="stdout+stderr kept per run")
+    result_budget_tokens: int = Field(default=20_000, ge=1000)
+    inline_image_max_bytes: int = Field(default=256 * 1024, ge=0)
+    inline_file_max_bytes: int = Field(default=1024 * 1024, ge=0, description="download_file inline cap")
+    resource_max_bytes: int = Field(default=32 * 1024 * 1024, ge=0, description="largest file resources/read serves")
+    max_inline_images: int = Field(default=4, ge=0)
+    max_file_bytes: int = Field(default=100 * 1024 * 1024, gt=0, description="largest file harvested or uploaded")
+    structured_strategy: Literal["two_pass_sentinel", "single_pass"] = "two_pass_sentinel"
+
+    # Local sandbox
+    unsafe_no_sandbox: bool = False
+    memory_mb: int = Field(default=2048, ge=128)
+    cpu_seconds: int = Field(default=3600, ge=1, description="CPU-time budget of one worker's life")
+    max_processes: int = Field(default=64, ge=4)
+    max_open_files: int = Field(default=256, ge=32)
+    box_size_mb: int = Field(default=1024, ge=16, description="disk quota of a container's data folder")
+
+    # OpenAI backend
+    openai_model: str = "gpt-5.5"
+    openai_api_key: SecretStr | None = None
+    openai_base_url: str | None = None
+    openai_memory_limit: Literal["1g", "4g", "16g", "64g"] = "1g"
+    openai_max_retries: int = Field(default=4, ge=0, le=10)
+    openai_timeout_s: float = Field(default=600.0, gt=0)
+    azure_endpoint: str | None = None
+    azure_api_version: str | None = None
+    azure_deployment: str | None = None
+    download_concurrency: int = Field(default=8, ge=1, le=64)
+
+    @field_validator("data_dir", mode="before")
+    @classmethod
+    def _expand(cls, v: Any) -> Any:
+        return Path(v).expanduser() if isinstance(v, str | Path) else v
+
+    @property
+    def host_paths_allowed(self) -> bool:
+        return self.allow_host_paths if self.allow_host_paths is not None else self.transport == "stdio"
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "registry.sqlite3"
+
+    @property
+    def containers_dir(self) -> Path:
+        return self.data_dir / "containers"
+
+    @property
+    def files_dir(self) -> Path:
+        return self.data_dir / "files"
+
+    def public_view(self) -> dict[str, Any]:
+        """Settings as printed by `doctor`: secrets masked."""
+        out = self.model_dump(mode="json")
+        for key in ("openai_api_key", "auth_token"):
+            out[key] = "set" if getattr(self, key) else None
+        return out
+
+
+def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for name in Settings.model_fields:
+        raw = environ.get(ENV_PREFIX + name.upper())
+        if raw is not None and raw != "":
+            values[name] = raw
+    # Conventional variables of the OpenAI SDK and Azure.
+    for field, var in (
+        ("openai_api_key", "OPENAI_API_KEY"),
+        ("openai_base_url", "OPENAI_BASE_URL"),
+        ("azure_endpoint", "AZURE_OPENAI_ENDPOINT"),
+        ("azure_api_version", "OPENAI_API_VERSION"),
+    ):
+        if field not in values and environ.get(var):
+            values[field] = environ[var]
+    if "openai_api_key" not in values and environ.get("AZURE_OPENAI_API_KEY"):
+        values["openai_api_key"] = environ["AZURE_OPENAI_API_KEY"]
+    return values
+
+
+def load_settings(
+    overrides: dict[str, Any] | None = None,
+    config_file: str | Path | None = None,
+    environ: dict[str, str] | None = None,
+) -> Settings:
+    """Build the Settings: TOML file < environment < explicit overrides (CLI flags)."""
+    env = dict(os.environ if environ is None else environ)
+    values: dict[str, Any] = {}
+    path = config_file or env.get(ENV_PREFIX + "CONFIG")
+    if path:
+        with open(path, "rb") as fh:
+            values.update(tomllib.load(fh))
+    values.update(_env_overrides(env))
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return Settings.model_validate(values)

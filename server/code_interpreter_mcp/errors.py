@@ -1,0 +1,125 @@
+"""The error taxonomy: every failure a caller can see has a stable code, a message and a hint.
+
+Engine and backends raise `CIError` subclasses; the MCP face turns them into `ToolError` results and the CLI
+into a JSON error on stderr. Messages never carry API keys or tokens: `redact` scrubs anything that looks like one.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import ClassVar
+
+_SECRET_RE = re.compile(r"(sk-[A-Za-z0-9_\-]{8,}|Bearer\s+[A-Za-z0-9._\-]{8,}|api[_-]?key=[^&\s]+)", re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """Remove anything shaped like an API key or bearer token from a message."""
+    return _SECRET_RE.sub("[redacted]", text)
+
+
+class CIError(Exception):
+    """Base of every user-facing error. `code` is stable; `hint` says what to do next."""
+
+    code: ClassVar[str] = "error"
+    default_hint: ClassVar[str] = ""
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        self.message = redact(message)
+        self.hint = redact(hint) if hint is not None else self.default_hint
+        super().__init__(self.message)
+
+    def user_text(self) -> str:
+        text = f"[{self.code}] {self.message}"
+        if self.hint:
+            text += f" Hint: {self.hint}"
+        return text
+
+    def as_dict(self) -> dict[str, str]:
+        return {"code": self.code, "message": self.message, "hint": self.hint}
+
+
+class BadInput(CIError):
+    code = "bad_input"
+    default_hint = "Check the argument types and values against the tool's input schema."
+
+
+class NotFound(CIError):
+    code = "not_found"
+    default_hint = "Call list_container_files to see the files and ids this session has."
+
+
+class SessionNotFound(NotFound):
+    code = "session_not_found"
+    default_hint = "Omit session_id to start a new session, or pass the session_id a previous result returned."
+
+
+class FileNotFound(NotFound):
+    code = "file_not_found"
+
+
+class FileTooLarge(CIError):
+    code = "file_too_large"
+    default_hint = "Pass save_to with a host directory to save the file instead of returning it inline."
+
+
+class PathRefused(CIError):
+    code = "path_refused"
+    default_hint = "Name a regular file inside the container's data folder (no '..', no absolute paths, no symlinks)."
+
+
+class ContainerExpired(CIError):
+    code = "container_expired"
+    default_hint = "Run again: a new container is created and the session's input files are uploaded again."
+
+
+class DownloadFailed(CIError):
+    code = "download_failed"
+    default_hint = "Try again; harvested copies of earlier files stay available with download_file."
+
+
+class RateLimited(CIError):
+    code = "rate_limited"
+    default_hint = "Wait a little and try again."
+
+
+class UpstreamUnavailable(CIError):
+    code = "upstream_unavailable"
+    default_hint = "The remote service failed; try again in a moment."
+
+
+class AuthFailed(CIError):
+    code = "auth_failed"
+    default_hint = "Check OPENAI_API_KEY (or the Azure settings) in the server's environment."
+
+
+class ExecutionTimeout(CIError):
+    code = "timeout"
+    default_hint = "Raise timeout_s, or split the work into smaller runs."
+
+
+class SandboxUnavailable(CIError):
+    code = "sandbox_unavailable"
+    default_hint = (
+        "Install bubblewrap (apt-get install bubblewrap) and allow unprivileged user namespaces, or start the "
+        "server with --unsafe-no-sandbox to run code without isolation (not recommended)."
+    )
+
+
+class InvalidSchema(CIError):
+    code = "invalid_schema"
+    default_hint = "Pass a valid JSON Schema object as output_schema, e.g. {'type': 'object', 'properties': {...}}."
+
+
+class OutputInvalid(CIError):
+    code = "output_invalid"
+    default_hint = "Make the code's last expression (or the printed JSON block) match the schema."
+
+
+class BackendError(CIError):
+    code = "backend_error"
+    default_hint = "See the message; run `code-interpreter-mcp doctor` to check the backend's configuration."
+
+
+class ResponseMalformed(CIError):
+    code = "response_malformed"
+    default_hint = "The model's response had an unexpected shape; try again."

@@ -1,0 +1,129 @@
+"""Pydantic models of the tool contract: what each tool takes and returns (its published outputSchema)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+RunStatus = Literal["ok", "error", "timeout"]
+FileSource = Literal["user", "generated"]
+Isolation = Literal["bubblewrap", "none", "remote"]
+Strategy = Literal["two_pass_sentinel", "single_pass"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class FileInfo(_Model):
+    file_id: str = Field(description="Stable id of this version of the file; pass it to download_file.")
+    path: str = Field(description="Path relative to the container's data folder (/mnt/data).")
+    name: str = Field(description="The file's base name.")
+    bytes: int
+    mime_type: str
+    sha256: str | None = Field(default=None, description="SHA-256 of the harvested bytes.")
+    source: FileSource = Field(description="'user' for uploaded inputs, 'generated' for files the code made.")
+    created_at: datetime
+    uri: str = Field(description="MCP resource URI; resources/read returns the bytes.")
+    local_path: str | None = Field(default=None, description="Where the harvested copy lies on the server's host.")
+
+
+class ErrorInfo(_Model):
+    type: str = Field(description="Exception class name, e.g. ZeroDivisionError.")
+    message: str
+    traceback: str | None = None
+
+
+class ContainerInfo(_Model):
+    id: str
+    expires_at: datetime | None = Field(description="When the container expires if left idle (UTC).")
+    state_lost: bool = Field(
+        default=False,
+        description="True when an earlier container expired or was restarted: variables and imports are gone "
+        "(files made earlier are still downloadable).",
+    )
+    isolation: Isolation = "bubblewrap"
+
+
+class Violation(_Model):
+    path: str = Field(description="JSON path of the offending value, e.g. $.items[2].price")
+    message: str
+
+
+class JsonError(_Model):
+    message: str
+    violations: list[Violation] = Field(default_factory=list)
+
+
+class TokenUsage(_Model):
+    input_tokens: int = 0
+    output_tokens: int = 0
+    total_tokens: int = 0
+
+
+class StructuredInfo(_Model):
+    strategy: Strategy | Literal["local"]
+    path: Literal["last_expression", "sentinel", "repair", "single_pass", "none"] = Field(
+        description="Where the JSON came from."
+    )
+    model_calls: int = 0
+    usage: TokenUsage | None = None
+
+
+class RunResult(_Model):
+    session_id: str = Field(description="Pass back as session_id to keep using this session's state and files.")
+    container_id: str
+    backend: str
+    status: RunStatus
+    stdout: str = ""
+    stderr: str = ""
+    result: str | None = Field(default=None, description="repr() of the code's last expression, if any.")
+    error: ErrorInfo | None = None
+    json_: Any = Field(default=None, alias="json", description="The validated JSON result (when output_schema).")
+    json_error: JsonError | None = None
+    files: list[FileInfo] = Field(default_factory=list, description="Files created or changed by this run.")
+    container: ContainerInfo
+    truncated: bool = Field(default=False, description="True when stdout/stderr/text were cut to the budget.")
+    warnings: list[str] = Field(default_factory=list)
+    text: str | None = Field(default=None, description="The model's own text (openai backend).")
+    structured: StructuredInfo | None = None
+    usage: TokenUsage | None = Field(default=None, description="Model tokens used by this run (openai backend).")
+    model_calls: int = 0
+    duration_ms: float = 0.0
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, serialize_by_alias=True)
+
+
+class FileList(_Model):
+    session_id: str
+    container_id: str | None
+    expires_at: datetime | None
+    container_alive: bool = Field(description="False when the container expired or was closed; files listed "
+                                  "are the harvested copies.")
+    files: list[FileInfo]
+
+
+class DownloadResult(_Model):
+    file: FileInfo
+    saved_to: str | None = Field(default=None, description="Host path the file was saved to, if it was.")
+    inline: bool = Field(description="True when the bytes are in this result's content.")
+
+
+class UploadResult(_Model):
+    session_id: str
+    container_id: str
+    file: FileInfo
+
+
+class CloseResult(_Model):
+    session_id: str
+    closed: bool
+    containers_stopped: int
+    files_kept: bool = Field(description="Harvested files stay on the host unless delete_files was asked.")
+
+
+def dump(model: BaseModel) -> dict[str, Any]:
+    """JSON-ready dict with aliases (RunResult.json_ -> 'json')."""
+    return model.model_dump(mode="json", by_alias=True)

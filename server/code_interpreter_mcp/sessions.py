@@ -1,0 +1,264 @@
+"""The session registry: session -> containers -> harvested files, with ownership and expiry bookkeeping.
+
+Memory is the source of truth while the process runs; every change is written through to SQLite in the data
+folder (in a worker thread, WAL mode), so sessions, containers and the harvested files' records survive a
+restart. Ids are unguessable (128-bit random); a session is only visible to its owner.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from .backends.base import ContainerState, RemoteFile
+from .errors import SessionNotFound
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS sessions (
+    id TEXT PRIMARY KEY, owner TEXT, created_at REAL NOT NULL, last_used_at REAL NOT NULL,
+    closed INTEGER NOT NULL DEFAULT 0, current_container TEXT);
+CREATE TABLE IF NOT EXISTS containers (
+    id TEXT PRIMARY KEY, session_id TEXT NOT NULL, backend TEXT NOT NULL, created_at REAL NOT NULL,
+    last_active_at REAL NOT NULL, expires_after_s REAL NOT NULL, status TEXT NOT NULL, isolation TEXT NOT NULL,
+    runs INTEGER NOT NULL DEFAULT 0, extra TEXT NOT NULL DEFAULT '{}');
+CREATE TABLE IF NOT EXISTS files (
+    file_id TEXT PRIMARY KEY, session_id TEXT NOT NULL, container_id TEXT NOT NULL, path TEXT NOT NULL,
+    name TEXT NOT NULL, bytes INTEGER NOT NULL, mime_type TEXT NOT NULL, sha256 TEXT, source TEXT NOT NULL,
+    created_at REAL NOT NULL, local_path TEXT, remote_id TEXT, version TEXT NOT NULL, seq INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS files_by_session ON files(session_id, seq);
+CREATE INDEX IF NOT EXISTS containers_by_session ON containers(session_id);
+"""
+
+
+def new_id(prefix: str, nbytes: int = 16) -> str:
+    return f"{prefix}{secrets.token_hex(nbytes)}"
+
+
+@dataclass
+class FileRecord:
+    file_id: str
+    session_id: str
+    container_id: str
+    path: str
+    name: str
+    bytes: int
+    mime_type: str
+    sha256: str | None
+    source: str
+    created_at: float
+    local_path: str | None
+    remote_id: str | None
+    version: str
+    seq: int = 0
+
+
+@dataclass
+class ContainerRecord:
+    state: ContainerState
+    session_id: str
+    runs: int = 0
+    # Last listing of the live container (path -> RemoteFile): the "before" of the next run's diff.
+    snapshot: dict[str, RemoteFile] = field(default_factory=dict)
+    # True once this process has seen the container alive; rows loaded from disk must be re-checked.
+    verified: bool = False
+
+
+@dataclass
+class Session:
+    id: str
+    owner: str | None
+    created_at: float
+    last_used_at: float
+    closed: bool = False
+    current_container: str | None = None
+    files: list[FileRecord] = field(default_factory=list)
+    lock: anyio.Lock = field(default_factory=anyio.Lock)
+
+    def latest_files(self, container_id: str | None = None) -> list[FileRecord]:
+        """Newest version of each path (per container when given, else across the session)."""
+        latest: dict[tuple[str, str], FileRecord] = {}
+        for rec in self.files:
+            if container_id is not None and rec.container_id != container_id:
+                continue
+            key = (rec.container_id if container_id is not None else "", rec.path)
+            latest[key] = rec
+        return sorted(latest.values(), key=lambda r: r.seq)
+
+    def find_file(self, file_id: str) -> FileRecord | None:
+        for rec in self.files:
+            if rec.file_id == file_id:
+                return rec
+        return None
+
+
+class Registry:
+    """Sessions, containers and file records, persisted in SQLite."""
+
+    def __init__(self, db_path: Path) -> None:
+        self.db_path = db_path
+        db_path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(SCHEMA)
+        self._db_lock = threading.Lock()
+        self.sessions: dict[str, Session] = {}
+        self.containers: dict[str, ContainerRecord] = {}
+        self._seq = int(self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM files").fetchone()[0])
+
+    # ---- persistence helpers -------------------------------------------------------------------------------
+
+    def _write_sync(self, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
+        with self._db_lock:
+            self._db.execute("BEGIN")
+            try:
+                for sql, params in statements:
+                    self._db.execute(sql, params)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    async def _write(self, *statements: tuple[str, tuple[Any, ...]]) -> None:
+        await anyio.to_thread.run_sync(self._write_sync, list(statements))
+
+    def close(self) -> None:
+        with self._db_lock:
+            self._db.close()
+
+    # ---- sessions ------------------------------------------------------------------------------------------
+
+    async def create_session(self, owner: str | None) -> Session:
+        now = time.time()
+        session = Session(id=new_id("s_"), owner=owner, created_at=now, last_used_at=now)
+        self.sessions[session.id] = session
+        await self._write(
+            ("INSERT INTO sessions (id, owner, created_at, last_used_at) VALUES (?, ?, ?, ?)",
+             (session.id, owner, now, now))
+        )
+        return session
+
+    def _load_session_sync(self, session_id: str) -> Session | None:
+        with self._db_lock:
+            row = self._db.execute(
+                "SELECT id, owner, created_at, last_used_at, closed, current_container FROM sessions WHERE id = ?",
+                (session_id,),
+            ).fetchone()
+            if row is None:
+                return None
+            session = Session(id=row[0], owner=row[1], created_at=row[2], last_used_at=row[3], closed=bool(row[4]),
+                              current_container=row[5])
+            for c in self._db.execute(
+                "SELECT id, backend, created_at, last_active_at, expires_after_s, status, isolation, runs, extra "
+                "FROM containers WHERE session_id = ?", (session_id,)
+            ):
+                state = ContainerState(id=c[0], backend=c[1], created_at=c[2], last_active_at=c[3],
+                                       expires_after_s=c[4], status=c[5], isolation=c[6], extra=json.loads(c[8]))
+                self.containers.setdefault(c[0], ContainerRecord(state=state, session_id=session_id, runs=c[7]))
+            session.files = [
+                FileRecord(*r)
+                for r in self._db.execute(
+                    "SELECT file_id, session_id, container_id, path, name, bytes, mime_type, sha256, source, "
+                    "created_at, local_path, remote_id, version, seq FROM files WHERE session_id = ? ORDER BY seq",
+                    (session_id,),
+                )
+            ]
+            return session
+
+    async def get_session(self, session_id: str, owner: str | None) -> Session:
+        """The session, if it exists, is open and belongs to `owner`; else SessionNotFound (never 'forbidden')."""
+        session = self.sessions.get(session_id)
+        if session is None and isinstance(session_id, str) and session_id.startswith("s_") and len(session_id) < 80:
+            session = await anyio.to_thread.run_sync(self._load_session_sync, session_id)
+            if session is not None:
+                session = self.sessions.setdefault(session_id, session)
+        if session is None or session.closed or session.owner != owner:
+            raise SessionNotFound(f"No session {session_id!r} is open for this client.")
+        return session
+
+    async def touch_session(self, session: Session) -> None:
+        session.last_used_at = time.time()
+
+    async def close_session(self, session: Session) -> None:
+        session.closed = True
+        session.current_container = None
+        await self._write(("UPDATE sessions SET closed = 1, current_container = NULL WHERE id = ?", (session.id,)))
+
+    async def forget_files(self, session: Session) -> list[FileRecord]:
+        removed, session.files = session.files, []
+        await self._write(("DELETE FROM files WHERE session_id = ?", (session.id,)))
+        return removed
+
+    # ---- containers ----------------------------------------------------------------------------------------
+
+    async def add_container(self, session: Session, state: ContainerState) -> ContainerRecord:
+        rec = ContainerRecord(state=state, session_id=session.id, verified=True)
+        self.containers[state.id] = rec
+        session.current_container = state.id
+        await self._write(
+            ("INSERT OR REPLACE INTO containers (id, session_id, backend, created_at, last_active_at, "
+             "expires_after_s, status, isolation, runs, extra) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             (state.id, session.id, state.backend, state.created_at, state.last_active_at, state.expires_after_s,
+              state.status, state.isolation, 0, json.dumps(state.extra))),
+            ("UPDATE sessions SET current_container = ?, last_used_at = ? WHERE id = ?",
+             (state.id, time.time(), session.id)),
+        )
+        return rec
+
+    async def save_container(self, rec: ContainerRecord) -> None:
+        s = rec.state
+        await self._write(
+            ("UPDATE containers SET last_active_at = ?, expires_after_s = ?, status = ?, runs = ?, extra = ? "
+             "WHERE id = ?", (s.last_active_at, s.expires_after_s, s.status, rec.runs, json.dumps(s.extra), s.id))
+        )
+
+    def container_of(self, session: Session, container_id: str | None) -> ContainerRecord | None:
+        """The named container if the session owns it, else the session's current one (None if it has none)."""
+        cid = container_id if container_id is not None else session.current_container
+        if cid is None:
+            return None
+        rec = self.containers.get(cid)
+        if rec is None or rec.session_id != session.id:
+            return None
+        return rec
+
+    def live_containers(self) -> list[ContainerRecord]:
+        return [r for r in self.containers.values() if r.state.status == "running"]
+
+    # ---- files ---------------------------------------------------------------------------------------------
+
+    async def add_files(self, session: Session, records: list[FileRecord]) -> None:
+        if not records:
+            return
+        rows = []
+        for rec in records:
+            self._seq += 1
+            rec.seq = self._seq
+            session.files.append(rec)
+            rows.append(
+                ("INSERT INTO files (file_id, session_id, container_id, path, name, bytes, mime_type, sha256, source, "
+                 "created_at, local_path, remote_id, version, seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                 (rec.file_id, rec.session_id, rec.container_id, rec.path, rec.name, rec.bytes, rec.mime_type,
+                  rec.sha256, rec.source, rec.created_at, rec.local_path, rec.remote_id, rec.version, rec.seq))
+            )
+        await self._write(*rows)
+
+    def find_file_by_id(self, file_id: str) -> FileRecord | None:
+        for session in self.sessions.values():
+            rec = session.find_file(file_id)
+            if rec is not None:
+                return rec
+        return None
+
+    def stale_live_containers_sync(self) -> list[tuple[str, str]]:
+        """(container id, session id) of containers recorded as running by an earlier process."""
+        with self._db_lock:
+            return list(self._db.execute("SELECT id, session_id FROM containers WHERE status = 'running'"))

@@ -21,8 +21,9 @@ HERE = Path(__file__).resolve().parent
 
 
 def ours(data_dir: str) -> StdioServerParameters:
-    return StdioServerParameters(command=sys.executable, args=["-m", "code_interpreter_mcp", "serve",
-                                                               "--data-dir", data_dir])
+    return StdioServerParameters(
+        command=sys.executable, args=["-m", "code_interpreter_mcp", "serve", "--data-dir", data_dir]
+    )
 
 
 def minimal() -> StdioServerParameters:
@@ -111,8 +112,10 @@ async def idle_memory(data_dir: str, sessions: int) -> None:
         await anyio.sleep(1.0)
         server_pid = _server_pid()
         total, by_name = tree_rss_kib(server_pid)
-        print(f"idle tree RSS with live workers: {total / 1024:.1f} MiB; by process: "
-              + ", ".join(f"{k}={v / 1024:.1f} MiB" for k, v in sorted(by_name.items())))
+        print(
+            f"idle tree RSS with live workers: {total / 1024:.1f} MiB; by process: "
+            + ", ".join(f"{k}={v / 1024:.1f} MiB" for k, v in sorted(by_name.items()))
+        )
 
 
 def _server_pid() -> int:
@@ -142,16 +145,22 @@ async def main() -> None:
         m_med, m_p95 = statistics.median(m), pct(m, 0.95)
         o_med, o_p95 = statistics.median(o), pct(o, 0.95)
         print(f"warm 1+1  minimal: median {m_med:.3f} ms p95 {m_p95:.3f} ms")
-        print(f"warm 1+1  ours:    median {o_med:.3f} ms p95 {o_p95:.3f} ms  "
-              f"-> {o_med / m_med:.2f}x median (target <= 1.5x), {o_p95 / m_p95:.2f}x p95 (target <= 2x)")
+        print(
+            f"warm 1+1  ours:    median {o_med:.3f} ms p95 {o_p95:.3f} ms  "
+            f"-> {o_med / m_med:.2f}x median (target <= 1.5x), {o_p95 / m_p95:.2f}x p95 (target <= 2x)"
+        )
         ms = [await start_to_list(minimal()) for _ in range(args.starts)]
         os_ = [await start_to_list(ours(data)) for _ in range(args.starts)]
-        print(f"start->tools/list minimal: median {statistics.median(ms):.0f} ms; ours: median "
-              f"{statistics.median(os_):.0f} ms -> {statistics.median(os_) / statistics.median(ms):.2f}x "
-              "(target <= 1.3x)")
+        print(
+            f"start->tools/list minimal: median {statistics.median(ms):.0f} ms; ours: median "
+            f"{statistics.median(os_):.0f} ms -> {statistics.median(os_) / statistics.median(ms):.2f}x "
+            "(target <= 1.3x)"
+        )
         f = await first_runs(data, 20)
-        print(f"new session first run_code (worker start in bwrap incl.): median {statistics.median(f):.1f} ms "
-              f"p95 {pct(f, 0.95):.1f} ms (target median <= 150 ms)")
+        print(
+            f"new session first run_code (worker start in bwrap incl.): median {statistics.median(f):.1f} ms "
+            f"p95 {pct(f, 0.95):.1f} ms (target median <= 150 ms)"
+        )
     with tempfile.TemporaryDirectory() as data:
         await idle_memory(data, args.sessions)
 

@@ -228,7 +228,7 @@ async def test_progress_on_long_runs(client: Client) -> None:
     async def cb(progress: float, total: float | None, message: str | None) -> None:
         seen.append((progress, total, message))
 
-    r = await client.call_tool("run_code", {"code": "import time; time.sleep(2.3); 'done'"}, progress_callback=cb)
+    r = await client.call_tool("run_code", {"code": "import time; time.sleep(2.6); 'done'"}, progress_callback=cb)
     assert structured(r)["result"] == "'done'"
     assert len(seen) >= 2
     assert all(b[0] > a[0] for a, b in itertools.pairwise(seen))

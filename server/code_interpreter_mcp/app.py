@@ -32,14 +32,14 @@ from mcp.types import (
     ToolAnnotations,
 )
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
-from pydantic import AnyUrl, Field
+from pydantic import AnyUrl, BaseModel, Field
 
 from . import __version__
 from .artifacts import URI_TEMPLATE, is_text_mime
 from .config import Settings
 from .engine import Engine
 from .errors import CIError, NotFound
-from .models import CloseResult, DownloadResult, FileInfo, FileList, RunResult, UploadResult, dump
+from .models import CloseResult, DownloadResult, FileInfo, FileList, RunResult, UploadResult, dump, published_schema
 from .sessions import Session
 
 logger = logging.getLogger(__name__)
@@ -379,4 +379,16 @@ def build_server(settings: Settings, engine: Engine | None = None) -> CodeInterp
             raise ResourceNotFoundError("Unknown resource") from None
         return data
 
+    _publish_flat_schemas(mcp, {"run_code": RunResult, "list_container_files": FileList,
+                                "download_file": DownloadResult, "upload_file": UploadResult,
+                                "close_session": CloseResult})
     return mcp
+
+
+def _publish_flat_schemas(mcp: MCPServer[Engine], models: dict[str, type[BaseModel]]) -> None:
+    """Advertise the flat form of each output schema (see models.published_schema). The SDK keeps validating
+    results with the pydantic model itself; only the published JSON changes."""
+    for name, model in models.items():
+        tool = mcp._tool_manager.get_tool(name)  # no public setter in mcp 2.3
+        if tool is not None and getattr(tool, "fn_metadata", None) is not None:
+            tool.fn_metadata.output_schema = published_schema(model)

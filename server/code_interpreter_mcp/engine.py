@@ -24,7 +24,6 @@ from typing import Any
 
 import anyio
 
-from . import structured
 from .artifacts import (
     INLINE_IMAGE_TYPES,
     copy_with_hash,
@@ -51,6 +50,7 @@ from .backends.base import (
 )
 from .config import Settings
 from .errors import (
+    BackendError,
     BadInput,
     CIError,
     ContainerExpired,
@@ -142,11 +142,10 @@ class _ProgressRelay:
     async def backend_progress(self, done: float, total: float | None, message: str) -> None:
         await self.emit(message)
 
-    async def ticker(self) -> None:
-        await anyio.sleep(1.0)  # runs shorter than a second send nothing
-        while True:
-            await self.emit()
-            await anyio.sleep(1.0)
+    def due(self) -> bool:
+        """Runs shorter than a second send nothing; longer ones get a tick about every second."""
+        elapsed = time.monotonic() - self.start
+        return elapsed >= 1.0 and elapsed - self.last >= 0.9
 
 
 class Engine:
@@ -156,19 +155,47 @@ class Engine:
         self.registry: Registry | None = None
         self._default_sessions: dict[str | None, str] = {}
         self._started = False
+        self._ready = anyio.Event()
+        self._backend_error: CIError | None = None
+        self._relays: set[_ProgressRelay] = set()
 
     # ---- lifecycle ---------------------------------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, wait_for_backend: bool = True) -> None:
+        """Open the registry and start the backend. With wait_for_backend=False the backend's start (the
+        sandbox probe) is left to `running()`, so a server can answer tools/list before the probe ends."""
         if self._started:
             return
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.settings.files_dir.mkdir(parents=True, exist_ok=True)
         self.registry = await anyio.to_thread.run_sync(Registry, self.settings.db_path)
-        await self.backend.start()
         self._started = True
-        logger.info("engine started: backend=%s isolation=%s data=%s", self.backend.name, self.backend.isolation,
-                    self.settings.data_dir)
+        if wait_for_backend:
+            await self._start_backend()
+
+    async def _start_backend(self) -> None:
+        try:
+            await self.backend.start()
+            logger.info("engine ready: backend=%s isolation=%s data=%s", self.backend.name, self.backend.isolation,
+                        self.settings.data_dir)
+        except CIError as exc:
+            self._backend_error = exc
+            logger.error("backend %s is unusable: %s", self.backend.name, exc.user_text())
+        except Exception as exc:
+            logger.exception("backend %s failed to start", self.backend.name)
+            self._backend_error = BackendError(f"The {self.backend.name} backend failed to start: {exc}")
+        finally:
+            self._ready.set()
+
+    async def _backend_usable(self) -> bool:
+        await self._ready.wait()
+        return self._backend_error is None
+
+    async def ready(self) -> None:
+        """Wait for the backend's start; raise its error (with its hint) if it could not start."""
+        await self._ready.wait()
+        if self._backend_error is not None:
+            raise self._backend_error
 
     async def aclose(self) -> None:
         if not self._started:
@@ -176,21 +203,25 @@ class Engine:
         self._started = False
         reg = self.reg
         with anyio.CancelScope(shield=True):
-            if self.settings.delete_containers_on_shutdown or self.backend.name == "local":
-                for rec in reg.live_containers():
-                    await self._retire(rec, status="stopped")
             try:
+                if self._ready.is_set() and self._backend_error is None and (
+                        self.settings.delete_containers_on_shutdown or self.backend.name == "local"):
+                    for rec in reg.live_containers():
+                        if rec.verified:
+                            await self._retire(rec, status="stopped")
+                await self.reg.flush()
                 await self.backend.aclose()
             finally:
                 reg.close()
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[Engine]:
-        """Start the engine and its reaper; stop both (and the containers, as configured) on exit."""
-        await self.start()
+        """Start the engine, its backend and its housekeeping; stop them (and the containers, as configured)."""
+        await self.start(wait_for_backend=False)
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self._reaper)
+                tg.start_soon(self._start_backend)
+                tg.start_soon(self._housekeeping)
                 try:
                     yield self
                 finally:
@@ -204,13 +235,21 @@ class Engine:
             raise RuntimeError("engine not started")
         return self.registry
 
-    async def _reaper(self) -> None:
+    async def _housekeeping(self) -> None:
+        """One loop for the periodic work: progress ticks of long runs, deferred registry writes, the reaper."""
+        next_reap = time.monotonic() + self.settings.reaper_interval_s
         while True:
-            await anyio.sleep(self.settings.reaper_interval_s)
+            await anyio.sleep(0.25)
+            for relay in list(self._relays):
+                if relay.due():
+                    await relay.emit()
             try:
-                await self.reap_expired()
+                await self.reg.flush()
+                if time.monotonic() >= next_reap and self._ready.is_set() and self._backend_error is None:
+                    next_reap = time.monotonic() + self.settings.reaper_interval_s
+                    await self.reap_expired()
             except Exception:
-                logger.exception("reaper pass failed")
+                logger.exception("housekeeping pass failed")
 
     async def reap_expired(self) -> int:
         """Stop containers idle past their expiry (their files were harvested after each run)."""
@@ -407,18 +446,34 @@ class Engine:
                 created_at=remote.created_at or time.time(), local_path=str(dest), remote_id=remote.remote_id,
                 version=remote.version)
 
-        listing: list[RemoteFile] = []
+        if not early:
+            # The common case (nothing new) costs one listing and no task group.
+            try:
+                listing = await self.backend.list_files(state)
+            except ContainerExpired:
+                return [], ["The container expired before its files could be listed."]
+            snap = rec.snapshot
+            if len(listing) == len(snap) and all(
+                    (p := snap.get(f.path)) is not None and p.version == f.version for f in listing):
+                return [], warnings
+            preloaded: list[RemoteFile] | None = listing
+        else:
+            preloaded = None
+        listing = []
         async with anyio.create_task_group() as tg:
             for f in early or []:
                 k = key(f)
                 if k not in started:
                     started.add(k)
                     tg.start_soon(fetch, f)
-            try:
-                listing = await self.backend.list_files(state)
-            except ContainerExpired:
-                warnings.append("The container expired before its files could be listed.")
-                listing = list(rec.snapshot.values())
+            if preloaded is not None:
+                listing = preloaded
+            else:
+                try:
+                    listing = await self.backend.list_files(state)
+                except ContainerExpired:
+                    warnings.append("The container expired before its files could be listed.")
+                    listing = list(rec.snapshot.values())
             for f in listing:
                 prev = rec.snapshot.get(f.path)
                 if prev is not None and prev.version == f.version:
@@ -474,11 +529,14 @@ class Engine:
             raise BadInput(f"json_strategy must be 'two_pass_sentinel' or 'single_pass', got {strategy!r}.")
         sreq = None
         if output_schema is not None:
+            from . import structured  # jsonschema is imported only when a schema is used: faster start-up
+
             structured.check_schema(output_schema)
             sreq = StructuredRequest(schema=output_schema, nonce=structured.new_nonce(), strategy=strategy)  # type: ignore[arg-type]
         if instructions is not None and not isinstance(instructions, str):
             raise BadInput("instructions must be a string.")
 
+        await self.ready()
         relay = _ProgressRelay(progress, timeout)
         async with session.lock:
             await self.reg.touch_session(session)
@@ -486,14 +544,12 @@ class Engine:
             warnings: list[str] = []
             if files:
                 await self._add_input_files(session, rec, files)
-            async with anyio.create_task_group() as tg:
-                if progress is not None:
-                    tg.start_soon(relay.ticker)
-                try:
-                    outcome, rec, lost_again = await self._execute(session, rec, code, timeout, instructions, sreq,
-                                                                   relay)
-                finally:
-                    tg.cancel_scope.cancel()
+            if progress is not None:
+                self._relays.add(relay)
+            try:
+                outcome, rec, lost_again = await self._execute(session, rec, code, timeout, instructions, sreq, relay)
+            finally:
+                self._relays.discard(relay)
             state_lost = state_lost or lost_again or outcome.state_lost
             if outcome.container is not None:
                 rec.state = outcome.container
@@ -501,7 +557,7 @@ class Engine:
             records, harvest_warnings = await self._harvest(session, rec, outcome.cited_files)
             warnings.extend(outcome.warnings)
             warnings.extend(harvest_warnings)
-            await self.reg.save_container(rec)
+            self.reg.save_container_later(rec)  # activity times: written by housekeeping, not on the hot path
 
             json_value, json_error, sinfo, usage, calls = await self._resolve_json(outcome, sreq)
         result = self._shape_result(session, rec, outcome, records, state_lost, warnings, json_value, json_error,
@@ -534,6 +590,7 @@ class Engine:
         calls = outcome.model_calls
         if sreq is None:
             return None, None, None, usage, calls
+        from . import structured
         has_model = bool(getattr(self.backend, "has_model", False))
         strategy: Any = sreq.strategy if has_model else "local"
         path: Any = "none"
@@ -686,7 +743,8 @@ class Engine:
                                "Omit container_id to use the session's current container.")
             rec = self.reg.container_of(session, container_id)
             alive = False
-            if rec is not None and (container_id is None or container_id == session.current_container):
+            current_one = container_id is None or container_id == session.current_container
+            if rec is not None and current_one and await self._backend_usable():
                 current, _ = await self._current_container(session)
                 if current is not None and current is rec:
                     alive = True
@@ -725,7 +783,7 @@ class Engine:
         crec = self.reg.container_of(session, container_id)
         if container_id is not None and crec is None:
             raise NotFound(f"No container {container_id!r} in this session.")
-        if crec is not None and crec.state.id == session.current_container:
+        if crec is not None and crec.state.id == session.current_container and await self._backend_usable():
             current, _ = await self._current_container(session)
             if current is crec:
                 await self._harvest(session, crec)
@@ -783,6 +841,7 @@ class Engine:
                      content_base64: str | None = None, dest_path: str | None = None) -> UploadResult:
         if (path is None) == (content_base64 is None):
             raise BadInput("Pass either path (a host file) or content_base64 with name.")
+        await self.ready()
         async with session.lock:
             if path is not None:
                 self._check_host_paths("path")
@@ -811,6 +870,7 @@ class Engine:
             return UploadResult(session_id=session.id, container_id=rec.state.id, file=record_to_info(record))
 
     async def close_session(self, session: Session, delete_files: bool = False) -> CloseResult:
+        await self._ready.wait()
         async with session.lock:
             stopped = 0
             for rec in [r for r in self.reg.containers.values() if r.session_id == session.id]:

@@ -124,6 +124,35 @@ class CloseResult(_Model):
     files_kept: bool = Field(description="Harvested files stay on the host unless delete_files was asked.")
 
 
+def published_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """The model's JSON Schema in a flat form for `outputSchema`: definitions inlined, `anyOf [X, null]` as
+    `type: [X, "null"]`. Same meaning, no `$ref`s to resolve, and about half the validation work for the
+    clients that check every result against it."""
+    schema = model.model_json_schema(by_alias=True)
+    defs = schema.pop("$defs", {})
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, list):
+            return [walk(x) for x in node]
+        if not isinstance(node, dict):
+            return node
+        if "$ref" in node:
+            extra = {k: v for k, v in node.items() if k != "$ref"}
+            return walk({**defs[node["$ref"].rsplit("/", 1)[-1]], **extra})
+        if "anyOf" in node:
+            branches = [walk(b) for b in node["anyOf"]]
+            others = [b for b in branches if b != {"type": "null"}]
+            if len(others) == 1 and len(branches) == 2 and isinstance(others[0].get("type"), str):
+                merged = {**others[0], "type": [others[0]["type"], "null"]}
+                if "enum" in merged:
+                    merged["enum"] = [*merged["enum"], None]
+                return {**merged, **{k: walk(v) for k, v in node.items() if k != "anyOf"}}
+            return {**{k: walk(v) for k, v in node.items() if k != "anyOf"}, "anyOf": branches}
+        return {k: walk(v) for k, v in node.items()}
+
+    return walk(schema)  # type: ignore[no-any-return]
+
+
 def dump(model: BaseModel) -> dict[str, Any]:
     """JSON-ready dict with aliases (RunResult.json_ -> 'json')."""
     return model.model_dump(mode="json", by_alias=True)

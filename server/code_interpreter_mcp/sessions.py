@@ -112,6 +112,7 @@ class Registry:
         self._db_lock = threading.Lock()
         self.sessions: dict[str, Session] = {}
         self.containers: dict[str, ContainerRecord] = {}
+        self._dirty: dict[str, ContainerRecord] = {}
         self._seq = int(self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM files").fetchone()[0])
 
     # ---- persistence helpers -------------------------------------------------------------------------------
@@ -213,12 +214,24 @@ class Registry:
         )
         return rec
 
-    async def save_container(self, rec: ContainerRecord) -> None:
+    @staticmethod
+    def _container_update(rec: ContainerRecord) -> tuple[str, tuple[Any, ...]]:
         s = rec.state
-        await self._write(
-            ("UPDATE containers SET last_active_at = ?, expires_after_s = ?, status = ?, runs = ?, extra = ? "
-             "WHERE id = ?", (s.last_active_at, s.expires_after_s, s.status, rec.runs, json.dumps(s.extra), s.id))
-        )
+        return ("UPDATE containers SET last_active_at = ?, expires_after_s = ?, status = ?, runs = ?, extra = ? "
+                "WHERE id = ?", (s.last_active_at, s.expires_after_s, s.status, rec.runs, json.dumps(s.extra), s.id))
+
+    async def save_container(self, rec: ContainerRecord) -> None:
+        self._dirty.pop(rec.state.id, None)
+        await self._write(self._container_update(rec))
+
+    def save_container_later(self, rec: ContainerRecord) -> None:
+        """Activity times change on every run; they are written by `flush` (housekeeping, shutdown)."""
+        self._dirty[rec.state.id] = rec
+
+    async def flush(self) -> None:
+        if self._dirty:
+            dirty, self._dirty = self._dirty, {}
+            await self._write(*(self._container_update(r) for r in dirty.values()))
 
     def container_of(self, session: Session, container_id: str | None) -> ContainerRecord | None:
         """The named container if the session owns it, else the session's current one (None if it has none)."""

@@ -94,42 +94,47 @@ def tree_rss_kib(root_pid: int) -> tuple[int, dict[str, int]]:
 
 
 async def idle_memory(data_dir: str, sessions: int) -> None:
-    from mcp.client.stdio import stdio_client  # noqa: F401 - same transport as Client(params)
+    """N sessions, each with a live worker, in one engine (this process stands in for the server)."""
+    from code_interpreter_mcp.config import Settings
+    from code_interpreter_mcp.engine import Engine
 
-    async with Client(ours(data_dir)) as c:
-        ids = []
+    engine = Engine(Settings(data_dir=data_dir))
+    async with engine.running():
+        before, _ = tree_rss_kib(os.getpid())
         for _ in range(sessions):
-            await c.call_tool("close_session", {}) if ids else None
-            r = await c.call_tool("run_code", {"code": "1+1"})
-            ids.append(r.structured_content["session_id"])
-        # Keep every session's worker: the closes above only closed the default session before each new one,
-        # so re-open N live sessions by passing explicit ids is impossible after close; instead start fresh ones.
-        live = []
-        for _ in range(sessions):
-            r = await c.call_tool("run_code", {"code": "1+1", "session_id": None})
-            live.append(r.structured_content["session_id"])
-            await c.call_tool("close_session", {}) if False else None
+            session = await engine.session_for(None)
+            r = (await engine.run_code(session, "1+1")).result
+            assert r.result == "2"
         await anyio.sleep(1.0)
-        server_pid = _server_pid()
-        total, by_name = tree_rss_kib(server_pid)
+        total, by_name = tree_rss_kib(os.getpid())
         print(
-            f"idle tree RSS with live workers: {total / 1024:.1f} MiB; by process: "
+            f"{sessions} idle sessions: whole tree {total / 1024:.1f} MiB (server process alone before: "
+            f"{before / 1024:.1f} MiB); per session {(total - before) / sessions / 1024:.1f} MiB "
+            f"(target: worker <= 20 MB, all <= 1536 MiB); by process name: "
             + ", ".join(f"{k}={v / 1024:.1f} MiB" for k, v in sorted(by_name.items()))
         )
+        worker_rss = _worker_rss_kib(os.getpid())
+        if worker_rss:
+            print(
+                f"worker python RSS: median {statistics.median(worker_rss) / 1024:.1f} MiB, "
+                f"max {max(worker_rss) / 1024:.1f} MiB over {len(worker_rss)} workers"
+            )
 
 
-def _server_pid() -> int:
-    me = os.getpid()
+def _worker_rss_kib(root_pid: int) -> list[int]:
+    out = []
     for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                stat = Path(f"/proc/{d}/stat").read_text()
-                cmd = Path(f"/proc/{d}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == me and b"code_interpreter_mcp" in cmd:
-                return int(d)
-    raise RuntimeError("server process not found")
+        if not d.isdigit() or int(d) == root_pid:
+            continue
+        try:
+            cmd = Path(f"/proc/{d}/cmdline").read_bytes()
+            status = Path(f"/proc/{d}/status").read_text()
+        except OSError:
+            continue
+        if b"worker" in cmd and b"bwrap" not in cmd.split(b"\0")[0]:
+            rss = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), 0)
+            out.append(rss)
+    return out
 
 
 async def main() -> None:

@@ -33,7 +33,9 @@ def http_server(data_dir: Path, tokens: str | None = None) -> Iterator[str]:
         env["CODE_INTERPRETER_AUTH_TOKEN"] = tokens
     proc = subprocess.Popen(
         [sys.executable, "-m", "code_interpreter_mcp", "serve", "--transport", "http", "--port", str(port)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     try:
         deadline = time.monotonic() + 20
@@ -55,8 +57,11 @@ def http_server(data_dir: Path, tokens: str | None = None) -> Iterator[str]:
 
 
 def with_token(url: str, token: str) -> Client:
-    return Client(streamable_http_client(url, http_client=httpx2.AsyncClient(
-        headers={"Authorization": f"Bearer {token}"}, timeout=30)))
+    return Client(
+        streamable_http_client(
+            url, http_client=httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=30)
+        )
+    )
 
 
 async def test_http_both_eras(tmp_path: Path) -> None:
@@ -87,8 +92,9 @@ async def test_tokens_own_their_sessions(tmp_path: Path) -> None:
             r = await alpha.call_tool("run_code", {"code": "open('secret.txt','w').write('alpha only')"})
             s = r.structured_content
         async with with_token(url, "beta-token-654321") as beta:
-            stolen = await beta.call_tool("download_file", {"file": s["files"][0]["file_id"],
-                                                            "session_id": s["session_id"]})
+            stolen = await beta.call_tool(
+                "download_file", {"file": s["files"][0]["file_id"], "session_id": s["session_id"]}
+            )
             assert stolen.is_error and "session_not_found" in str(stolen.content)
             assert "alpha only" not in str(stolen.content)
             with pytest.raises(Exception):  # noqa: B017 - any protocol error will do; the data must not come

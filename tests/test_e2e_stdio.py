@@ -53,16 +53,26 @@ async def test_modern_era_client_and_restart(tmp_path: Path) -> None:
         d = await c.call_tool("download_file", {"file": s["files"][0]["file_id"], "session_id": s["session_id"]})
         assert not d.is_error, d.content
         assert "persist" in str(d.content)
-        again = await c.call_tool("run_code", {"code": "open('p.txt').read() if __import__('os').path.exists("
-                                                         "'p.txt') else 'gone'", "session_id": s["session_id"]})
+        again = await c.call_tool(
+            "run_code",
+            {
+                "code": "open('p.txt').read() if __import__('os').path.exists('p.txt') else 'gone'",
+                "session_id": s["session_id"],
+            },
+        )
         assert again.structured_content["container"]["state_lost"] is True
 
 
 async def test_stdout_stays_clean_and_errors_are_results(tmp_path: Path) -> None:
     async with Client(params(tmp_path / "d")) as c:
         # user code printing to fd 1 must never corrupt the protocol stream
-        r = await c.call_tool("run_code", {"code": "import os, sys\nos.write(1, b'raw fd write\\n')\n"
-                                                   "sys.stdout.flush(); print('{\"jsonrpc\": \"2.0\"}')"})
+        r = await c.call_tool(
+            "run_code",
+            {
+                "code": "import os, sys\nos.write(1, b'raw fd write\\n')\n"
+                'sys.stdout.flush(); print(\'{"jsonrpc": "2.0"}\')'
+            },
+        )
         assert "raw fd write" in r.structured_content["stdout"]
         bad = await c.call_tool("download_file", {"file": "../x"})
         assert bad.is_error

@@ -50,7 +50,8 @@ async def test_tools_are_listed_with_schemas_and_annotations(client: Client) -> 
     tools = {t.name: t for t in (await client.list_tools()).tools}
     assert set(tools) == {"run_code", "list_container_files", "download_file", "upload_file", "close_session"}
     assert tools["run_code"].output_schema == RunResult.model_json_schema(by_alias=True) or (
-        tools["run_code"].output_schema and "container" in tools["run_code"].output_schema["properties"])
+        tools["run_code"].output_schema and "container" in tools["run_code"].output_schema["properties"]
+    )
     assert "===BEGIN_JSON===" in (tools["run_code"].description or "")
     assert tools["list_container_files"].annotations.read_only_hint is True
     assert tools["close_session"].annotations.destructive_hint is True
@@ -148,8 +149,11 @@ async def test_changed_file_gets_new_version(client: Client) -> None:
 
 
 async def test_upload_base64_and_host_path(client: Client, tmp_path: Path) -> None:
-    up = structured(await client.call_tool("upload_file", {"name": "in.txt", "content_base64":
-                                                           base64.b64encode(b"payload").decode()}))
+    up = structured(
+        await client.call_tool(
+            "upload_file", {"name": "in.txt", "content_base64": base64.b64encode(b"payload").decode()}
+        )
+    )
     assert up["file"]["source"] == "user" and up["file"]["path"] == "in.txt"
     s = await run(client, "open('/mnt/data/in.txt').read()", session_id=up["session_id"])
     assert s["result"] == "'payload'"
@@ -187,8 +191,11 @@ async def test_hostile_arguments_get_clear_errors(client: Client) -> None:
 
 
 async def test_symlink_to_host_file_is_never_served(client: Client) -> None:
-    s = await run(client, "import os\nos.symlink('/etc/passwd', 'link')\nos.symlink('/root', 'dirlink')\n"
-                          "open('ok.txt','w').write('fine')")
+    s = await run(
+        client,
+        "import os\nos.symlink('/etc/passwd', 'link')\nos.symlink('/root', 'dirlink')\n"
+        "open('ok.txt','w').write('fine')",
+    )
     assert [f["path"] for f in s["files"]] == ["ok.txt"]
     r = await client.call_tool("download_file", {"file": "link"})
     assert r.is_error
@@ -197,13 +204,20 @@ async def test_symlink_to_host_file_is_never_served(client: Client) -> None:
 
 
 async def test_structured_output_local_two_ways(client: Client) -> None:
-    schema = {"type": "object", "properties": {"total": {"type": "integer"}, "tags": {"type": "array",
-              "items": {"type": "string"}}}, "required": ["total"]}
+    schema = {
+        "type": "object",
+        "properties": {"total": {"type": "integer"}, "tags": {"type": "array", "items": {"type": "string"}}},
+        "required": ["total"],
+    }
     last = await run(client, "data = {'total': 6, 'tags': ['a']}\ndata", output_schema=schema)
     assert last["json"] == {"total": 6, "tags": ["a"]} and last["json_error"] is None
     assert last["structured"]["path"] == "last_expression"
-    printed = await run(client, "import json\nprint('noise')\nprint('===BEGIN_JSON===')\n"
-                                "print(json.dumps({'total': 7}))\nprint('===END_JSON===')", output_schema=schema)
+    printed = await run(
+        client,
+        "import json\nprint('noise')\nprint('===BEGIN_JSON===')\n"
+        "print(json.dumps({'total': 7}))\nprint('===END_JSON===')",
+        output_schema=schema,
+    )
     assert printed["json"] == {"total": 7} and printed["structured"]["path"] == "sentinel"
     bad = await run(client, "{'total': 'many', 'tags': [1]}", output_schema=schema)
     assert bad["json"] is None
@@ -267,8 +281,11 @@ async def test_huge_output_is_truncated(client: Client) -> None:
 async def test_expiry_replaces_container_and_keeps_files(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path / "d", expiry_minutes=0.02, reaper_interval_s=0.2)
     async with Client(build_server(settings), raise_exceptions=True) as client:
-        up = structured(await client.call_tool("upload_file", {"name": "in.txt", "content_base64":
-                                                               base64.b64encode(b"input").decode()}))
+        up = structured(
+            await client.call_tool(
+                "upload_file", {"name": "in.txt", "content_base64": base64.b64encode(b"input").decode()}
+            )
+        )
         s = await run(client, "v = 1\nopen('made.txt','w').write('made')", session_id=up["session_id"])
         await anyio.sleep(2.0)  # past the 1.2 s idle expiry; the reaper stops the container
         listing = structured(await client.call_tool("list_container_files", {"session_id": s["session_id"]}))
@@ -290,11 +307,15 @@ async def test_restart_keeps_sessions_and_files(tmp_path: Path) -> None:
     async with Client(build_server(settings), raise_exceptions=True) as client:
         uri = s["files"][0]["uri"]
         assert (await client.read_resource(uri)).contents[0].text == "survives"
-        again = await run(client, "open('r.txt').read() if __import__('os').path.exists('r.txt') else None",
-                          session_id=s["session_id"])
+        again = await run(
+            client,
+            "open('r.txt').read() if __import__('os').path.exists('r.txt') else None",
+            session_id=s["session_id"],
+        )
         assert again["container"]["state_lost"] is True
-        listing = structured(await client.call_tool("list_container_files", {"session_id": s["session_id"],
-                                                                             "all_containers": True}))
+        listing = structured(
+            await client.call_tool("list_container_files", {"session_id": s["session_id"], "all_containers": True})
+        )
         assert "r.txt" in {f["path"] for f in listing["files"]}
 
 

@@ -19,8 +19,13 @@ pytestmark = pytest.mark.anyio
 
 @pytest.mark.parametrize(
     ("given", "expected"),
-    [("a.png", "a.png"), ("./out/a.png", "out/a.png"), ("/mnt/data/x/y.csv", "x/y.csv"),
-     ("sandbox:/mnt/data/c.txt", "c.txt"), ("out/../b.txt", "b.txt")],
+    [
+        ("a.png", "a.png"),
+        ("./out/a.png", "out/a.png"),
+        ("/mnt/data/x/y.csv", "x/y.csv"),
+        ("sandbox:/mnt/data/c.txt", "c.txt"),
+        ("out/../b.txt", "b.txt"),
+    ],
 )
 def test_container_paths_normalise(given: str, expected: str) -> None:
     assert normalize_container_path(given) == expected
@@ -48,7 +53,7 @@ def test_mime_guesses() -> None:
 
 def test_settings_layering(tmp_path: Path) -> None:
     cfg = tmp_path / "c.toml"
-    cfg.write_text('expiry_minutes = 5\nmemory_mb = 512\n')
+    cfg.write_text("expiry_minutes = 5\nmemory_mb = 512\n")
     env = {"CODE_INTERPRETER_MEMORY_MB": "1024", "OPENAI_API_KEY": "sk-abcdefghijklmnop"}
     s = load_settings({"expiry_minutes": 7}, config_file=cfg, environ=env)
     assert s.expiry_minutes == 7 and s.memory_mb == 1024
@@ -82,9 +87,26 @@ async def test_registry_persists_and_enforces_owner(tmp_path: Path) -> None:
     s = await reg.create_session(owner="alice")
     state = ContainerState(id="lc_1", backend="local", created_at=1.0, last_active_at=2.0, expires_after_s=60)
     await reg.add_container(s, state)
-    await reg.add_files(s, [FileRecord(file_id="f_1", session_id=s.id, container_id="lc_1", path="a.txt",
-                                       name="a.txt", bytes=3, mime_type="text/plain", sha256="x", source="generated",
-                                       created_at=3.0, local_path=None, remote_id=None, version="v1")])
+    await reg.add_files(
+        s,
+        [
+            FileRecord(
+                file_id="f_1",
+                session_id=s.id,
+                container_id="lc_1",
+                path="a.txt",
+                name="a.txt",
+                bytes=3,
+                mime_type="text/plain",
+                sha256="x",
+                source="generated",
+                created_at=3.0,
+                local_path=None,
+                remote_id=None,
+                version="v1",
+            )
+        ],
+    )
     reg.close()
     again = Registry(tmp_path / "r.sqlite3")
     loaded = await again.get_session(s.id, "alice")

@@ -83,8 +83,12 @@ class StaticTokenVerifier:
 
     async def verify_token(self, token: str) -> AccessToken | None:
         if token in self._tokens:
-            return AccessToken(token=token, client_id="static", scopes=[], subject=_owner_of(
-                AccessToken(token=token, client_id="static", scopes=[])))
+            return AccessToken(
+                token=token,
+                client_id="static",
+                scopes=[],
+                subject=_owner_of(AccessToken(token=token, client_id="static", scopes=[])),
+            )
         return None
 
 
@@ -134,8 +138,7 @@ async def _session(ctx: Context, session_id: str | None) -> tuple[Engine, Sessio
     owner = _owner_of(get_access_token())
     stdio = ctx.headers is None
     state = None if session_id is not None else _connection_state(ctx)
-    session = await engine.session_for(session_id, owner, connection_state=state,
-                                       use_default=stdio and state is None)
+    session = await engine.session_for(session_id, owner, connection_state=state, use_default=stdio and state is None)
     return engine, session
 
 
@@ -143,13 +146,17 @@ def _fail(exc: BaseException) -> ToolError:
     if isinstance(exc, CIError):
         return ToolError(exc.user_text())
     logger.exception("internal error")
-    return ToolError("[internal_error] The server hit an unexpected error; details are in its log. "
-                     "Hint: try again; if it persists, report it with the log.")
+    return ToolError(
+        "[internal_error] The server hit an unexpected error; details are in its log. "
+        "Hint: try again; if it persists, report it with the log."
+    )
 
 
 def _summary(r: RunResult) -> str:
-    lines = [f"status: {r.status} · {r.duration_ms:.0f} ms · session {r.session_id} · container {r.container_id}"
-             + (f" (expires {r.container.expires_at:%Y-%m-%d %H:%M:%S}Z)" if r.container.expires_at else "")]
+    lines = [
+        f"status: {r.status} · {r.duration_ms:.0f} ms · session {r.session_id} · container {r.container_id}"
+        + (f" (expires {r.container.expires_at:%Y-%m-%d %H:%M:%S}Z)" if r.container.expires_at else "")
+    ]
     for w in r.warnings:
         lines.append(f"warning: {w}")
     if r.stdout:
@@ -166,8 +173,11 @@ def _summary(r: RunResult) -> str:
     if r.json_ is not None:
         lines.append("json: valid (see structuredContent.json)")
     if r.json_error is not None:
-        lines.append("json_error: " + r.json_error.message
-                     + "".join(f"\n  {v.path}: {v.message}" for v in r.json_error.violations[:20]))
+        lines.append(
+            "json_error: "
+            + r.json_error.message
+            + "".join(f"\n  {v.path}: {v.message}" for v in r.json_error.violations[:20])
+        )
     for f in r.files:
         lines.append(f"file: {f.path} ({f.bytes} bytes, {f.mime_type}) id={f.file_id} uri={f.uri}")
     if r.truncated:
@@ -181,8 +191,13 @@ def _short(text: str, limit: int = 4000) -> str:
 
 
 def _link(f: FileInfo) -> ResourceLink:
-    return ResourceLink(name=f.name, uri=f.uri, mime_type=f.mime_type, size=f.bytes,
-                        description=f"{f.path} in the container ({f.source})")
+    return ResourceLink(
+        name=f.name,
+        uri=f.uri,
+        mime_type=f.mime_type,
+        size=f.bytes,
+        description=f"{f.path} in the container ({f.source})",
+    )
 
 
 def build_server(settings: Settings, engine: Engine | None = None) -> CodeInterpreterServer:
@@ -200,8 +215,9 @@ def build_server(settings: Settings, engine: Engine | None = None) -> CodeInterp
         base = f"http://{settings.host}:{settings.port}"
         auth_kwargs = {
             "token_verifier": StaticTokenVerifier(tokens),
-            "auth": AuthSettings(issuer_url=base, resource_server_url=f"{base}/mcp", required_scopes=[],
-                                 validate_token_resource=False),
+            "auth": AuthSettings(
+                issuer_url=base, resource_server_url=f"{base}/mcp", required_scopes=[], validate_token_resource=False
+            ),
         }
 
     mcp = CodeInterpreterServer(
@@ -210,8 +226,9 @@ def build_server(settings: Settings, engine: Engine | None = None) -> CodeInterp
         version=__version__,
         instructions=INSTRUCTIONS,
         lifespan=lifespan,
-        log_level=settings.log_level.upper() if settings.log_level.upper() in
-        ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL") else "WARNING",  # type: ignore[arg-type]
+        log_level=settings.log_level.upper()
+        if settings.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+        else "WARNING",  # type: ignore[arg-type]
         **auth_kwargs,
     )
     open_world = settings.backend != "local"
@@ -219,23 +236,31 @@ def build_server(settings: Settings, engine: Engine | None = None) -> CodeInterp
     @mcp.tool(
         title="Run Python code",
         description=RUN_CODE_DESCRIPTION,
-        annotations=ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False,
-                                    open_world_hint=open_world),
+        annotations=ToolAnnotations(
+            read_only_hint=False, destructive_hint=False, idempotent_hint=False, open_world_hint=open_world
+        ),
     )
     async def run_code(
         code: Annotated[str, Field(description="Python source to execute (a notebook cell).")],
         ctx: Context[Engine],
-        session_id: Annotated[str | None, Field(description="Session to run in; omit to use this client's "
-                                                "session (or start one).")] = None,
-        files: Annotated[list[str] | None, Field(description="Host paths or file_ids to copy into /mnt/data "
-                                                 "before the run.")] = None,
-        output_schema: Annotated[dict[str, Any] | None, Field(description="JSON Schema the run's JSON result "
-                                                              "must match (see the tool description).")] = None,
+        session_id: Annotated[
+            str | None, Field(description="Session to run in; omit to use this client's session (or start one).")
+        ] = None,
+        files: Annotated[
+            list[str] | None, Field(description="Host paths or file_ids to copy into /mnt/data before the run.")
+        ] = None,
+        output_schema: Annotated[
+            dict[str, Any] | None,
+            Field(description="JSON Schema the run's JSON result must match (see the tool description)."),
+        ] = None,
         timeout_s: Annotated[float | None, Field(description="Wall-clock limit in seconds.", gt=0)] = None,
-        instructions: Annotated[str | None, Field(description="openai backend only: extra guidance to the "
-                                                  "model.")] = None,
-        json_strategy: Annotated[Literal["two_pass_sentinel", "single_pass"] | None,
-                                 Field(description="openai backend: how the JSON result is obtained.")] = None,
+        instructions: Annotated[
+            str | None, Field(description="openai backend only: extra guidance to the model.")
+        ] = None,
+        json_strategy: Annotated[
+            Literal["two_pass_sentinel", "single_pass"] | None,
+            Field(description="openai backend: how the JSON result is obtained."),
+        ] = None,
     ) -> Annotated[CallToolResult, RunResult]:
         try:
             engine, session = await _session(ctx, session_id)
@@ -243,9 +268,16 @@ def build_server(settings: Settings, engine: Engine | None = None) -> CodeInterp
             async def progress(done: float, total: float | None, message: str) -> None:
                 await ctx.report_progress(done, total, message)
 
-            out = await engine.run_code(session, code, files=files, output_schema=output_schema,
-                                        timeout_s=timeout_s, instructions=instructions,
-                                        json_strategy=json_strategy, progress=progress)
+            out = await engine.run_code(
+                session,
+                code,
+                files=files,
+                output_schema=output_schema,
+                timeout_s=timeout_s,
+                instructions=instructions,
+                json_strategy=json_strategy,
+                progress=progress,
+            )
         except Exception as exc:
             raise _fail(exc) from None
         r = out.result
@@ -260,14 +292,16 @@ def build_server(settings: Settings, engine: Engine | None = None) -> CodeInterp
         description="List the files in the session's container (/mnt/data) with their file_ids, sizes, types and "
         "resource URIs. When the container has expired, lists the harvested copies, which stay downloadable. "
         "all_containers=true lists every file the session ever produced or uploaded.",
-        annotations=ToolAnnotations(read_only_hint=True, destructive_hint=False, idempotent_hint=True,
-                                    open_world_hint=open_world),
+        annotations=ToolAnnotations(
+            read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=open_world
+        ),
     )
     async def list_container_files(
         ctx: Context[Engine],
         session_id: str | None = None,
-        container_id: Annotated[str | None, Field(description="One of this session's containers; default: "
-                                                  "the current one.")] = None,
+        container_id: Annotated[
+            str | None, Field(description="One of this session's containers; default: the current one.")
+        ] = None,
         all_containers: bool = False,
     ) -> FileList:
         try:
@@ -282,8 +316,9 @@ def build_server(settings: Settings, engine: Engine | None = None) -> CodeInterp
         "Small files come back inline (images as images, text as text); larger ones, or when save_to is given, "
         "are saved on the server's host (save_to: a directory or a file path) and the path is returned. Works "
         "after the container expired. Symlinks and paths outside /mnt/data are refused.",
-        annotations=ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=True,
-                                    open_world_hint=open_world),
+        annotations=ToolAnnotations(
+            read_only_hint=False, destructive_hint=False, idempotent_hint=True, open_world_hint=open_world
+        ),
     )
     async def download_file(
         file: Annotated[str, Field(description="file_id, resource URI, or path relative to /mnt/data.")],
@@ -307,14 +342,25 @@ def build_server(settings: Settings, engine: Engine | None = None) -> CodeInterp
             elif is_text_mime(f.mime_type):
                 try:
                     text = out.data.decode("utf-8")
-                    content.append(EmbeddedResource(resource=TextResourceContents(uri=f.uri, mime_type=f.mime_type,
-                                                                                  text=text)))
+                    content.append(
+                        EmbeddedResource(resource=TextResourceContents(uri=f.uri, mime_type=f.mime_type, text=text))
+                    )
                 except UnicodeDecodeError:
-                    content.append(EmbeddedResource(resource=BlobResourceContents(
-                        uri=f.uri, mime_type=f.mime_type, blob=base64.b64encode(out.data).decode())))
+                    content.append(
+                        EmbeddedResource(
+                            resource=BlobResourceContents(
+                                uri=f.uri, mime_type=f.mime_type, blob=base64.b64encode(out.data).decode()
+                            )
+                        )
+                    )
             else:
-                content.append(EmbeddedResource(resource=BlobResourceContents(
-                    uri=f.uri, mime_type=f.mime_type, blob=base64.b64encode(out.data).decode())))
+                content.append(
+                    EmbeddedResource(
+                        resource=BlobResourceContents(
+                            uri=f.uri, mime_type=f.mime_type, blob=base64.b64encode(out.data).decode()
+                        )
+                    )
+                )
         summary = f"{f.path}: {f.bytes} bytes, {f.mime_type}, sha256 {f.sha256}"
         if r.saved_to:
             summary += f"\nsaved to {r.saved_to}"
@@ -327,8 +373,9 @@ def build_server(settings: Settings, engine: Engine | None = None) -> CodeInterp
         description="Put a file into the session's container (/mnt/data): either a host path, or name plus "
         "content_base64. dest_path sets the path inside /mnt/data (default: the name). Uploads are re-uploaded "
         "automatically if the container expires.",
-        annotations=ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False,
-                                    open_world_hint=open_world),
+        annotations=ToolAnnotations(
+            read_only_hint=False, destructive_hint=False, idempotent_hint=False, open_world_hint=open_world
+        ),
     )
     async def upload_file(
         ctx: Context[Engine],
@@ -340,8 +387,9 @@ def build_server(settings: Settings, engine: Engine | None = None) -> CodeInterp
     ) -> UploadResult:
         try:
             engine, session = await _session(ctx, session_id)
-            return await engine.upload(session, path=path, name=name, content_base64=content_base64,
-                                       dest_path=dest_path)
+            return await engine.upload(
+                session, path=path, name=name, content_base64=content_base64, dest_path=dest_path
+            )
         except Exception as exc:
             raise _fail(exc) from None
 
@@ -349,8 +397,9 @@ def build_server(settings: Settings, engine: Engine | None = None) -> CodeInterp
         title="Close a session",
         description="Stop and delete the session's containers now (nothing left running or billing). Harvested "
         "files stay on the host unless delete_files=true.",
-        annotations=ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=True,
-                                    open_world_hint=open_world),
+        annotations=ToolAnnotations(
+            read_only_hint=False, destructive_hint=True, idempotent_hint=True, open_world_hint=open_world
+        ),
     )
     async def close_session(
         ctx: Context[Engine],
@@ -374,14 +423,22 @@ def build_server(settings: Settings, engine: Engine | None = None) -> CodeInterp
         engine: Engine = ctx.request_context.lifespan_context
         try:
             data, _mime, _info = await engine.read_resource(
-                URI_TEMPLATE.format(session_id=session_id, file_id=file_id, name=name), _owner_of(get_access_token()))
+                URI_TEMPLATE.format(session_id=session_id, file_id=file_id, name=name), _owner_of(get_access_token())
+            )
         except NotFound:
             raise ResourceNotFoundError("Unknown resource") from None
         return data
 
-    _publish_flat_schemas(mcp, {"run_code": RunResult, "list_container_files": FileList,
-                                "download_file": DownloadResult, "upload_file": UploadResult,
-                                "close_session": CloseResult})
+    _publish_flat_schemas(
+        mcp,
+        {
+            "run_code": RunResult,
+            "list_container_files": FileList,
+            "download_file": DownloadResult,
+            "upload_file": UploadResult,
+            "close_session": CloseResult,
+        },
+    )
     return mcp
 
 

@@ -42,8 +42,15 @@ _EXTRA_TYPES = {
     ".docx": "application/vnd.openxmlformats-officedocument.wordprocessingml.document",
     ".pptx": "application/vnd.openxmlformats-officedocument.presentationml.presentation",
 }
-TEXT_LIKE = {"application/json", "application/jsonl", "application/yaml", "application/x-ipynb+json",
-             "application/xml", "application/javascript", "image/svg+xml"}
+TEXT_LIKE = {
+    "application/json",
+    "application/jsonl",
+    "application/yaml",
+    "application/x-ipynb+json",
+    "application/xml",
+    "application/javascript",
+    "image/svg+xml",
+}
 INLINE_IMAGE_TYPES = {"image/png", "image/jpeg", "image/gif", "image/webp"}
 
 
@@ -65,7 +72,7 @@ def parse_file_uri(uri: str) -> tuple[str, str] | None:
     prefix = f"{URI_SCHEME}://sessions/"
     if not uri.startswith(prefix):
         return None
-    parts = uri[len(prefix):].split("/")
+    parts = uri[len(prefix) :].split("/")
     if len(parts) < 3 or parts[1] != "files":
         return None
     return unquote(parts[0]), unquote(parts[2])
@@ -81,9 +88,9 @@ def normalize_container_path(path: str) -> str:
         raise PathRefused(f"Invalid file path {path!r}.")
     p = path.strip()
     if p.startswith("sandbox:"):
-        p = p[len("sandbox:"):]
+        p = p[len("sandbox:") :]
     if p.startswith(CONTAINER_ROOT + "/"):
-        p = p[len(CONTAINER_ROOT) + 1:]
+        p = p[len(CONTAINER_ROOT) + 1 :]
     elif p.startswith("/"):
         raise PathRefused(f"{path!r} is outside the container's data folder {CONTAINER_ROOT}.")
     norm = posixpath.normpath(p)
@@ -130,8 +137,10 @@ def copy_with_hash(src: Path, dest: Path, max_bytes: int) -> tuple[int, str]:
         if not stat.S_ISREG(st.st_mode):
             raise PathRefused(f"{str(src)!r} is not a regular file.")
         if st.st_size > max_bytes:
-            raise FileTooLarge(f"{src.name} is {st.st_size} bytes; the limit is {max_bytes}.",
-                               "Raise CODE_INTERPRETER_MAX_FILE_BYTES or use a smaller file.")
+            raise FileTooLarge(
+                f"{src.name} is {st.st_size} bytes; the limit is {max_bytes}.",
+                "Raise CODE_INTERPRETER_MAX_FILE_BYTES or use a smaller file.",
+            )
         dest.parent.mkdir(parents=True, exist_ok=True)
         digest = hashlib.sha256()
         total = 0

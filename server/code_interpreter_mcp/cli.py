@@ -26,8 +26,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=["local", "openai"], help="where code runs (default: local)")
     p.add_argument("--data-dir", help="where sessions and harvested files are kept")
     p.add_argument("--config", help="a TOML file with settings")
-    p.add_argument("--unsafe-no-sandbox", action="store_true", default=None,
-                   help="run code WITHOUT isolation when no sandbox works (dangerous)")
+    p.add_argument(
+        "--unsafe-no-sandbox",
+        action="store_true",
+        default=None,
+        help="run code WITHOUT isolation when no sandbox works (dangerous)",
+    )
     p.add_argument("--model", dest="openai_model", help="openai backend: the model")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING (default), ERROR")
 
@@ -75,13 +79,17 @@ def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
 
 
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(stream=sys.stderr, level=getattr(logging, level.upper(), logging.WARNING),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=getattr(logging, level.upper(), logging.WARNING),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    settings = _settings(args, transport=args.transport, host=args.host, port=args.port,
-                         expiry_minutes=args.expiry_minutes)
+    settings = _settings(
+        args, transport=args.transport, host=args.host, port=args.port, expiry_minutes=args.expiry_minutes
+    )
     _setup_logging(settings.log_level)
     from .app import build_server
 
@@ -98,16 +106,26 @@ def _copy_out(src: Path, target: Path) -> None:
     shutil.copyfile(src, target)
 
 
-async def _run_once(settings: Settings, code: str, schema: dict[str, Any] | None, inputs: list[str],
-                    timeout_s: float | None, strategy: str | None, out_dir: Path | None) -> tuple[dict[str, Any], int]:
+async def _run_once(
+    settings: Settings,
+    code: str,
+    schema: dict[str, Any] | None,
+    inputs: list[str],
+    timeout_s: float | None,
+    strategy: str | None,
+    out_dir: Path | None,
+) -> tuple[dict[str, Any], int]:
     from .engine import Engine
     from .models import dump
 
     engine = Engine(settings)
     async with engine.running():
         session = await engine.session_for(None)
-        result = (await engine.run_code(session, code, files=inputs,
-                                        output_schema=schema, timeout_s=timeout_s, json_strategy=strategy)).result
+        result = (
+            await engine.run_code(
+                session, code, files=inputs, output_schema=schema, timeout_s=timeout_s, json_strategy=strategy
+            )
+        ).result
         payload = dump(result)
         if out_dir is not None:
             for f in result.files:
@@ -127,8 +145,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         schema = json.loads(Path(args.schema).read_text(encoding="utf-8"))
     out_dir = Path(args.out).resolve() if args.out else None
     inputs = [os.path.abspath(i) for i in args.input]
-    payload, rc = anyio.run(_run_once, settings, code, schema, inputs, args.timeout_s, args.json_strategy,
-                            out_dir)
+    payload, rc = anyio.run(_run_once, settings, code, schema, inputs, args.timeout_s, args.json_strategy, out_dir)
     print(json.dumps(payload, indent=2, ensure_ascii=False))
     return rc
 
@@ -137,8 +154,12 @@ async def _doctor(settings: Settings) -> dict[str, Any]:
     from .backends import create_backend
 
     backend = create_backend(settings)
-    report: dict[str, Any] = {"version": __version__, "python": sys.version.split()[0],
-                              "data_dir": str(settings.data_dir), "backend": settings.backend}
+    report: dict[str, Any] = {
+        "version": __version__,
+        "python": sys.version.split()[0],
+        "data_dir": str(settings.data_dir),
+        "backend": settings.backend,
+    }
     try:
         await backend.start()
         report["ok"] = True

@@ -176,8 +176,12 @@ class Engine:
     async def _start_backend(self) -> None:
         try:
             await self.backend.start()
-            logger.info("engine ready: backend=%s isolation=%s data=%s", self.backend.name, self.backend.isolation,
-                        self.settings.data_dir)
+            logger.info(
+                "engine ready: backend=%s isolation=%s data=%s",
+                self.backend.name,
+                self.backend.isolation,
+                self.settings.data_dir,
+            )
         except CIError as exc:
             self._backend_error = exc
             logger.error("backend %s is unusable: %s", self.backend.name, exc.user_text())
@@ -204,8 +208,11 @@ class Engine:
         reg = self.reg
         with anyio.CancelScope(shield=True):
             try:
-                if self._ready.is_set() and self._backend_error is None and (
-                        self.settings.delete_containers_on_shutdown or self.backend.name == "local"):
+                if (
+                    self._ready.is_set()
+                    and self._backend_error is None
+                    and (self.settings.delete_containers_on_shutdown or self.backend.name == "local")
+                ):
                     for rec in reg.live_containers():
                         if rec.verified:
                             await self._retire(rec, status="stopped")
@@ -350,17 +357,29 @@ class Engine:
             remote = await self.backend.put_file(rec.state, local, old.path)
             rec.snapshot[remote.path] = remote
             new_records.append(
-                FileRecord(file_id=new_id("f_", 12), session_id=session.id, container_id=rec.state.id,
-                           path=remote.path, name=old.name, bytes=old.bytes, mime_type=old.mime_type,
-                           sha256=old.sha256, source="user", created_at=time.time(), local_path=old.local_path,
-                           remote_id=remote.remote_id, version=remote.version)
+                FileRecord(
+                    file_id=new_id("f_", 12),
+                    session_id=session.id,
+                    container_id=rec.state.id,
+                    path=remote.path,
+                    name=old.name,
+                    bytes=old.bytes,
+                    mime_type=old.mime_type,
+                    sha256=old.sha256,
+                    source="user",
+                    created_at=time.time(),
+                    local_path=old.local_path,
+                    remote_id=remote.remote_id,
+                    version=remote.version,
+                )
             )
         await self.reg.add_files(session, new_records)
 
     def _container_info(self, rec: ContainerRecord, state_lost: bool) -> ContainerInfo:
         iso = rec.state.isolation if rec.state.isolation in ("bubblewrap", "none", "remote") else "bubblewrap"
-        return ContainerInfo(id=rec.state.id, expires_at=_utc(rec.state.expires_at), state_lost=state_lost,
-                             isolation=iso)  # type: ignore[arg-type]
+        return ContainerInfo(
+            id=rec.state.id, expires_at=_utc(rec.state.expires_at), state_lost=state_lost, isolation=iso
+        )  # type: ignore[arg-type]
 
     # ---- files in --------------------------------------------------------------------------------------
 
@@ -377,14 +396,26 @@ class Engine:
         size, digest = await anyio.to_thread.run_sync(copy_with_hash, src, dest, self.settings.max_file_bytes)
         return dest, size, digest, file_id
 
-    async def _put_input(self, session: Session, rec: ContainerRecord, stored: Path, size: int, digest: str,
-                         file_id: str, dest_path: str) -> FileRecord:
+    async def _put_input(
+        self, session: Session, rec: ContainerRecord, stored: Path, size: int, digest: str, file_id: str, dest_path: str
+    ) -> FileRecord:
         remote = await self.backend.put_file(rec.state, stored, dest_path)
         rec.snapshot[remote.path] = remote
-        record = FileRecord(file_id=file_id, session_id=session.id, container_id=rec.state.id, path=remote.path,
-                            name=safe_name(remote.path), bytes=size, mime_type=guess_mime(remote.path),
-                            sha256=digest, source="user", created_at=time.time(), local_path=str(stored),
-                            remote_id=remote.remote_id, version=remote.version)
+        record = FileRecord(
+            file_id=file_id,
+            session_id=session.id,
+            container_id=rec.state.id,
+            path=remote.path,
+            name=safe_name(remote.path),
+            bytes=size,
+            mime_type=guess_mime(remote.path),
+            sha256=digest,
+            source="user",
+            created_at=time.time(),
+            local_path=str(stored),
+            remote_id=remote.remote_id,
+            version=remote.version,
+        )
         await self.reg.add_files(session, [record])
         return record
 
@@ -404,8 +435,9 @@ class Engine:
                 self._check_host_paths("files")
                 src = _host_path(item)
                 if not src.is_absolute():
-                    raise BadInput(f"Host path {item!r} must be absolute (the server's working directory is not "
-                                   "the client's).")
+                    raise BadInput(
+                        f"Host path {item!r} must be absolute (the server's working directory is not the client's)."
+                    )
                 name = safe_name(src.name)
                 stored, size, digest, file_id = await self._ingest_host_file(session, src, name)
             added.append(await self._put_input(session, rec, stored, size, digest, file_id, name))
@@ -413,8 +445,9 @@ class Engine:
 
     # ---- harvesting --------------------------------------------------------------------------------------
 
-    async def _harvest(self, session: Session, rec: ContainerRecord,
-                       early: list[RemoteFile] | None = None) -> tuple[list[FileRecord], list[str]]:
+    async def _harvest(
+        self, session: Session, rec: ContainerRecord, early: list[RemoteFile] | None = None
+    ) -> tuple[list[FileRecord], list[str]]:
         """List the container, fetch every new or changed file (cited ones started first), record them."""
         warnings: list[str] = []
         fetched: dict[str, FileRecord] = {}  # remote key -> record
@@ -440,11 +473,20 @@ class Engine:
                 warnings.append(f"{remote.path} was not harvested: {exc.message}")
                 return
             fetched[key(remote)] = FileRecord(
-                file_id=file_id, session_id=session.id, container_id=state.id, path=remote.path, name=name,
-                bytes=res.bytes, mime_type=guess_mime(name), sha256=res.sha256,
+                file_id=file_id,
+                session_id=session.id,
+                container_id=state.id,
+                path=remote.path,
+                name=name,
+                bytes=res.bytes,
+                mime_type=guess_mime(name),
+                sha256=res.sha256,
                 source="user" if remote.source == "user" else "generated",
-                created_at=remote.created_at or time.time(), local_path=str(dest), remote_id=remote.remote_id,
-                version=remote.version)
+                created_at=remote.created_at or time.time(),
+                local_path=str(dest),
+                remote_id=remote.remote_id,
+                version=remote.version,
+            )
 
         if not early:
             # The common case (nothing new) costs one listing and no task group.
@@ -454,7 +496,8 @@ class Engine:
                 return [], ["The container expired before its files could be listed."]
             snap = rec.snapshot
             if len(listing) == len(snap) and all(
-                    (p := snap.get(f.path)) is not None and p.version == f.version for f in listing):
+                (p := snap.get(f.path)) is not None and p.version == f.version for f in listing
+            ):
                 return [], warnings
             preloaded: list[RemoteFile] | None = listing
         else:
@@ -517,8 +560,10 @@ class Engine:
         if not isinstance(code, str):
             raise BadInput("code must be a string of Python source.")
         if len(code) > MAX_CODE_CHARS:
-            raise BadInput(f"code is {len(code)} characters; the limit is {MAX_CODE_CHARS}.",
-                           "Upload large data with upload_file and read it from /mnt/data instead.")
+            raise BadInput(
+                f"code is {len(code)} characters; the limit is {MAX_CODE_CHARS}.",
+                "Upload large data with upload_file and read it from /mnt/data instead.",
+            )
         timeout = self.settings.default_timeout_s if timeout_s is None else timeout_s
         if not isinstance(timeout, int | float) or not math.isfinite(timeout) or timeout <= 0:
             raise BadInput(f"timeout_s must be a positive number of seconds, got {timeout_s!r}.")
@@ -560,16 +605,25 @@ class Engine:
             self.reg.save_container_later(rec)  # activity times: written by housekeeping, not on the hot path
 
             json_value, json_error, sinfo, usage, calls = await self._resolve_json(outcome, sreq)
-        result = self._shape_result(session, rec, outcome, records, state_lost, warnings, json_value, json_error,
-                                    sinfo, usage, calls, started)
+        result = self._shape_result(
+            session, rec, outcome, records, state_lost, warnings, json_value, json_error, sinfo, usage, calls, started
+        )
         images = await self._inline_images(records)
         return RunOutput(result=result, images=images)
 
-    async def _execute(self, session: Session, rec: ContainerRecord, code: str, limit_s: float,
-                       instructions: str | None, sreq: StructuredRequest | None,
-                       relay: _ProgressRelay) -> tuple[ExecOutcome, ContainerRecord, bool]:
-        request = ExecRequest(code=code, timeout_s=limit_s, instructions=instructions, structured=sreq,
-                              run_number=rec.runs + 1)
+    async def _execute(
+        self,
+        session: Session,
+        rec: ContainerRecord,
+        code: str,
+        limit_s: float,
+        instructions: str | None,
+        sreq: StructuredRequest | None,
+        relay: _ProgressRelay,
+    ) -> tuple[ExecOutcome, ContainerRecord, bool]:
+        request = ExecRequest(
+            code=code, timeout_s=limit_s, instructions=instructions, structured=sreq, run_number=rec.runs + 1
+        )
         try:
             return await self.backend.execute(rec.state, request, relay.backend_progress), rec, False
         except ContainerExpired:
@@ -591,6 +645,7 @@ class Engine:
         if sreq is None:
             return None, None, None, usage, calls
         from . import structured
+
         has_model = bool(getattr(self.backend, "has_model", False))
         strategy: Any = sreq.strategy if has_model else "local"
         path: Any = "none"
@@ -608,8 +663,15 @@ class Engine:
         if extracted.found:
             violations = structured.validate(extracted.value, sreq.schema)
             if not violations:
-                return extracted.value, None, StructuredInfo(strategy=strategy, path=path, model_calls=calls,
-                                                             usage=self._usage(usage, has_model)), usage, calls
+                return (
+                    extracted.value,
+                    None,
+                    StructuredInfo(
+                        strategy=strategy, path=path, model_calls=calls, usage=self._usage(usage, has_model)
+                    ),
+                    usage,
+                    calls,
+                )
             problems = [f"{v.path}: {v.message}" for v in violations]
         else:
             problems = [extracted.problem or "No JSON result was found."]
@@ -624,28 +686,47 @@ class Engine:
                 if repaired.found:
                     violations = structured.validate(repaired.value, sreq.schema)
                     if not violations:
-                        return repaired.value, None, StructuredInfo(strategy=strategy, path=path, model_calls=calls,
-                                                                    usage=self._usage(usage, has_model)), usage, calls
+                        return (
+                            repaired.value,
+                            None,
+                            StructuredInfo(
+                                strategy=strategy, path=path, model_calls=calls, usage=self._usage(usage, has_model)
+                            ),
+                            usage,
+                            calls,
+                        )
                     problems = [f"{v.path}: {v.message}" for v in violations]
                 else:
                     problems = [repaired.problem or "The repair call returned no JSON."]
                     violations = []
         if violations:
-            error = JsonError(message=f"The JSON result does not match the schema ({len(violations)} violations).",
-                              violations=violations)
+            error = JsonError(
+                message=f"The JSON result does not match the schema ({len(violations)} violations).",
+                violations=violations,
+            )
         else:
-            hint = ("End the code with an expression holding the result, or print it between ===BEGIN_JSON=== and "
-                    "===END_JSON===." if not has_model else "The model did not return the JSON block.")
+            hint = (
+                "End the code with an expression holding the result, or print it between ===BEGIN_JSON=== and "
+                "===END_JSON===."
+                if not has_model
+                else "The model did not return the JSON block."
+            )
             error = JsonError(message=f"{problems[0]} {hint}")
-        return None, error, StructuredInfo(strategy=strategy, path=path, model_calls=calls,
-                                           usage=self._usage(usage, has_model)), usage, calls
+        return (
+            None,
+            error,
+            StructuredInfo(strategy=strategy, path=path, model_calls=calls, usage=self._usage(usage, has_model)),
+            usage,
+            calls,
+        )
 
     @staticmethod
     def _usage(usage: Usage, has_model: bool) -> TokenUsage | None:
         if not has_model:
             return None
-        return TokenUsage(input_tokens=usage.input_tokens, output_tokens=usage.output_tokens,
-                          total_tokens=usage.total_tokens)
+        return TokenUsage(
+            input_tokens=usage.input_tokens, output_tokens=usage.output_tokens, total_tokens=usage.total_tokens
+        )
 
     def _rewrite_links(self, text: str, session: Session, records: list[FileRecord]) -> str:
         by_path = {r.path: r for r in session.latest_files()}
@@ -661,9 +742,21 @@ class Engine:
 
         return _SANDBOX_LINK.sub(sub, text)
 
-    def _shape_result(self, session: Session, rec: ContainerRecord, outcome: ExecOutcome, records: list[FileRecord],
-                      state_lost: bool, warnings: list[str], json_value: Any, json_error: JsonError | None,
-                      sinfo: StructuredInfo | None, usage: Usage, calls: int, started: float) -> RunResult:
+    def _shape_result(
+        self,
+        session: Session,
+        rec: ContainerRecord,
+        outcome: ExecOutcome,
+        records: list[FileRecord],
+        state_lost: bool,
+        warnings: list[str],
+        json_value: Any,
+        json_error: JsonError | None,
+        sinfo: StructuredInfo | None,
+        usage: Usage,
+        calls: int,
+        started: float,
+    ) -> RunResult:
         budget = self.settings.result_budget_tokens * 4  # characters, roughly 4 per token
         fixed = len(json.dumps(json_value, default=str)) if json_value is not None else 0
         fixed += sum(300 + len(r.path) for r in records) + 2000
@@ -695,8 +788,11 @@ class Engine:
         if rec.state.isolation == "none":
             warnings = ["UNSANDBOXED: this server runs code without isolation (--unsafe-no-sandbox).", *warnings]
         if state_lost:
-            warnings = ["The previous container was lost (expired or restarted): variables and imports are gone; "
-                        "input files were uploaded again and earlier files stay downloadable.", *warnings]
+            warnings = [
+                "The previous container was lost (expired or restarted): variables and imports are gone; "
+                "input files were uploaded again and earlier files stay downloadable.",
+                *warnings,
+            ]
         result_repr = outcome.result_repr
         if result_repr is not None:
             result_repr, cut = _clip(result_repr, 4000)
@@ -735,12 +831,15 @@ class Engine:
 
     # ---- list / download / upload / close ----------------------------------------------------------------
 
-    async def list_files(self, session: Session, container_id: str | None = None,
-                         all_containers: bool = False) -> FileList:
+    async def list_files(
+        self, session: Session, container_id: str | None = None, all_containers: bool = False
+    ) -> FileList:
         async with session.lock:
             if container_id is not None and self.reg.container_of(session, container_id) is None:
-                raise NotFound(f"No container {container_id!r} in this session.",
-                               "Omit container_id to use the session's current container.")
+                raise NotFound(
+                    f"No container {container_id!r} in this session.",
+                    "Omit container_id to use the session's current container.",
+                )
             rec = self.reg.container_of(session, container_id)
             alive = False
             current_one = container_id is None or container_id == session.current_container
@@ -787,23 +886,30 @@ class Engine:
             current, _ = await self._current_container(session)
             if current is crec:
                 await self._harvest(session, crec)
-        candidates = [r for r in session.files if r.path == rel
-                      and (crec is None or r.container_id == crec.state.id)]
+        candidates = [r for r in session.files if r.path == rel and (crec is None or r.container_id == crec.state.id)]
         if not candidates:
             candidates = [r for r in session.files if r.path == rel]
         if not candidates:
             raise FileNotFound(f"No file {rel!r} in this session's container.")
         return candidates[-1]
 
-    async def download(self, session: Session, file: str, container_id: str | None = None,
-                       save_to: str | None = None, overwrite: bool = False) -> DownloadOutput:
+    async def download(
+        self,
+        session: Session,
+        file: str,
+        container_id: str | None = None,
+        save_to: str | None = None,
+        overwrite: bool = False,
+    ) -> DownloadOutput:
         async with session.lock:
             rec = await self._find_record(session, file, container_id)
         info = record_to_info(rec)
         local = Path(rec.local_path) if rec.local_path else None
         if local is None or not await anyio.Path(local).is_file():
-            raise FileNotFound(f"The harvested copy of {rec.path!r} is missing on the host.",
-                               "It may have been deleted by close_session(delete_files=true).")
+            raise FileNotFound(
+                f"The harvested copy of {rec.path!r} is missing on the host.",
+                "It may have been deleted by close_session(delete_files=true).",
+            )
         saved_to = None
         if save_to is not None:
             self._check_host_paths("save_to")
@@ -837,8 +943,15 @@ class Engine:
         tmp.replace(target)
         return str(target)
 
-    async def upload(self, session: Session, *, path: str | None = None, name: str | None = None,
-                     content_base64: str | None = None, dest_path: str | None = None) -> UploadResult:
+    async def upload(
+        self,
+        session: Session,
+        *,
+        path: str | None = None,
+        name: str | None = None,
+        content_base64: str | None = None,
+        dest_path: str | None = None,
+    ) -> UploadResult:
         if (path is None) == (content_base64 is None):
             raise BadInput("Pass either path (a host file) or content_base64 with name.")
         await self.ready()
@@ -884,8 +997,9 @@ class Engine:
             for owner, sid in list(self._default_sessions.items()):
                 if sid == session.id:
                     del self._default_sessions[owner]
-            return CloseResult(session_id=session.id, closed=True, containers_stopped=stopped,
-                               files_kept=not delete_files)
+            return CloseResult(
+                session_id=session.id, closed=True, containers_stopped=stopped, files_kept=not delete_files
+            )
 
     async def read_resource(self, uri: str, owner: str | None = None) -> tuple[bytes, str, FileInfo]:
         parsed = parse_file_uri(uri)
@@ -899,8 +1013,11 @@ class Engine:
         if rec is None or not rec.local_path:
             raise NotFound(f"Unknown resource {uri!r}.")
         if rec.bytes > self.settings.resource_max_bytes:
-            raise FileTooLarge(f"{rec.name} is {rec.bytes} bytes, over the {self.settings.resource_max_bytes}-byte "
-                               "limit of resources/read.", "Use download_file with save_to.")
+            raise FileTooLarge(
+                f"{rec.name} is {rec.bytes} bytes, over the {self.settings.resource_max_bytes}-byte "
+                "limit of resources/read.",
+                "Use download_file with save_to.",
+            )
         try:
             data = await anyio.Path(rec.local_path).read_bytes()
         except FileNotFoundError:

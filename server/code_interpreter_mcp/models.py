@@ -100,8 +100,9 @@ class FileList(_Model):
     session_id: str
     container_id: str | None
     expires_at: datetime | None
-    container_alive: bool = Field(description="False when the container expired or was closed; files listed "
-                                  "are the harvested copies.")
+    container_alive: bool = Field(
+        description="False when the container expired or was closed; files listed are the harvested copies."
+    )
     files: list[FileInfo]
 
 
@@ -125,9 +126,9 @@ class CloseResult(_Model):
 
 
 def published_schema(model: type[BaseModel]) -> dict[str, Any]:
-    """The model's JSON Schema in a flat form for `outputSchema`: definitions inlined, `anyOf [X, null]` as
-    `type: [X, "null"]`. Same meaning, no `$ref`s to resolve, and about half the validation work for the
-    clients that check every result against it."""
+    """The model's JSON Schema with its definitions inlined, for `outputSchema`: the same meaning with no `$ref`
+    to resolve, which roughly halves the work of clients that validate every result against it. Nullable
+    fields stay `anyOf [X, null]`, the spelling every schema dialect maps."""
     schema = model.model_json_schema(by_alias=True)
     defs = schema.pop("$defs", {})
 
@@ -139,15 +140,6 @@ def published_schema(model: type[BaseModel]) -> dict[str, Any]:
         if "$ref" in node:
             extra = {k: v for k, v in node.items() if k != "$ref"}
             return walk({**defs[node["$ref"].rsplit("/", 1)[-1]], **extra})
-        if "anyOf" in node:
-            branches = [walk(b) for b in node["anyOf"]]
-            others = [b for b in branches if b != {"type": "null"}]
-            if len(others) == 1 and len(branches) == 2 and isinstance(others[0].get("type"), str):
-                merged = {**others[0], "type": [others[0]["type"], "null"]}
-                if "enum" in merged:
-                    merged["enum"] = [*merged["enum"], None]
-                return {**merged, **{k: walk(v) for k, v in node.items() if k != "anyOf"}}
-            return {**{k: walk(v) for k, v in node.items() if k != "anyOf"}, "anyOf": branches}
         return {k: walk(v) for k, v in node.items()}
 
     return walk(schema)  # type: ignore[no-any-return]

@@ -142,8 +142,10 @@ class Registry:
         session = Session(id=new_id("s_"), owner=owner, created_at=now, last_used_at=now)
         self.sessions[session.id] = session
         await self._write(
-            ("INSERT INTO sessions (id, owner, created_at, last_used_at) VALUES (?, ?, ?, ?)",
-             (session.id, owner, now, now))
+            (
+                "INSERT INTO sessions (id, owner, created_at, last_used_at) VALUES (?, ?, ?, ?)",
+                (session.id, owner, now, now),
+            )
         )
         return session
 
@@ -155,14 +157,29 @@ class Registry:
             ).fetchone()
             if row is None:
                 return None
-            session = Session(id=row[0], owner=row[1], created_at=row[2], last_used_at=row[3], closed=bool(row[4]),
-                              current_container=row[5])
+            session = Session(
+                id=row[0],
+                owner=row[1],
+                created_at=row[2],
+                last_used_at=row[3],
+                closed=bool(row[4]),
+                current_container=row[5],
+            )
             for c in self._db.execute(
                 "SELECT id, backend, created_at, last_active_at, expires_after_s, status, isolation, runs, extra "
-                "FROM containers WHERE session_id = ?", (session_id,)
+                "FROM containers WHERE session_id = ?",
+                (session_id,),
             ):
-                state = ContainerState(id=c[0], backend=c[1], created_at=c[2], last_active_at=c[3],
-                                       expires_after_s=c[4], status=c[5], isolation=c[6], extra=json.loads(c[8]))
+                state = ContainerState(
+                    id=c[0],
+                    backend=c[1],
+                    created_at=c[2],
+                    last_active_at=c[3],
+                    expires_after_s=c[4],
+                    status=c[5],
+                    isolation=c[6],
+                    extra=json.loads(c[8]),
+                )
                 self.containers.setdefault(c[0], ContainerRecord(state=state, session_id=session_id, runs=c[7]))
             session.files = [
                 FileRecord(*r)
@@ -205,20 +222,37 @@ class Registry:
         self.containers[state.id] = rec
         session.current_container = state.id
         await self._write(
-            ("INSERT OR REPLACE INTO containers (id, session_id, backend, created_at, last_active_at, "
-             "expires_after_s, status, isolation, runs, extra) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-             (state.id, session.id, state.backend, state.created_at, state.last_active_at, state.expires_after_s,
-              state.status, state.isolation, 0, json.dumps(state.extra))),
-            ("UPDATE sessions SET current_container = ?, last_used_at = ? WHERE id = ?",
-             (state.id, time.time(), session.id)),
+            (
+                "INSERT OR REPLACE INTO containers (id, session_id, backend, created_at, last_active_at, "
+                "expires_after_s, status, isolation, runs, extra) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    state.id,
+                    session.id,
+                    state.backend,
+                    state.created_at,
+                    state.last_active_at,
+                    state.expires_after_s,
+                    state.status,
+                    state.isolation,
+                    0,
+                    json.dumps(state.extra),
+                ),
+            ),
+            (
+                "UPDATE sessions SET current_container = ?, last_used_at = ? WHERE id = ?",
+                (state.id, time.time(), session.id),
+            ),
         )
         return rec
 
     @staticmethod
     def _container_update(rec: ContainerRecord) -> tuple[str, tuple[Any, ...]]:
         s = rec.state
-        return ("UPDATE containers SET last_active_at = ?, expires_after_s = ?, status = ?, runs = ?, extra = ? "
-                "WHERE id = ?", (s.last_active_at, s.expires_after_s, s.status, rec.runs, json.dumps(s.extra), s.id))
+        return (
+            "UPDATE containers SET last_active_at = ?, expires_after_s = ?, status = ?, runs = ?, extra = ? "
+            "WHERE id = ?",
+            (s.last_active_at, s.expires_after_s, s.status, rec.runs, json.dumps(s.extra), s.id),
+        )
 
     async def save_container(self, rec: ContainerRecord) -> None:
         self._dirty.pop(rec.state.id, None)
@@ -257,10 +291,26 @@ class Registry:
             rec.seq = self._seq
             session.files.append(rec)
             rows.append(
-                ("INSERT INTO files (file_id, session_id, container_id, path, name, bytes, mime_type, sha256, source, "
-                 "created_at, local_path, remote_id, version, seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                 (rec.file_id, rec.session_id, rec.container_id, rec.path, rec.name, rec.bytes, rec.mime_type,
-                  rec.sha256, rec.source, rec.created_at, rec.local_path, rec.remote_id, rec.version, rec.seq))
+                (
+                    "INSERT INTO files (file_id, session_id, container_id, path, name, bytes, mime_type, sha256, source, "
+                    "created_at, local_path, remote_id, version, seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        rec.file_id,
+                        rec.session_id,
+                        rec.container_id,
+                        rec.path,
+                        rec.name,
+                        rec.bytes,
+                        rec.mime_type,
+                        rec.sha256,
+                        rec.source,
+                        rec.created_at,
+                        rec.local_path,
+                        rec.remote_id,
+                        rec.version,
+                        rec.seq,
+                    ),
+                )
             )
         await self._write(*rows)
 

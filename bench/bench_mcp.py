@@ -32,7 +32,7 @@ def minimal() -> StdioServerParameters:
 
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 async def warm_calls(params: StdioServerParameters, n: int) -> list[float]:

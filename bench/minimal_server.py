@@ -8,7 +8,7 @@ mcp = MCPServer("minimal")
 @mcp.tool()
 def run_code(code: str) -> dict[str, str]:
     """Evaluate an expression."""
-    return {"result": repr(eval(code))}  # noqa: S307 - benchmark floor only, never shipped
+    return {"result": repr(eval(code))}  # the benchmark's floor only, never shipped
 
 
 if __name__ == "__main__":

@@ -292,8 +292,9 @@ class Registry:
             session.files.append(rec)
             rows.append(
                 (
-                    "INSERT INTO files (file_id, session_id, container_id, path, name, bytes, mime_type, sha256, source, "
-                    "created_at, local_path, remote_id, version, seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO files (file_id, session_id, container_id, path, name, bytes, mime_type, sha256, "
+                    "source, created_at, local_path, remote_id, version, seq) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         rec.file_id,
                         rec.session_id,

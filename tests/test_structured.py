@@ -59,11 +59,11 @@ def test_markers_plain_and_with_nonce() -> None:
 def test_sentinel_instructions_name_the_markers_and_the_compact_schema() -> None:
     schema = {"type": "object", "properties": {"total": {"type": "number"}}, "required": ["total"]}
     text = sentinel_instructions(NONCE, schema)
-    assert f"\n{BEGIN}\n" in text
-    assert f"\n{END}\n" in text
+    assert f"\n{BEGIN}\n{END}" in text
     assert json.dumps(schema, separators=(",", ":")) in text
-    assert "code's output" in text
-    assert "nothing else between the markers" in text.lower()
+    assert "never invented" in text
+    assert "alone between" in text
+    assert len(text) - len(json.dumps(schema, separators=(",", ":"))) < 320  # paid on every structured run
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -63,6 +63,17 @@ class Settings(BaseModel):
     max_processes: int = Field(default=64, ge=4)
     max_open_files: int = Field(default=256, ge=32)
     box_size_mb: int = Field(default=1024, ge=16, description="disk quota of a container's data folder")
+    tmp_size_mb: int | None = Field(
+        default=None, ge=8, description="size of the sandbox's /tmp (default: min(box_size_mb, 512))"
+    )
+    quota_check_interval_s: float | None = Field(
+        default=None, gt=0, description="disk quota check period (default 0.5 s)"
+    )
+    bwrap_path: str | None = Field(default=None, description="bubblewrap binary (default: found on PATH)")
+    local_font_cache: bool = Field(default=True, description="prebuild matplotlib's font cache once per host")
+    local_cache_dir: Path | None = Field(
+        default=None, description="where that cache lives (default: the user cache dir)"
+    )
 
     # OpenAI backend
     openai_model: str = "gpt-5.5"

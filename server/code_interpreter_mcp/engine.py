@@ -451,6 +451,7 @@ class Engine:
         """List the container, fetch every new or changed file (cited ones started first), record them."""
         warnings: list[str] = []
         fetched: dict[str, FileRecord] = {}  # remote key -> record
+        expired: list[bool] = []  # set by any listing/fetch that found the container gone
         started: set[str] = set()
         state = rec.state
 
@@ -468,6 +469,7 @@ class Engine:
                 return
             except ContainerExpired:
                 warnings.append(f"{remote.path} was not harvested: the container expired first.")
+                expired.append(True)
                 return
             except CIError as exc:
                 warnings.append(f"{remote.path} was not harvested: {exc.message}")
@@ -493,6 +495,7 @@ class Engine:
             try:
                 listing = await self.backend.list_files(state)
             except ContainerExpired:
+                await self._retire(rec, status="expired")
                 return [], ["The container expired before its files could be listed."]
             snap = rec.snapshot
             if len(listing) == len(snap) and all(
@@ -516,6 +519,7 @@ class Engine:
                     listing = await self.backend.list_files(state)
                 except ContainerExpired:
                     warnings.append("The container expired before its files could be listed.")
+                    expired.append(True)
                     listing = list(rec.snapshot.values())
             for f in listing:
                 prev = rec.snapshot.get(f.path)
@@ -540,6 +544,8 @@ class Engine:
         rec.snapshot = {f.path: f for f in listing}
         records.sort(key=lambda r: r.path)
         await self.reg.add_files(session, records)
+        if expired:
+            await self._retire(rec, status="expired")  # never offered again; the next run replaces it
         return records, warnings
 
     # ---- run_code ----------------------------------------------------------------------------------------
@@ -675,7 +681,14 @@ class Engine:
             problems = [f"{v.path}: {v.message}" for v in violations]
         else:
             problems = [extracted.problem or "No JSON result was found."]
-        if has_model and sreq.strategy == "two_pass_sentinel" and outcome.status != "timeout":
+        # A run that raised gets a repair only for a broken block it did print: with nothing to repair, a model
+        # forced into the schema would invent the values.
+        if (
+            has_model
+            and sreq.strategy == "two_pass_sentinel"
+            and outcome.status != "timeout"
+            and (outcome.status == "ok" or extracted.raw is not None)
+        ):
             raw = extracted.raw or outcome.text or outcome.stdout
             repair = await self.backend.repair_json(sreq.schema, raw, problems)
             if repair is not None:
@@ -785,8 +798,6 @@ class Engine:
                 tb, cut = _clip(tb, 8000)
                 truncated = truncated or cut
             err = ErrorInfo(type=outcome.error.type, message=_clip(outcome.error.message, 4000)[0], traceback=tb)
-        if rec.state.isolation == "none":
-            warnings = ["UNSANDBOXED: this server runs code without isolation (--unsafe-no-sandbox).", *warnings]
         if state_lost:
             warnings = [
                 "The previous container was lost (expired or restarted): variables and imports are gone; "
@@ -846,8 +857,8 @@ class Engine:
             if rec is not None and current_one and await self._backend_usable():
                 current, _ = await self._current_container(session)
                 if current is not None and current is rec:
-                    alive = True
                     await self._harvest(session, rec)  # catches changes made outside runs
+                    alive = rec.state.status == "running"
             if all_containers:
                 records = session.latest_files()
             elif rec is not None:

@@ -83,19 +83,17 @@ def markers(nonce: str | None) -> tuple[str, str]:
 
 
 def sentinel_instructions(nonce: str, schema: dict[str, Any]) -> str:
-    """Text appended to the model's instructions: end the answer with the JSON result between the nonce markers."""
+    """Appended to the model's instructions: answer with the JSON result between the nonce markers.
+
+    Kept short on purpose: it is paid for on every structured run, and the block replaces the usual prose
+    answer rather than adding to it.
+    """
     begin, end = markers(nonce)
     compact = json.dumps(schema, separators=(",", ":"), ensure_ascii=False)
     return (
-        "After running the code, end your answer with its JSON result. Compute every value from the code's "
-        "output; never invent or estimate values the output does not show. The JSON must match this JSON Schema:\n"
-        f"{compact}\n"
-        "Write the JSON between these two marker lines, copied exactly, each on its own line, at the very end of "
-        "your answer:\n"
-        f"{begin}\n"
-        "<the JSON value>\n"
-        f"{end}\n"
-        "Put nothing else between the markers: no prose, no comments, no code fence. Write the markers only once."
+        "Then, instead of prose, write the code's result as JSON matching this schema, every value taken from "
+        f"the tool output (never invented): {compact}\n"
+        f"Put it alone between these two lines, copied exactly:\n{begin}\n{end}"
     )
 
 

@@ -89,11 +89,14 @@ def links_in(text: str) -> list[tuple[str, int, int]]:
 
 
 def summary_text(logs: str, error: bool, files: list[str], nonce: str | None, json_text: str | None) -> str:
-    """The model's brief answer: one sentence, a link per new file, and the marker block when asked."""
-    parts = ["The code raised an error; see the logs." if error else "I ran the code."]
-    if logs.strip() and not error:
-        last = logs.strip().splitlines()[-1][:200]
-        parts[0] += f" Last output line: {last}"
+    """The model's brief answer: one sentence (or, when a marker block is asked for, the block instead of the
+    sentence, as the run's instructions say), and a link per new file."""
+    parts = []
+    if nonce is None or json_text is None:
+        parts.append("The code raised an error; see the logs." if error else "I ran the code.")
+        if logs.strip() and not error:
+            last = logs.strip().splitlines()[-1][:200]
+            parts[0] += f" Last output line: {last}"
     if files:
         parts.append("Files:\n" + "\n".join(f"- [{p.rsplit('/', 1)[-1]}](sandbox:{p})" for p in files))
     if nonce is not None and json_text is not None:

@@ -26,10 +26,10 @@ TERMINAL_STATUSES = {"completed", "incomplete", "failed", "cancelled"}
 RUN_INSTRUCTIONS = (
     "You are a code runner. Call the python tool (code_interpreter) exactly once, with the code in the user's "
     "message copied verbatim: do not change, fix, reformat, shorten or extend it, even if it looks wrong or "
-    "fails, and do not run any other code. After the tool returns, reply briefly (one or two sentences about "
-    "the outcome). Link every file the code created or changed under /mnt/data as [name](sandbox:/mnt/data/name). "
-    "Do not repeat the output."
+    "fails, and do not run any other code. After the tool returns, link every file the code created or changed "
+    "under /mnt/data as [name](sandbox:/mnt/data/name) and do not repeat the output."
 )
+PLAIN_ANSWER = " Reply briefly: one or two sentences about the outcome."
 SINGLE_PASS_INSTRUCTIONS = (
     "Your final answer must be only the JSON result of the code (what it printed as JSON, or the value of its "
     "last expression), matching the response schema."
@@ -62,9 +62,11 @@ def run_request(model: str, container_id: str, request: ExecRequest) -> dict[str
     instructions = RUN_INSTRUCTIONS
     kwargs: dict[str, Any] = {}
     sreq = request.structured
-    if sreq is not None and sreq.strategy == "two_pass_sentinel":
-        instructions += "\n\n" + structured.sentinel_instructions(sreq.nonce, sreq.schema)
-    elif sreq is not None:
+    if sreq is None:
+        instructions += PLAIN_ANSWER
+    elif sreq.strategy == "two_pass_sentinel":
+        instructions += " " + structured.sentinel_instructions(sreq.nonce, sreq.schema)
+    else:
         instructions += "\n\n" + SINGLE_PASS_INSTRUCTIONS
         kwargs["text"] = {"format": json_schema_format(sreq.schema)}
     if request.instructions:

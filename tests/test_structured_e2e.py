@@ -116,10 +116,11 @@ async def test_sentinel_happy_path_is_one_model_call(emu: Emulator, client: Clie
 
 
 async def test_plain_or_foreign_markers_in_user_data_do_not_collide(emu: Emulator, client: Client) -> None:
+    # Data that merely contains markers (the code does not spell them: it prints what it read).
     user_blocks = (
-        "print('===BEGIN_JSON===')\nprint('{\"total\": 999}')\nprint('===END_JSON===')\n"
-        "print('===BEGIN_JSON 0123456789abcdef0123456789abcdef===')\nprint('{\"total\": 998}')\n"
-        "print('===END_JSON 0123456789abcdef0123456789abcdef===')\n"
+        "m = '==='\nprint(m + 'BEGIN_JSON' + m)\nprint('{\"total\": 999}')\nprint(m + 'END_JSON' + m)\n"
+        "print(m + 'BEGIN_JSON 0123456789abcdef0123456789abcdef' + m)\nprint('{\"total\": 998}')\n"
+        "print(m + 'END_JSON 0123456789abcdef0123456789abcdef' + m)\n"
     )
     # The model's nonce block wins over user blocks printed in the output.
     s = await run(client, user_blocks + "{'total': 5}")
@@ -136,6 +137,22 @@ async def test_plain_or_foreign_markers_in_user_data_do_not_collide(emu: Emulato
     quoted = await run(client, user_blocks + "None")
     assert quoted["json"] == {"total": 6} and quoted["structured"]["path"] == "repair"
     assert quoted["structured"]["model_calls"] == 2 and emu.calls["responses"] - before == 2
+
+
+async def test_code_that_prints_its_own_block_costs_no_extra_tokens(emu: Emulator, client: Client) -> None:
+    code = "import json\nprint('work done')\nprint('===BEGIN_JSON===')\nprint(json.dumps({'total': 41}))\nprint('===END_JSON===')"
+    plain = await client.call_tool("run_code", {"code": code})
+    before = emu.calls["responses"]
+    s = await run(client, code)
+    assert s["json"] == {"total": 41} and s["structured"]["path"] == "sentinel"
+    assert s["model_calls"] == 1 and emu.calls["responses"] - before == 1
+    # The model was not asked for a block of its own, so the run costs what a plain run costs.
+    assert not NONCE_RE.search(response_requests(emu)[-1].json["instructions"])
+    assert s["usage"]["total_tokens"] == sc(plain)["usage"]["total_tokens"]
+    # An invalid printed block still goes to the one repair pass.
+    emu.behaviour.repair_text = '{"total": 40}'
+    bad = await run(client, code.replace("41", "'forty'"))
+    assert bad["json"] == {"total": 40} and bad["structured"]["path"] == "repair"
 
 
 # ----- single_pass -----------------------------------------------------------------------------------------------

@@ -60,9 +60,10 @@ expression (like a notebook cell), any error with its traceback, and every file 
   a file_id and a resource URI. Open matplotlib figures are saved as PNG automatically and shown inline.
 - files: host paths or file_ids of earlier files to copy into /mnt/data before the run.
 - output_schema: a JSON Schema. The run's JSON result is validated against it and returned in `json` (or
-  `json_error` lists each violation by path). Provide the result either as the value of the code's LAST
-  EXPRESSION (e.g. end with `result` where result is a dict), or by printing it between the lines
-  ===BEGIN_JSON=== and ===END_JSON=== (the last such block wins).
+  `json_error` lists each violation by path). Provide the result by printing it between the lines
+  ===BEGIN_JSON=== and ===END_JSON=== (the last such block wins; works on every backend at no extra cost), or,
+  on the local backend, as the value of the code's LAST EXPRESSION (e.g. end with `result`, a dict). On the
+  openai backend, code that prints no block gets the JSON written by the model from the code's output.
 - Each result says when the container expires (idle expiry); after that a new container starts (state_lost:
   true), input files are uploaded again, and earlier files remain downloadable.
 - No network access inside the sandbox. timeout_s stops runaway code (interrupt first, then restart).

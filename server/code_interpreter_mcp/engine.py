@@ -610,7 +610,7 @@ class Engine:
             warnings.extend(harvest_warnings)
             self.reg.save_container_later(rec)  # activity times: written by housekeeping, not on the hot path
 
-            json_value, json_error, sinfo, usage, calls = await self._resolve_json(outcome, sreq)
+            json_value, json_error, sinfo, usage, calls = await self._resolve_json(outcome, sreq, code)
         result = self._shape_result(
             session, rec, outcome, records, state_lost, warnings, json_value, json_error, sinfo, usage, calls, started
         )
@@ -643,7 +643,7 @@ class Engine:
             return await self.backend.execute(rec.state, request, relay.backend_progress), rec, True
 
     async def _resolve_json(
-        self, outcome: ExecOutcome, sreq: StructuredRequest | None
+        self, outcome: ExecOutcome, sreq: StructuredRequest | None, code: str
     ) -> tuple[Any, JsonError | None, StructuredInfo | None, Usage, int]:
         usage = Usage()
         usage.add(outcome.usage)
@@ -663,6 +663,12 @@ class Engine:
             path = "single_pass"
         else:
             extracted = structured.extract_from_sources(outcome.sentinel_sources, sreq.nonce if has_model else None)
+            if has_model and not extracted.found and structured.code_prints_block(code):
+                # The code prints its own plain block, so the model was not asked for one. Only then is a plain
+                # block in the output taken: elsewhere it could be data that merely contains the markers.
+                printed = structured.extract_last_block(outcome.stdout, None)
+                if printed.found or (printed.problem and not extracted.problem):
+                    extracted = printed
             path = "sentinel"
         problems: list[str] = []
         violations = []

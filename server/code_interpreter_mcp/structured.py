@@ -82,6 +82,12 @@ def markers(nonce: str | None) -> tuple[str, str]:
     return f"===BEGIN_JSON {nonce}===", f"===END_JSON {nonce}==="
 
 
+def code_prints_block(code: str) -> bool:
+    """Whether the code prints its own plain marker block (the documented way on both backends): then the model
+    need not be asked for one, and the JSON comes from the code's output at no extra model tokens."""
+    return markers(None)[0] in code
+
+
 def sentinel_instructions(nonce: str, schema: dict[str, Any]) -> str:
     """Appended to the model's instructions: answer with the JSON result between the nonce markers.
 

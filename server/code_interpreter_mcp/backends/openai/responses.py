@@ -62,7 +62,7 @@ def run_request(model: str, container_id: str, request: ExecRequest) -> dict[str
     instructions = RUN_INSTRUCTIONS
     kwargs: dict[str, Any] = {}
     sreq = request.structured
-    if sreq is None:
+    if sreq is None or (sreq.strategy == "two_pass_sentinel" and structured.code_prints_block(request.code)):
         instructions += PLAIN_ANSWER
     elif sreq.strategy == "two_pass_sentinel":
         instructions += " " + structured.sentinel_instructions(sreq.nonce, sreq.schema)

@@ -140,7 +140,10 @@ async def test_plain_or_foreign_markers_in_user_data_do_not_collide(emu: Emulato
 
 
 async def test_code_that_prints_its_own_block_costs_no_extra_tokens(emu: Emulator, client: Client) -> None:
-    code = "import json\nprint('work done')\nprint('===BEGIN_JSON===')\nprint(json.dumps({'total': 41}))\nprint('===END_JSON===')"
+    code = (
+        "import json\nprint('work done')\nprint('===BEGIN_JSON===')\nprint(json.dumps({'total': 41}))\n"
+        "print('===END_JSON===')"
+    )
     plain = await client.call_tool("run_code", {"code": code})
     before = emu.calls["responses"]
     s = await run(client, code)

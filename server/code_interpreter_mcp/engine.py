@@ -602,6 +602,8 @@ class Engine:
             finally:
                 self._relays.discard(relay)
             state_lost = state_lost or lost_again or outcome.state_lost
+            if instructions and not getattr(self.backend, "has_model", False):
+                warnings.append("instructions were ignored: they guide the model of the openai backend only.")
             if outcome.container is not None:
                 rec.state = outcome.container
             rec.runs += 1

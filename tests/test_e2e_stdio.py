@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import base64
+import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from mcp import Client, ClientSession, StdioServerParameters, stdio_client
@@ -88,3 +90,59 @@ async def test_image_inline_over_stdio(tmp_path: Path) -> None:
         images = [b for b in r.content if isinstance(b, ImageContent)]
         assert len(images) == 1
         assert base64.b64decode(images[0].data)[:4] == b"\x89PNG"
+
+
+async def test_sigterm_stops_workers_and_records_it(tmp_path: Path) -> None:
+    import signal
+    import sqlite3
+    import subprocess
+
+    import anyio
+
+    data = tmp_path / "d"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "code_interpreter_mcp", "serve", "--data-dir", str(data)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+
+    def send(msg: dict[str, Any]) -> None:
+        proc.stdin.write((json.dumps(msg) + "\n").encode())
+        proc.stdin.flush()
+
+    def recv() -> dict[str, Any]:
+        return json.loads(proc.stdout.readline())
+
+    send(
+        {
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "initialize",
+            "params": {
+                "protocolVersion": "2025-11-25",
+                "capabilities": {},
+                "clientInfo": {"name": "t", "version": "1"},
+            },
+        }
+    )
+    assert recv()["id"] == 1
+    send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+    send(
+        {
+            "jsonrpc": "2.0",
+            "id": 2,
+            "method": "tools/call",
+            "params": {"name": "run_code", "arguments": {"code": "1+1"}},
+        }
+    )
+    reply = await anyio.to_thread.run_sync(recv)
+    container = reply["result"]["structuredContent"]["container_id"]
+    assert (data / "containers" / container).exists()
+    proc.send_signal(signal.SIGTERM)
+    assert await anyio.to_thread.run_sync(lambda: proc.wait(timeout=20)) == 0
+    with sqlite3.connect(data / "registry.sqlite3") as db:
+        (status,) = db.execute("SELECT status FROM containers WHERE id = ?", (container,)).fetchone()
+    assert status == "stopped"
+    assert not (data / "containers" / container).exists()

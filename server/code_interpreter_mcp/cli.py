@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -86,16 +87,38 @@ def _setup_logging(level: str) -> None:
     )
 
 
+async def _serve_stdio(server: Any, engine: Any) -> None:
+    """stdio until the client closes the pipe, or until SIGTERM/SIGHUP. On a signal the engine is closed first
+    (workers stopped, remote containers deleted instead of being left to expire and bill), then the process
+    exits: the transport's blocking read of stdin cannot be cancelled."""
+
+    async def stop_on_signal() -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP) as signals:
+            async for signum in signals:
+                logging.getLogger(__name__).warning("signal %s: shutting down", signum)
+                with anyio.CancelScope(shield=True), anyio.move_on_after(30):
+                    await engine.aclose()
+                logging.shutdown()
+                os._exit(0)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(stop_on_signal)
+        await server.run_stdio_async()
+        tg.cancel_scope.cancel()
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(
         args, transport=args.transport, host=args.host, port=args.port, expiry_minutes=args.expiry_minutes
     )
     _setup_logging(settings.log_level)
     from .app import build_server
+    from .engine import Engine
 
-    server = build_server(settings)
+    engine = Engine(settings)
+    server = build_server(settings, engine=engine)
     if settings.transport == "stdio":
-        server.run()
+        anyio.run(_serve_stdio, server, engine)
     else:
         server.run("streamable-http", host=settings.host, port=settings.port)
     return 0

@@ -71,6 +71,7 @@ from .models import (
     StructuredInfo,
     TokenUsage,
     UploadResult,
+    Violation,
 )
 from .sessions import ContainerRecord, FileRecord, Registry, Session, new_id
 
@@ -647,6 +648,7 @@ class Engine:
     async def _resolve_json(
         self, outcome: ExecOutcome, sreq: StructuredRequest | None, code: str
     ) -> tuple[Any, JsonError | None, StructuredInfo | None, Usage, int]:
+        """The run's JSON: extracted, validated locally, and repaired by one model call only when needed."""
         usage = Usage()
         usage.add(outcome.usage)
         calls = outcome.model_calls
@@ -656,14 +658,12 @@ class Engine:
 
         has_model = bool(getattr(self.backend, "has_model", False))
         strategy: Any = sreq.strategy if has_model else "local"
-        path: Any = "none"
         if not has_model and outcome.last_value_json is not None and outcome.last_value_json != "null":
-            extracted = structured.parse_json_text(outcome.last_value_json)
-            path = "last_expression"
+            path, extracted = "last_expression", structured.parse_json_text(outcome.last_value_json)
         elif has_model and sreq.strategy == "single_pass":
-            extracted = structured.parse_json_text(outcome.single_pass_json or "")
-            path = "single_pass"
+            path, extracted = "single_pass", structured.parse_json_text(outcome.single_pass_json or "")
         else:
+            path = "sentinel"
             extracted = structured.extract_from_sources(outcome.sentinel_sources, sreq.nonce if has_model else None)
             if has_model and not extracted.found and structured.code_prints_block(code):
                 # The code prints its own plain block, so the model was not asked for one. Only then is a plain
@@ -671,55 +671,37 @@ class Engine:
                 printed = structured.extract_last_block(outcome.stdout, None)
                 if printed.found or (printed.problem and not extracted.problem):
                     extracted = printed
-            path = "sentinel"
-        problems: list[str] = []
-        violations = []
-        if extracted.found:
-            violations = structured.validate(extracted.value, sreq.schema)
-            if not violations:
-                return (
-                    extracted.value,
-                    None,
-                    StructuredInfo(
-                        strategy=strategy, path=path, model_calls=calls, usage=self._usage(usage, has_model)
-                    ),
-                    usage,
-                    calls,
-                )
-            problems = [f"{v.path}: {v.message}" for v in violations]
-        else:
-            problems = [extracted.problem or "No JSON result was found."]
+
+        def check(found: structured.Extracted, missing: str) -> tuple[list[Violation], list[str]]:
+            if not found.found:
+                return [], [found.problem or missing]
+            violations = structured.validate(found.value, sreq.schema)
+            return violations, [f"{v.path}: {v.message}" for v in violations]
+
+        violations, problems = check(extracted, "No JSON result was found.")
+        value = extracted.value if not problems else None
         # A run that raised gets a repair only for a broken block it did print: with nothing to repair, a model
         # forced into the schema would invent the values.
         if (
-            has_model
+            problems
+            and has_model
             and sreq.strategy == "two_pass_sentinel"
             and outcome.status != "timeout"
             and (outcome.status == "ok" or extracted.raw is not None)
         ):
-            raw = extracted.raw or outcome.text or outcome.stdout
-            repair = await self.backend.repair_json(sreq.schema, raw, problems)
+            repair = await self.backend.repair_json(
+                sreq.schema, extracted.raw or outcome.text or outcome.stdout, problems
+            )
             if repair is not None:
                 calls += 1
                 usage.add(repair.usage)
-                repaired = structured.parse_json_text(repair.text)
                 path = "repair"
-                if repaired.found:
-                    violations = structured.validate(repaired.value, sreq.schema)
-                    if not violations:
-                        return (
-                            repaired.value,
-                            None,
-                            StructuredInfo(
-                                strategy=strategy, path=path, model_calls=calls, usage=self._usage(usage, has_model)
-                            ),
-                            usage,
-                            calls,
-                        )
-                    problems = [f"{v.path}: {v.message}" for v in violations]
-                else:
-                    problems = [repaired.problem or "The repair call returned no JSON."]
-                    violations = []
+                repaired = structured.parse_json_text(repair.text)
+                violations, problems = check(repaired, "The repair call returned no JSON.")
+                value = repaired.value if not problems else None
+        info = StructuredInfo(strategy=strategy, path=path, model_calls=calls, usage=self._usage(usage, has_model))
+        if not problems:
+            return value, None, info, usage, calls
         if violations:
             error = JsonError(
                 message=f"The JSON result does not match the schema ({len(violations)} violations).",
@@ -730,16 +712,10 @@ class Engine:
                 "End the code with an expression holding the result, or print it between ===BEGIN_JSON=== and "
                 "===END_JSON===."
                 if not has_model
-                else "The model did not return the JSON block."
+                else "The model did not return the JSON block; print it between ===BEGIN_JSON=== and ===END_JSON===."
             )
             error = JsonError(message=f"{problems[0]} {hint}")
-        return (
-            None,
-            error,
-            StructuredInfo(strategy=strategy, path=path, model_calls=calls, usage=self._usage(usage, has_model)),
-            usage,
-            calls,
-        )
+        return None, error, info, usage, calls
 
     @staticmethod
     def _usage(usage: Usage, has_model: bool) -> TokenUsage | None:

@@ -322,6 +322,41 @@ class WorkerProcess:
             except protocol.ProtocolError as exc:
                 raise WorkerGone(f"the worker broke the protocol: {exc}") from None
 
+    def poll_response(self, rid: int, spin_s: float) -> dict[str, Any] | None:
+        """The answer to `rid` if it arrives within `spin_s`, busy-waiting (yielding the CPU) instead of going
+        through the event loop: a short run answers in tens of microseconds, and an epoll wake-up on each side
+        costs about as much again. None when it takes longer (then `response` waits the usual way); raises
+        WorkerGone like `receive`."""
+        deadline = time.perf_counter() + spin_s
+        decoder = self.decoder
+        while True:
+            try:
+                frame = decoder.next()
+            except protocol.ProtocolError as exc:
+                raise WorkerGone(f"the worker broke the protocol: {exc}") from None
+            if frame is not None:
+                fid = frame.get("id")
+                if fid == rid:
+                    return frame
+                if not (isinstance(fid, int) and 0 < fid < rid):
+                    raise WorkerGone("the worker sent a frame that answers no request")
+                continue  # a stale answer to an abandoned request
+            if time.perf_counter() >= deadline:
+                return None
+            try:
+                data = os.read(self.resp_r, protocol.READ_CHUNK)
+            except BlockingIOError:
+                os.sched_yield()
+                continue
+            except OSError as exc:
+                raise WorkerGone(f"cannot read from the worker: {exc}") from None
+            if not data:
+                raise WorkerGone("the worker closed its pipe", eof=True)
+            try:
+                decoder.feed(data)
+            except protocol.ProtocolError as exc:
+                raise WorkerGone(f"the worker broke the protocol: {exc}") from None
+
     async def request(self, obj: dict[str, Any]) -> dict[str, Any]:
         """Send and wait for the matching answer (no timeout: callers wrap it)."""
         rid = await self.send(obj)

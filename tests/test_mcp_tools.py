@@ -348,3 +348,19 @@ async def test_large_file_is_saved_not_inlined(tmp_path: Path) -> None:
         assert not any(isinstance(c, EmbeddedResource) for c in d.content)
         assert any(isinstance(c, ResourceLink) for c in d.content)
         assert Path(out["saved_to"]).read_bytes() == b"z" * 5000
+
+
+async def test_no_sandbox_means_no_code_unless_the_operator_opts_in(tmp_path: Path) -> None:
+    refused = Settings(data_dir=tmp_path / "a", bwrap_path="/nonexistent/bwrap")
+    async with Client(build_server(refused), raise_exceptions=True) as client:
+        assert len((await client.list_tools()).tools) == 5  # the server still starts and answers
+        r = await client.call_tool("run_code", {"code": "open('/etc/hostname').read()"})
+        assert r.is_error and "sandbox_unavailable" in text_of(r) and "Hint:" in text_of(r)
+        assert "unsafe-no-sandbox" in text_of(r)
+    opted_in = Settings(data_dir=tmp_path / "b", bwrap_path="/nonexistent/bwrap", unsafe_no_sandbox=True)
+    async with Client(build_server(opted_in), raise_exceptions=True) as client:
+        s = await run(client, "1+1")
+        assert s["result"] == "2" and s["container"]["isolation"] == "none"
+        assert any("UNSAFE" in w.upper() or "UNSANDBOXED" in w.upper() for w in s["warnings"])
+        again = await run(client, "2+2")
+        assert any("UNSAFE" in w.upper() or "UNSANDBOXED" in w.upper() for w in again["warnings"])

@@ -290,6 +290,7 @@ async def bench_mcp_tool(runs: int) -> dict[str, float]:
         "overhead_ms": over_med * 1000,
         "overhead_pct": over_med / total_med * 100,
         "exec_ms": statistics.median(exec_s) * 1000,
+        "cpu_ms": statistics.median(cpu) * 1000,
     }
 
 

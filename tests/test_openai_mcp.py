@@ -123,6 +123,24 @@ async def test_stdout_files_uncited_files_and_rewritten_links(emu: Emulator, cli
     assert again["stdout"] == "42\n" and again["container_id"] == s["container_id"] and again["files"] == []
 
 
+async def test_files_are_harvested_while_the_model_writes_its_answer(emu: Emulator, client: Client) -> None:
+    await client.call_tool("run_code", {"code": "print('warm')"})
+    emu.behaviour.annotations = "never"  # nothing cited: only the listing finds the files
+    emu.behaviour.answer_delay_s = 1.0
+    before = len(emu.requests)
+    code = "for i in range(3):\n    open(f'/mnt/data/early{i}.txt', 'w').write('x' * (i + 1))\n"
+    s = sc(await client.call_tool("run_code", {"code": code}))
+    assert sorted(f["path"] for f in s["files"]) == ["early0.txt", "early1.txt", "early2.txt"]
+    new = emu.requests[before:]
+    started = next(r.at for r in new if r.kind == "responses")
+    listed = [r.at for r in new if r.kind == "files.list"]
+    downloads = [r.at for r in new if r.kind == "files.content"]
+    assert listed and len(downloads) == 3
+    # The listing and the downloads began while the model was still writing (the answer takes 1 s after the
+    # code ran), not after the response ended; and nothing was listed twice.
+    assert len(listed) == 1 and max(downloads) - started < 0.8, (started, listed, downloads)
+
+
 async def test_files_live_then_after_expiry_and_recovery(emu: Emulator, client: Client) -> None:
     up = sc(
         await client.call_tool(

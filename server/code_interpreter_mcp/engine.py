@@ -149,6 +149,98 @@ class _ProgressRelay:
         return elapsed >= 1.0 and elapsed - self.last >= 0.9
 
 
+class _Harvest:
+    """One harvest of a container: fetches started as soon as a file is known (cited by the model, or new or
+    changed in a listing), each at most once, then recorded against the listing, which is authoritative."""
+
+    def __init__(self, engine: Engine, session: Session, rec: ContainerRecord, tg: anyio.abc.TaskGroup) -> None:
+        self.engine, self.session, self.rec, self.tg = engine, session, rec, tg
+        self.warnings: list[str] = []
+        self.fetched: dict[str, FileRecord] = {}  # remote key -> record
+        self.started: set[str] = set()
+        self.expired = False
+        self.listing: list[RemoteFile] | None = None
+
+    @staticmethod
+    def key(f: RemoteFile) -> str:
+        return f.remote_id or f.path
+
+    def start(self, remote: RemoteFile) -> None:
+        k = self.key(remote)
+        if k not in self.started:
+            self.started.add(k)
+            self.tg.start_soon(self._fetch, remote)
+
+    async def list_and_fetch(self) -> None:
+        try:
+            listing = await self.engine.backend.list_files(self.rec.state)
+        except ContainerExpired:
+            self.warnings.append("The container expired before its files could be listed.")
+            self.expired = True
+            listing = list(self.rec.snapshot.values())
+        self.take_listing(listing)
+
+    def take_listing(self, listing: list[RemoteFile]) -> None:
+        self.listing = listing
+        snap = self.rec.snapshot
+        for f in listing:
+            prev = snap.get(f.path)
+            if prev is None or prev.version != f.version:
+                self.start(f)
+
+    async def _fetch(self, remote: RemoteFile) -> None:
+        engine, state = self.engine, self.rec.state
+        file_id = new_id("f_", 12)
+        name = safe_name(remote.path)
+        dest = store_dir(engine.settings.files_dir, self.session.id, file_id) / name
+        try:
+            res = await engine.backend.fetch_file(state, remote, dest, engine.settings.max_file_bytes)
+        except ContainerExpired:
+            self.warnings.append(f"{remote.path} was not harvested: the container expired first.")
+            self.expired = True
+            return
+        except CIError as exc:  # too large, download failed...: the other files still come back
+            self.warnings.append(f"{remote.path} was not harvested: {exc.message}")
+            return
+        self.fetched[self.key(remote)] = FileRecord(
+            file_id=file_id,
+            session_id=self.session.id,
+            container_id=state.id,
+            path=remote.path,
+            name=name,
+            bytes=res.bytes,
+            mime_type=guess_mime(name),
+            sha256=res.sha256,
+            source="user" if remote.source == "user" else "generated",
+            created_at=remote.created_at or time.time(),
+            local_path=str(dest),
+            remote_id=remote.remote_id,
+            version=remote.version,
+        )
+
+    async def finish(self) -> tuple[list[FileRecord], list[str]]:
+        """After every fetch ended: records with the listing's paths; early fetches of unchanged files go."""
+        rec = self.rec
+        listing = self.listing if self.listing is not None else list(rec.snapshot.values())
+        by_key = {self.key(f): f for f in listing}
+        records = []
+        for k, record in self.fetched.items():
+            listed = by_key.get(k)
+            if listed is not None:
+                prev = rec.snapshot.get(listed.path)
+                if prev is not None and prev.version == listed.version:
+                    await anyio.to_thread.run_sync(remove_tree, Path(record.local_path or "").parent)
+                    continue
+                record.path, record.version = listed.path, listed.version
+            records.append(record)
+        rec.snapshot = {f.path: f for f in listing}
+        records.sort(key=lambda r: r.path)
+        await self.engine.reg.add_files(self.session, records)
+        if self.expired:
+            await self.engine._retire(rec, status="expired")  # never offered again; the next run replaces it
+        return records, self.warnings
+
+
 class Engine:
     def __init__(self, settings: Settings, backend: Backend | None = None) -> None:
         self.settings = settings
@@ -447,54 +539,18 @@ class Engine:
     # ---- harvesting --------------------------------------------------------------------------------------
 
     async def _harvest(
-        self, session: Session, rec: ContainerRecord, early: list[RemoteFile] | None = None
+        self,
+        session: Session,
+        rec: ContainerRecord,
+        early: list[RemoteFile] | None = None,
+        list_again: bool = True,
     ) -> tuple[list[FileRecord], list[str]]:
-        """List the container, fetch every new or changed file (cited ones started first), record them."""
-        warnings: list[str] = []
-        fetched: dict[str, FileRecord] = {}  # remote key -> record
-        expired: list[bool] = []  # set by any listing/fetch that found the container gone
-        started: set[str] = set()
-        state = rec.state
-
-        def key(f: RemoteFile) -> str:
-            return f.remote_id or f.path
-
-        async def fetch(remote: RemoteFile) -> None:
-            file_id = new_id("f_", 12)
-            name = safe_name(remote.path)
-            dest = store_dir(self.settings.files_dir, session.id, file_id) / name
-            try:
-                res = await self.backend.fetch_file(state, remote, dest, self.settings.max_file_bytes)
-            except FileTooLarge as exc:
-                warnings.append(f"{remote.path} was not harvested: {exc.message}")
-                return
-            except ContainerExpired:
-                warnings.append(f"{remote.path} was not harvested: the container expired first.")
-                expired.append(True)
-                return
-            except CIError as exc:
-                warnings.append(f"{remote.path} was not harvested: {exc.message}")
-                return
-            fetched[key(remote)] = FileRecord(
-                file_id=file_id,
-                session_id=session.id,
-                container_id=state.id,
-                path=remote.path,
-                name=name,
-                bytes=res.bytes,
-                mime_type=guess_mime(name),
-                sha256=res.sha256,
-                source="user" if remote.source == "user" else "generated",
-                created_at=remote.created_at or time.time(),
-                local_path=str(dest),
-                remote_id=remote.remote_id,
-                version=remote.version,
-            )
-
-        if not early:
+        """List the container, fetch every new or changed file (cited ones started first), record them.
+        With list_again=False only the `early` files are fetched, against the last listing."""
+        if not early and list_again:
             # The common case (nothing new) costs one listing and no task group.
             try:
-                listing = await self.backend.list_files(state)
+                listing = await self.backend.list_files(rec.state)
             except ContainerExpired:
                 await self._retire(rec, status="expired")
                 return [], ["The container expired before its files could be listed."]
@@ -502,52 +558,20 @@ class Engine:
             if len(listing) == len(snap) and all(
                 (p := snap.get(f.path)) is not None and p.version == f.version for f in listing
             ):
-                return [], warnings
-            preloaded: list[RemoteFile] | None = listing
+                return [], []
         else:
-            preloaded = None
-        listing = []
+            listing = None
         async with anyio.create_task_group() as tg:
+            harvest = _Harvest(self, session, rec, tg)
             for f in early or []:
-                k = key(f)
-                if k not in started:
-                    started.add(k)
-                    tg.start_soon(fetch, f)
-            if preloaded is not None:
-                listing = preloaded
+                harvest.start(f)
+            if listing is not None:
+                harvest.take_listing(listing)
+            elif list_again:
+                await harvest.list_and_fetch()
             else:
-                try:
-                    listing = await self.backend.list_files(state)
-                except ContainerExpired:
-                    warnings.append("The container expired before its files could be listed.")
-                    expired.append(True)
-                    listing = list(rec.snapshot.values())
-            for f in listing:
-                prev = rec.snapshot.get(f.path)
-                if prev is not None and prev.version == f.version:
-                    continue
-                k = key(f)
-                if k not in started:
-                    started.add(k)
-                    tg.start_soon(fetch, f)
-        # The listing is authoritative for paths and for what changed; early fetches of unchanged files go.
-        by_key = {key(f): f for f in listing}
-        records = []
-        for k, record in fetched.items():
-            listed = by_key.get(k)
-            if listed is not None:
-                prev = rec.snapshot.get(listed.path)
-                if prev is not None and prev.version == listed.version:
-                    remove_tree(Path(record.local_path or "").parent)
-                    continue
-                record.path, record.version = listed.path, listed.version
-            records.append(record)
-        rec.snapshot = {f.path: f for f in listing}
-        records.sort(key=lambda r: r.path)
-        await self.reg.add_files(session, records)
-        if expired:
-            await self._retire(rec, status="expired")  # never offered again; the next run replaces it
-        return records, warnings
+                harvest.take_listing(list(rec.snapshot.values()))
+        return await harvest.finish()
 
     # ---- run_code ----------------------------------------------------------------------------------------
 
@@ -598,17 +622,28 @@ class Engine:
                 await self._add_input_files(session, rec, files)
             if progress is not None:
                 self._relays.add(relay)
+            has_model = bool(getattr(self.backend, "has_model", False))
             try:
-                outcome, rec, lost_again = await self._execute(session, rec, code, timeout, instructions, sreq, relay)
+                if has_model:
+                    outcome, rec, lost_again, harvested = await self._execute_and_harvest(
+                        session, rec, code, timeout, instructions, sreq, relay
+                    )
+                else:
+                    outcome, rec, lost_again = await self._execute(
+                        session, rec, code, timeout, instructions, sreq, relay
+                    )
             finally:
                 self._relays.discard(relay)
             state_lost = state_lost or lost_again or outcome.state_lost
-            if instructions and not getattr(self.backend, "has_model", False):
+            if instructions and not has_model:
                 warnings.append("instructions were ignored: they guide the model of the openai backend only.")
-            if outcome.container is not None:
-                rec.state = outcome.container
             rec.runs += 1
-            records, harvest_warnings = await self._harvest(session, rec, outcome.cited_files)
+            if has_model:
+                records, harvest_warnings = harvested
+            else:
+                if outcome.container is not None:
+                    rec.state = outcome.container
+                records, harvest_warnings = await self._harvest(session, rec, outcome.cited_files)
             warnings.extend(outcome.warnings)
             warnings.extend(harvest_warnings)
             self.reg.save_container_later(rec)  # activity times: written by housekeeping, not on the hot path
@@ -620,6 +655,51 @@ class Engine:
         images = await self._inline_images(records)
         return RunOutput(result=result, images=images)
 
+    async def _execute_and_harvest(
+        self,
+        session: Session,
+        rec: ContainerRecord,
+        code: str,
+        limit_s: float,
+        instructions: str | None,
+        sreq: StructuredRequest | None,
+        relay: _ProgressRelay,
+    ) -> tuple[ExecOutcome, ContainerRecord, bool, tuple[list[FileRecord], list[str]]]:
+        """Run, and harvest as early as possible: the container is listed as soon as the backend says the code
+        finished (a model then takes seconds more to write its answer), and each file the answer cites starts
+        downloading at once, in parallel with that listing."""
+        code_done = anyio.Event()
+        target: list[ContainerRecord] = [rec]
+        try:
+            async with anyio.create_task_group() as tg:
+
+                async def list_when_code_done() -> None:
+                    await code_done.wait()
+                    await harvest.list_and_fetch()
+
+                harvest = _Harvest(self, session, rec, tg)
+                tg.start_soon(list_when_code_done)
+                try:
+                    outcome, new_rec, lost = await self._execute(
+                        session, rec, code, limit_s, instructions, sreq, relay, code_done.set
+                    )
+                except BaseException:
+                    tg.cancel_scope.cancel()
+                    raise
+                if new_rec is not rec and not code_done.is_set():
+                    harvest.rec = new_rec  # the run moved to a new container before any code ran
+                target[0] = new_rec
+                if outcome.container is not None:
+                    new_rec.state = outcome.container
+                for f in outcome.cited_files:
+                    harvest.start(f)
+                code_done.set()  # no signal from the backend (or it came already): list now, once
+        except BaseExceptionGroup as group:
+            if len(group.exceptions) == 1:  # the run's own error, as callers expect it (not wrapped)
+                raise group.exceptions[0] from None
+            raise
+        return outcome, target[0], lost, await harvest.finish()
+
     async def _execute(
         self,
         session: Session,
@@ -629,9 +709,15 @@ class Engine:
         instructions: str | None,
         sreq: StructuredRequest | None,
         relay: _ProgressRelay,
+        code_done: Callable[[], None] | None = None,
     ) -> tuple[ExecOutcome, ContainerRecord, bool]:
         request = ExecRequest(
-            code=code, timeout_s=limit_s, instructions=instructions, structured=sreq, run_number=rec.runs + 1
+            code=code,
+            timeout_s=limit_s,
+            instructions=instructions,
+            structured=sreq,
+            run_number=rec.runs + 1,
+            code_done=code_done,
         )
         try:
             return await self.backend.execute(rec.state, request, relay.backend_progress), rec, False
@@ -643,6 +729,7 @@ class Engine:
             rec = await self.reg.add_container(session, state)
             await self._restore_inputs(session, rec)
             request.run_number = 1
+            request.code_done = None  # the early harvest watched the old container
             return await self.backend.execute(rec.state, request, relay.backend_progress), rec, True
 
     async def _resolve_json(

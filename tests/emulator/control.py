@@ -74,6 +74,8 @@ class Behaviour:
     # Latency injected before answering: every API call, and (instead) every file content download.
     latency_s: float = 0.0
     download_latency_s: float = 0.0
+    # Time the model takes to write its answer after the code ran (real models take seconds).
+    answer_delay_s: float = 0.0
     # container_file_citation annotations: "auto" = present on plain text, dropped under text.format (as the real
     # API does); "always"; "never" (links in the text but annotations: [], as seen in public traces).
     annotations: Literal["auto", "always", "never"] = "auto"

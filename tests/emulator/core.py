@@ -536,6 +536,8 @@ class _ResponseRun:
                     yield event
                 logs, error, value_json, files = self._last
                 new_files.extend(f for f in files if f not in new_files)
+        if self.b.answer_delay_s and self.output:
+            await anyio.sleep(self.b.answer_delay_s)
         text, annotations = self._answer(logs, error, value_json, new_files)
         if mode == "incomplete":
             text = text[: max(1, len(text) // 3)]

@@ -77,6 +77,9 @@ class ExecRequest:
     instructions: str | None = None  # openai only: extra guidance to the model
     structured: StructuredRequest | None = None
     run_number: int = 1  # 1-based count of runs in this container (used to name saved figures)
+    # Called once when the code has finished but the backend's answer is not complete yet (openai: the model
+    # still writes its reply), so the engine can list and fetch files meanwhile. Backends may ignore it.
+    code_done: Callable[[], None] | None = None
 
 
 @dataclass

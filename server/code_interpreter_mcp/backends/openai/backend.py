@@ -129,7 +129,9 @@ class OpenAIBackend:
         deadline = request.timeout_s + self._model_overhead_s
         final: dict[str, Any] | None = None
         with anyio.move_on_after(deadline):
-            final = await responses.stream_final(self._api(), kwargs, progress, self._scrub, "running the code")
+            final = await responses.stream_final(
+                self._api(), kwargs, progress, self._scrub, "running the code", request.code_done
+            )
         if final is None:
             return ExecOutcome(
                 status="timeout",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from openai import AsyncOpenAI
@@ -181,9 +181,15 @@ def _stream_error(event: dict[str, Any], scrub: Scrubber) -> errors.CIError:
 
 
 async def stream_final(
-    client: AsyncOpenAI, kwargs: dict[str, Any], progress: Progress, scrub: Scrubber, what: str
+    client: AsyncOpenAI,
+    kwargs: dict[str, Any],
+    progress: Progress,
+    scrub: Scrubber,
+    what: str,
+    on_code_done: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
-    """Make one streamed responses.create call; return the final response object as a raw dict."""
+    """Make one streamed responses.create call; return the final response object as a raw dict.
+    `on_code_done` is called when a code_interpreter_call item completes (the model may still be writing)."""
     reporter = _ProgressReporter(progress)
     final: dict[str, Any] | None = None
     items: dict[int, Any] = {}
@@ -198,7 +204,16 @@ async def stream_final(
                 if isinstance(snapshot, dict) and snapshot.get("status") in TERMINAL_STATUSES:
                     final = snapshot
                 if etype == "response.output_item.done" and isinstance(event.get("output_index"), int):
-                    items[event["output_index"]] = event.get("item")
+                    item = event.get("item")
+                    items[event["output_index"]] = item
+                    if (
+                        on_code_done is not None
+                        and isinstance(item, dict)
+                        and item.get("type") == "code_interpreter_call"
+                        and item.get("status") == "completed"
+                    ):
+                        on_code_done()
+                        on_code_done = None
     except errors.CIError:
         raise
     except Exception as exc:

@@ -298,29 +298,47 @@ class WorkerProcess:
             data = data[n:]
         return self._next_id
 
+    def _next_frame(self) -> dict[str, Any] | None:
+        try:
+            return self.decoder.next()
+        except protocol.ProtocolError as exc:
+            raise WorkerGone(f"the worker broke the protocol: {exc}") from None
+
+    def _read_some(self) -> bool:
+        """Feed what the pipe holds to the decoder; False when it holds nothing yet."""
+        try:
+            data = os.read(self.resp_r, protocol.READ_CHUNK)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            raise WorkerGone(f"cannot read from the worker: {exc}") from None
+        if not data:
+            raise WorkerGone("the worker closed its pipe", eof=True)
+        try:
+            self.decoder.feed(data)
+        except protocol.ProtocolError as exc:
+            raise WorkerGone(f"the worker broke the protocol: {exc}") from None
+        return True
+
+    @staticmethod
+    def _answers(frame: dict[str, Any], rid: int) -> bool:
+        """Whether the frame answers `rid`. Frames for an earlier, abandoned request (e.g. cancelled) are stale
+        and skipped; anything else (a forged frame) breaks the exchange."""
+        fid = frame.get("id")
+        if fid == rid:
+            return True
+        if not (isinstance(fid, int) and 0 < fid < rid):
+            raise WorkerGone("the worker sent a frame that answers no request")
+        return False
+
     async def receive(self) -> dict[str, Any]:
         """The next frame. Cancellation-safe: partial frames stay buffered in the decoder."""
-        decoder = self.decoder
         while True:
-            try:
-                frame = decoder.next()
-            except protocol.ProtocolError as exc:
-                raise WorkerGone(f"the worker broke the protocol: {exc}") from None
+            frame = self._next_frame()
             if frame is not None:
                 return frame
-            try:
-                data = os.read(self.resp_r, protocol.READ_CHUNK)
-            except BlockingIOError:
+            if not self._read_some():
                 await anyio.wait_readable(self.resp_r)
-                continue
-            except OSError as exc:
-                raise WorkerGone(f"cannot read from the worker: {exc}") from None
-            if not data:
-                raise WorkerGone("the worker closed its pipe", eof=True)
-            try:
-                decoder.feed(data)
-            except protocol.ProtocolError as exc:
-                raise WorkerGone(f"the worker broke the protocol: {exc}") from None
 
     def poll_response(self, rid: int, spin_s: float) -> dict[str, Any] | None:
         """The answer to `rid` if it arrives within `spin_s`, busy-waiting (yielding the CPU) instead of going
@@ -328,34 +346,16 @@ class WorkerProcess:
         costs about as much again. None when it takes longer (then `response` waits the usual way); raises
         WorkerGone like `receive`."""
         deadline = time.perf_counter() + spin_s
-        decoder = self.decoder
         while True:
-            try:
-                frame = decoder.next()
-            except protocol.ProtocolError as exc:
-                raise WorkerGone(f"the worker broke the protocol: {exc}") from None
+            frame = self._next_frame()
             if frame is not None:
-                fid = frame.get("id")
-                if fid == rid:
+                if self._answers(frame, rid):
                     return frame
-                if not (isinstance(fid, int) and 0 < fid < rid):
-                    raise WorkerGone("the worker sent a frame that answers no request")
-                continue  # a stale answer to an abandoned request
+                continue
             if time.perf_counter() >= deadline:
                 return None
-            try:
-                data = os.read(self.resp_r, protocol.READ_CHUNK)
-            except BlockingIOError:
+            if not self._read_some():
                 os.sched_yield()
-                continue
-            except OSError as exc:
-                raise WorkerGone(f"cannot read from the worker: {exc}") from None
-            if not data:
-                raise WorkerGone("the worker closed its pipe", eof=True)
-            try:
-                decoder.feed(data)
-            except protocol.ProtocolError as exc:
-                raise WorkerGone(f"the worker broke the protocol: {exc}") from None
 
     async def request(self, obj: dict[str, Any]) -> dict[str, Any]:
         """Send and wait for the matching answer (no timeout: callers wrap it)."""
@@ -365,13 +365,8 @@ class WorkerProcess:
     async def response(self, rid: int) -> dict[str, Any]:
         while True:
             frame = await self.receive()
-            if frame.get("id") == rid:
+            if self._answers(frame, rid):
                 return frame
-            # Frames for an earlier, abandoned request (e.g. cancelled) are stale: skip them. Anything else
-            # (a forged frame) breaks the exchange.
-            fid = frame.get("id")
-            if not (isinstance(fid, int) and 0 < fid < rid):
-                raise WorkerGone("the worker sent a frame that answers no request")
 
     # ---- signals and lifetime
 

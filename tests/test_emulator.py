@@ -7,7 +7,7 @@ each configurable behaviour must do what the backend tests rely on.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx2
@@ -40,13 +40,6 @@ EXPECTED_ORDER = [
     "response.output_item.done",
     "response.completed",
 ]
-
-
-@pytest.fixture
-def emu() -> Iterator[Emulator]:
-    emulator = Emulator()
-    yield emulator
-    emulator.close()
 
 
 @pytest.fixture

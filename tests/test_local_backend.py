@@ -10,7 +10,6 @@ import json
 import os
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,32 +35,9 @@ from code_interpreter_mcp.errors import (
     PathRefused,
     SandboxUnavailable,
 )
+from tests.helpers import MakeBackend
 
 pytestmark = pytest.mark.anyio
-
-MakeBackend = Callable[..., Awaitable[LocalBackend]]
-
-
-@pytest.fixture
-async def make_backend(tmp_path: Path) -> AsyncIterator[MakeBackend]:
-    made: list[LocalBackend] = []
-
-    async def make(**overrides: Any) -> LocalBackend:
-        values: dict[str, Any] = {"data_dir": tmp_path / f"data{len(made)}", "interrupt_grace_s": 1.0}
-        values.update(overrides)
-        backend = LocalBackend(Settings(**values))
-        try:
-            await backend.start()
-        except SandboxUnavailable as exc:
-            if values.get("unsafe_no_sandbox"):
-                raise
-            pytest.skip(f"bubblewrap is not usable on this machine: {exc.message}")
-        made.append(backend)
-        return backend
-
-    yield make
-    for backend in made:
-        await backend.aclose()
 
 
 @pytest.fixture

@@ -12,11 +12,12 @@ from typing import Any
 import anyio
 import pytest
 from mcp import Client
-from mcp.types import CallToolResult, EmbeddedResource, ImageContent, ResourceLink, TextContent
+from mcp.types import EmbeddedResource, ImageContent, ResourceLink
 
 from code_interpreter_mcp.app import build_server
 from code_interpreter_mcp.config import Settings
 from code_interpreter_mcp.models import DownloadResult, FileList, RunResult
+from tests.helpers import structured, text_of
 
 pytestmark = pytest.mark.anyio
 
@@ -30,15 +31,6 @@ def settings(tmp_path: Path) -> Settings:
 async def client(settings: Settings):
     async with Client(build_server(settings), raise_exceptions=True) as c:
         yield c
-
-
-def structured(r: CallToolResult) -> dict[str, Any]:
-    assert r.structured_content is not None, r.content
-    return r.structured_content
-
-
-def text_of(r: CallToolResult) -> str:
-    return "\n".join(c.text for c in r.content if isinstance(c, TextContent))
 
 
 async def run(client: Client, code: str, **kw: Any) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +37,6 @@ from tests.emulator import Emulator, ThreadServer
 pytestmark = pytest.mark.anyio
 
 SECRET = "plum-SECRET-k3y-7781"  # not sk- shaped: the backend must scrub it itself, not rely on the regex
-
-
-@pytest.fixture
-def emu() -> Iterator[Emulator]:
-    emulator = Emulator()
-    yield emulator
-    emulator.close()
 
 
 async def make_backend(emu: Emulator, tmp_path: Path, **overrides: Any) -> OpenAIBackend:

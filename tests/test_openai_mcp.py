@@ -16,19 +16,17 @@ import logging
 import re
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from mcp import Client, ClientSession, StdioServerParameters, stdio_client
-from mcp.types import CallToolResult, EmbeddedResource, ResourceLink, TextContent
+from mcp.types import CallToolResult, EmbeddedResource, ResourceLink
 
-from code_interpreter_mcp.app import build_server
-from code_interpreter_mcp.backends.openai import OpenAIBackend
-from code_interpreter_mcp.engine import Engine
 from tests.emulator import Emulator, EmulatorProcess
+from tests.helpers import emulator_client, text_of
+from tests.helpers import structured as sc
 
 pytestmark = pytest.mark.anyio
 
@@ -37,35 +35,9 @@ TOOL_ERROR_RE = re.compile(r"\[(?P<code>[a-z_]+)\] .+ Hint: .+", re.DOTALL)
 
 
 @pytest.fixture
-def emu() -> Iterator[Emulator]:
-    emulator = Emulator()
-    yield emulator
-    emulator.close()
-
-
-@asynccontextmanager
-async def mcp_client(emu: Emulator, tmp_path: Path, **overrides: Any) -> AsyncIterator[Client]:
-    """A real in-memory MCP client over the real server, whose engine runs on OpenAIBackend + the emulator."""
-    settings = emu.settings(tmp_path / "data", **{"reaper_interval_s": 0.2, **overrides})
-    backend = OpenAIBackend(settings, http_client=emu.http_client(), retry_base_s=0.01, retry_cap_s=0.05)
-    engine = Engine(settings, backend=backend)
-    async with Client(build_server(settings, engine=engine), raise_exceptions=True) as client:
-        yield client
-
-
-@pytest.fixture
 async def client(emu: Emulator, tmp_path: Path) -> AsyncIterator[Client]:
-    async with mcp_client(emu, tmp_path) as c:
+    async with emulator_client(emu, tmp_path) as c:
         yield c
-
-
-def sc(r: CallToolResult) -> dict[str, Any]:
-    assert r.structured_content is not None, r.content
-    return r.structured_content
-
-
-def text_of(r: CallToolResult) -> str:
-    return "\n".join(c.text for c in r.content if isinstance(c, TextContent))
 
 
 def sha(data: bytes) -> str:
@@ -203,15 +175,15 @@ async def test_listing_after_expiry_reports_the_container_gone(emu: Emulator, cl
 
 
 async def test_restart_reuses_the_kept_container_then_recovers_from_expiry(emu: Emulator, tmp_path: Path) -> None:
-    async with mcp_client(emu, tmp_path, delete_containers_on_shutdown=False) as client:
+    async with emulator_client(emu, tmp_path, delete_containers_on_shutdown=False) as client:
         s = await run(client, "x = 5\nopen('/mnt/data/a.txt', 'w').write('a')")
     assert emu.containers[s["container_id"]].status == "running"  # left running, as configured
-    async with mcp_client(emu, tmp_path, delete_containers_on_shutdown=False) as client:
+    async with emulator_client(emu, tmp_path, delete_containers_on_shutdown=False) as client:
         again = await run(client, "print(x)", session_id=s["session_id"])
         assert again["container_id"] == s["container_id"] and again["container"]["state_lost"] is False
         assert again["stdout"] == "5\n"
         emu.expire(s["container_id"])
-    async with mcp_client(emu, tmp_path, delete_containers_on_shutdown=False) as client:
+    async with emulator_client(emu, tmp_path, delete_containers_on_shutdown=False) as client:
         third = await run(client, "print('x' in globals())", session_id=s["session_id"])
         assert third["container_id"] != s["container_id"] and third["container"]["state_lost"] is True
         assert third["stdout"] == "False\n"
@@ -262,7 +234,7 @@ async def test_download_failing_once_still_harvests(emu: Emulator, client: Clien
 
 
 async def test_file_over_the_cap_is_a_warning_and_others_come_back(emu: Emulator, tmp_path: Path) -> None:
-    async with mcp_client(emu, tmp_path, max_file_bytes=10_000) as client:
+    async with emulator_client(emu, tmp_path, max_file_bytes=10_000) as client:
         r = await client.call_tool(
             "run_code",
             {
@@ -331,7 +303,7 @@ async def test_close_session_deletes_the_remote_container(emu: Emulator, client:
 
 
 async def test_shutdown_deletes_the_containers_it_created(emu: Emulator, tmp_path: Path) -> None:
-    async with mcp_client(emu, tmp_path) as client:
+    async with emulator_client(emu, tmp_path) as client:
         a = await run(client, "open('/mnt/data/a.txt', 'w').write('a')")
         cid = a["container_id"]
         assert emu.containers[cid].status == "running"
@@ -350,7 +322,7 @@ async def test_api_key_never_appears_in_results_or_logs(
         seen.append(json.dumps(r.structured_content) + "\n" + text_of(r) + "\n" + repr(r.content))
         return r
 
-    async with mcp_client(emu, tmp_path, openai_api_key=SECRET) as client:
+    async with emulator_client(emu, tmp_path, openai_api_key=SECRET) as client:
         ok = keep(await client.call_tool("run_code", {"code": "open('/mnt/data/f.txt', 'w').write('f')"}))
         assert not ok.is_error
         sid = sc(ok)["session_id"]

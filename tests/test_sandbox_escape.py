@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,33 +17,12 @@ import pytest
 from code_interpreter_mcp.backends.base import ContainerState, ExecOutcome, ExecRequest, RemoteFile, no_progress
 from code_interpreter_mcp.backends.local import LocalBackend
 from code_interpreter_mcp.backends.local import sandbox as sandbox_mod
-from code_interpreter_mcp.config import Settings
-from code_interpreter_mcp.errors import FileNotFound, PathRefused, SandboxUnavailable
+from code_interpreter_mcp.errors import FileNotFound, PathRefused
+from tests.helpers import MakeBackend
 
 pytestmark = pytest.mark.anyio
 
-MakeBackend = Callable[..., Awaitable[LocalBackend]]
 SECRET = "sk-test-DO-NOT-LEAK-0123456789abcdef"
-
-
-@pytest.fixture
-async def make_backend(tmp_path: Path) -> AsyncIterator[MakeBackend]:
-    made: list[LocalBackend] = []
-
-    async def make(**overrides: Any) -> LocalBackend:
-        values: dict[str, Any] = {"data_dir": tmp_path / f"data{len(made)}", "interrupt_grace_s": 1.0}
-        values.update(overrides)
-        backend = LocalBackend(Settings(**values))
-        try:
-            await backend.start()
-        except SandboxUnavailable as exc:
-            pytest.skip(f"bubblewrap is not usable on this machine: {exc.message}")
-        made.append(backend)
-        return backend
-
-    yield make
-    for backend in made:
-        await backend.aclose()
 
 
 @pytest.fixture

@@ -12,20 +12,17 @@ import hashlib
 import json
 import re
 import sys
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 from mcp import Client
-from mcp.types import CallToolResult, TextContent
 
-from code_interpreter_mcp.app import build_server
-from code_interpreter_mcp.backends.openai import OpenAIBackend
-from code_interpreter_mcp.engine import Engine
 from tests.emulator import Emulator, Recorded
+from tests.helpers import emulator_client, text_of
+from tests.helpers import structured as sc
 
 pytestmark = pytest.mark.anyio
 
@@ -38,33 +35,9 @@ NONCE_RE = re.compile(r"===BEGIN_JSON ([0-9a-f]{32})===")
 
 
 @pytest.fixture
-def emu() -> Iterator[Emulator]:
-    emulator = Emulator()
-    yield emulator
-    emulator.close()
-
-
-@asynccontextmanager
-async def mcp_client(emu: Emulator, tmp_path: Path, **overrides: Any) -> AsyncIterator[Client]:
-    settings = emu.settings(tmp_path / "data", **overrides)
-    backend = OpenAIBackend(settings, http_client=emu.http_client(), retry_base_s=0.01, retry_cap_s=0.05)
-    async with Client(build_server(settings, engine=Engine(settings, backend=backend)), raise_exceptions=True) as c:
-        yield c
-
-
-@pytest.fixture
 async def client(emu: Emulator, tmp_path: Path) -> AsyncIterator[Client]:
-    async with mcp_client(emu, tmp_path) as c:
+    async with emulator_client(emu, tmp_path) as c:
         yield c
-
-
-def sc(r: CallToolResult) -> dict[str, Any]:
-    assert r.structured_content is not None, r.content
-    return r.structured_content
-
-
-def text_of(r: CallToolResult) -> str:
-    return "\n".join(c.text for c in r.content if isinstance(c, TextContent))
 
 
 async def run(client: Client, code: str, **kw: Any) -> dict[str, Any]:
@@ -180,7 +153,7 @@ async def test_single_pass_drops_annotations_but_files_still_come_back(emu: Emul
 
 
 async def test_single_pass_as_the_configured_strategy(emu: Emulator, tmp_path: Path) -> None:
-    async with mcp_client(emu, tmp_path, structured_strategy="single_pass") as client:
+    async with emulator_client(emu, tmp_path, structured_strategy="single_pass") as client:
         s = await run(client, "{'total': 11}")
         assert s["json"] == {"total": 11} and s["structured"]["path"] == "single_pass"
         assert "text" in response_requests(emu)[-1].json

@@ -29,7 +29,6 @@ from .artifacts import (
     copy_with_hash,
     file_uri,
     guess_mime,
-    is_text_mime,
     normalize_container_path,
     parse_file_uri,
     record_to_info,
@@ -41,7 +40,6 @@ from .artifacts import (
 from .backends import create_backend
 from .backends.base import (
     Backend,
-    ContainerState,
     ExecOutcome,
     ExecRequest,
     RemoteFile,
@@ -790,19 +788,14 @@ class Engine:
         if not problems:
             return value, None, info, usage, calls
         if violations:
-            error = JsonError(
-                message=f"The JSON result does not match the schema ({len(violations)} violations).",
-                violations=violations,
-            )
-        else:
-            hint = (
-                "End the code with an expression holding the result, or print it between ===BEGIN_JSON=== and "
-                "===END_JSON===."
-                if not has_model
-                else "The model did not return the JSON block; print it between ===BEGIN_JSON=== and ===END_JSON===."
-            )
-            error = JsonError(message=f"{problems[0]} {hint}")
-        return None, error, info, usage, calls
+            return None, structured.json_error_from(violations), info, usage, calls
+        hint = (
+            "End the code with an expression holding the result, or print it between ===BEGIN_JSON=== and "
+            "===END_JSON===."
+            if not has_model
+            else "The model did not return the JSON block; print it between ===BEGIN_JSON=== and ===END_JSON===."
+        )
+        return None, structured.json_error_from(f"{problems[0]} {hint}"), info, usage, calls
 
     @staticmethod
     def _usage(usage: Usage, has_model: bool) -> TokenUsage | None:
@@ -913,23 +906,30 @@ class Engine:
 
     # ---- list / download / upload / close ----------------------------------------------------------------
 
+    async def _container_for_files(
+        self, session: Session, container_id: str | None
+    ) -> tuple[ContainerRecord | None, bool]:
+        """The named container (else the current one) and whether it is alive. A live one is harvested first,
+        which catches changes made outside runs. Another session's container id is NotFound."""
+        rec = self.reg.container_of(session, container_id)
+        if container_id is not None and rec is None:
+            raise NotFound(
+                f"No container {container_id!r} in this session.",
+                "Omit container_id to use the session's current container.",
+            )
+        if rec is None or rec.state.id != session.current_container or not await self._backend_usable():
+            return rec, False
+        current, _ = await self._current_container(session)
+        if current is not rec:
+            return rec, False
+        await self._harvest(session, rec)
+        return rec, rec.state.status == "running"
+
     async def list_files(
         self, session: Session, container_id: str | None = None, all_containers: bool = False
     ) -> FileList:
         async with session.lock:
-            if container_id is not None and self.reg.container_of(session, container_id) is None:
-                raise NotFound(
-                    f"No container {container_id!r} in this session.",
-                    "Omit container_id to use the session's current container.",
-                )
-            rec = self.reg.container_of(session, container_id)
-            alive = False
-            current_one = container_id is None or container_id == session.current_container
-            if rec is not None and current_one and await self._backend_usable():
-                current, _ = await self._current_container(session)
-                if current is not None and current is rec:
-                    await self._harvest(session, rec)  # catches changes made outside runs
-                    alive = rec.state.status == "running"
+            rec, alive = await self._container_for_files(session, container_id)
             if all_containers:
                 records = session.latest_files()
             elif rec is not None:
@@ -961,13 +961,7 @@ class Engine:
         if file.startswith("f_") and "/" not in file and "." not in file:
             raise FileNotFound(f"No file {file!r} in this session.")
         rel = normalize_container_path(file)
-        crec = self.reg.container_of(session, container_id)
-        if container_id is not None and crec is None:
-            raise NotFound(f"No container {container_id!r} in this session.")
-        if crec is not None and crec.state.id == session.current_container and await self._backend_usable():
-            current, _ = await self._current_container(session)
-            if current is crec:
-                await self._harvest(session, crec)
+        crec, _alive = await self._container_for_files(session, container_id)
         candidates = [r for r in session.files if r.path == rel and (crec is None or r.container_id == crec.state.id)]
         if not candidates:
             candidates = [r for r in session.files if r.path == rel]
@@ -1108,6 +1102,3 @@ class Engine:
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.backend.describe(), "settings": self.settings.public_view()}
-
-
-__all__ = ["ContainerState", "DownloadOutput", "Engine", "FileInfo", "InlineImage", "RunOutput", "is_text_mime"]

@@ -314,15 +314,3 @@ class Registry:
                 )
             )
         await self._write(*rows)
-
-    def find_file_by_id(self, file_id: str) -> FileRecord | None:
-        for session in self.sessions.values():
-            rec = session.find_file(file_id)
-            if rec is not None:
-                return rec
-        return None
-
-    def stale_live_containers_sync(self) -> list[tuple[str, str]]:
-        """(container id, session id) of containers recorded as running by an earlier process."""
-        with self._db_lock:
-            return list(self._db.execute("SELECT id, session_id FROM containers WHERE status = 'running'"))

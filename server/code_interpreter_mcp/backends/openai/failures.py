@@ -57,6 +57,20 @@ def retry_after_s(headers: Any) -> float | None:
     return None
 
 
+def reported_failure(body: dict[str, Any], scrub: Scrubber, when: str, default: str) -> errors.CIError:
+    """The error an API failure reported in a payload (a failed response, an `error` stream event) stands for.
+    `when` says where it happened ("while the code ran"); `default` is the message when the body has none."""
+    message = scrub(str(body.get("message") or default))
+    code = str(body.get("code") or "")
+    if is_expired_message(message):
+        return errors.ContainerExpired(f"The container expired {when}: {message}")
+    if code == "rate_limit_exceeded":
+        return errors.RateLimited(f"Rate limited {when}: {message}")
+    if code in ("", "server_error"):
+        return errors.UpstreamUnavailable(f"The API failed {when}: {message}")
+    return errors.BackendError(f"The API reported an error {when} ({code}): {message}")
+
+
 def map_exception(exc: BaseException, what: str, scrub: Scrubber, *, container_op: bool = False) -> errors.CIError:
     """Classify an SDK or transport exception raised while doing `what` (e.g. "listing files").
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from ... import errors
 from ..base import ContainerState, ExecError, ExecOutcome, ExecRequest, RemoteFile, Usage
-from .failures import Scrubber, is_expired_message
+from .failures import Scrubber, reported_failure
 
 DATA_PREFIX = "/mnt/data/"
 SANDBOX_PREFIX = "sandbox:" + DATA_PREFIX
@@ -124,15 +124,7 @@ def _raise_for_terminal_status(final: dict[str, Any], scrub: Scrubber) -> None:
     status = final.get("status")
     if status == "failed":
         error = final.get("error") if isinstance(final.get("error"), dict) else {}
-        message = scrub(str(error.get("message") or "no reason given"))
-        code = str(error.get("code") or "")
-        if is_expired_message(message):
-            raise errors.ContainerExpired(f"The container expired during the run: {message}")
-        if code == "rate_limit_exceeded":
-            raise errors.RateLimited(f"The response failed, rate limited: {message}")
-        if code in ("", "server_error"):
-            raise errors.UpstreamUnavailable(f"The response failed on the server: {message}")
-        raise errors.BackendError(f"The response failed ({code}): {message}")
+        raise reported_failure(error, scrub, "during the run", "no reason given")
     if status == "cancelled":
         raise errors.BackendError("The response was cancelled before it finished.", hint="Run again.")
 

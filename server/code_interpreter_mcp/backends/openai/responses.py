@@ -17,7 +17,7 @@ from openai import AsyncOpenAI
 
 from ... import errors, structured
 from ..base import ExecRequest, Progress
-from .failures import Scrubber, is_expired_message, map_exception
+from .failures import Scrubber, map_exception, reported_failure
 
 log = logging.getLogger(__name__)
 
@@ -169,15 +169,7 @@ async def _sse_events(lines: AsyncIterator[str]) -> AsyncIterator[dict[str, Any]
 
 def _stream_error(event: dict[str, Any], scrub: Scrubber) -> errors.CIError:
     body = event.get("error") if isinstance(event.get("error"), dict) else event
-    message = scrub(str(body.get("message") or "the response stream reported an error"))
-    code = str(body.get("code") or "")
-    if is_expired_message(message):
-        return errors.ContainerExpired(f"The container expired while the code ran: {message}")
-    if code == "rate_limit_exceeded":
-        return errors.RateLimited(f"Rate limited while the code ran: {message}")
-    if code in ("", "server_error"):
-        return errors.UpstreamUnavailable(f"The API failed while the code ran: {message}")
-    return errors.BackendError(f"The API reported an error while the code ran ({code}): {message}")
+    return reported_failure(body, scrub, "while the code ran", "the response stream reported an error")
 
 
 async def stream_final(

@@ -1,0 +1,40 @@
+"""Helpers several test modules share: reading tool results, and an MCP client over the openai backend on the
+in-process API emulator."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mcp import Client
+from mcp.types import CallToolResult, TextContent
+
+if TYPE_CHECKING:
+    from code_interpreter_mcp.backends.local import LocalBackend
+    from tests.emulator import Emulator
+
+MakeBackend = Callable[..., Awaitable["LocalBackend"]]
+
+
+def structured(r: CallToolResult) -> dict[str, Any]:
+    assert r.structured_content is not None, r.content
+    return r.structured_content
+
+
+def text_of(r: CallToolResult) -> str:
+    return "\n".join(c.text for c in r.content if isinstance(c, TextContent))
+
+
+@asynccontextmanager
+async def emulator_client(emu: Emulator, tmp_path: Path, **overrides: Any) -> AsyncIterator[Client]:
+    """A real in-memory MCP client over the real server, whose engine runs on OpenAIBackend + the emulator."""
+    from code_interpreter_mcp.app import build_server
+    from code_interpreter_mcp.backends.openai import OpenAIBackend
+    from code_interpreter_mcp.engine import Engine
+
+    settings = emu.settings(tmp_path / "data", **{"reaper_interval_s": 0.2, **overrides})
+    backend = OpenAIBackend(settings, http_client=emu.http_client(), retry_base_s=0.01, retry_cap_s=0.05)
+    async with Client(build_server(settings, engine=Engine(settings, backend=backend)), raise_exceptions=True) as c:
+        yield c

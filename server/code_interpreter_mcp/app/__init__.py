@@ -1,0 +1,21 @@
+"""The MCP face: a thin layer over the engine that speaks MCP.
+
+Modules, one responsibility each:
+- `server`: the MCPServer subclass and `build_server` (lifespan, auth options, assembly of the parts below);
+- `tools`: one short function per tool (argument shapes, descriptions, the engine call);
+- `content`: results and errors onto MCP content (summaries, images, embedded files, links, ToolError);
+- `resources`: the file resource template and reading a file with its own mime type;
+- `context`: the engine and the session a call uses, from the MCP connection;
+- `auth`: the static bearer-token verifier and the owner each token stands for;
+- `schemas`: the flat output schemas every tool publishes.
+
+Everything else is the engine's: nothing here decides how code runs or where files live.
+"""
+
+from __future__ import annotations
+
+from .auth import StaticTokenVerifier
+from .server import INSTRUCTIONS, CodeInterpreterServer, build_server
+from .tools import RUN_CODE_DESCRIPTION
+
+__all__ = ["INSTRUCTIONS", "RUN_CODE_DESCRIPTION", "CodeInterpreterServer", "StaticTokenVerifier", "build_server"]

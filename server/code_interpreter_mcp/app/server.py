@@ -1,0 +1,69 @@
+"""The MCP server: one MCPServer over one Engine, assembled from the face's parts.
+
+Owns the server object (name, instructions, lifespan that starts and stops the engine, auth options, log level)
+and the order of assembly: tools, file resources, published schemas. Protocol extensions (MCP tasks over the
+engine's runs) are additive `Extension`s, each in its own module, passed to the server here. Knows nothing of any
+one tool's arguments or content.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+
+from mcp.server.lowlevel.helper_types import ReadResourceContents
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.types import InputRequiredResult
+from pydantic import AnyUrl
+
+from .. import __version__
+from ..config import Settings
+from ..engine import Engine
+from .auth import auth_options
+from .resources import add_file_resources, read_file_resource
+from .schemas import publish_flat_schemas
+from .tools import add_tools
+
+INSTRUCTIONS = """\
+A Python code interpreter with a stateful sandbox per session. Call run_code to execute Python: variables,
+imports and files persist between calls in the same session (pass back the session_id every result returns).
+The working directory is /mnt/data; every file the code writes there comes back as a file with a resource URI,
+and images are shown inline. Files stay downloadable (download_file) even after the container expires.
+"""
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+class CodeInterpreterServer(MCPServer[Engine]):
+    """Serves our file URIs with each file's own mime type and owner check (a template has one fixed type)."""
+
+    async def read_resource(
+        self, uri: AnyUrl | str, context: Context | None = None
+    ) -> Iterable[ReadResourceContents] | InputRequiredResult:
+        ours = await read_file_resource(str(uri), context)
+        return ours if ours is not None else await super().read_resource(uri, context)
+
+
+def build_server(settings: Settings, engine: Engine | None = None) -> CodeInterpreterServer:
+    """The MCPServer for these settings. `engine` may be passed by tests; it is started by the lifespan."""
+
+    @asynccontextmanager
+    async def lifespan(server: MCPServer[Engine]) -> AsyncIterator[Engine]:
+        eng = engine if engine is not None else Engine(settings)
+        async with eng.running():
+            yield eng
+
+    level = settings.log_level.upper()
+    mcp = CodeInterpreterServer(
+        name="code-interpreter-mcp",
+        title="Code Interpreter",
+        version=__version__,
+        instructions=INSTRUCTIONS,
+        lifespan=lifespan,
+        log_level=level if level in _LOG_LEVELS else "WARNING",  # type: ignore[arg-type]
+        **auth_options(settings),
+    )
+    add_tools(mcp, settings)
+    add_file_resources(mcp)
+    publish_flat_schemas(mcp)
+    return mcp

@@ -1,0 +1,203 @@
+"""The tools: one short function each, with its argument shapes and description, that calls the engine.
+
+Owns the tool surface as clients see it in `tools/list` (names, titles, descriptions, argument schemas, hints).
+Adding a tool is one function here under `@tool(...)`: resolve the session, call the engine, hand the result to
+`content` (or return the model). Knows nothing of how results become content, nor of how the engine works.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, TypeVar
+
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.types import CallToolResult, ToolAnnotations
+from pydantic import Field
+
+from ..config import Settings
+from ..engine import Engine
+from ..models import CloseResult, DownloadResult, FileList, RunResult, UploadResult
+from ..sessions import Session
+from . import content
+from .context import resolve_session
+
+RUN_CODE_DESCRIPTION = """\
+Execute Python code in this session's sandboxed interpreter and return stdout, stderr, the repr of the last
+expression (like a notebook cell), any error with its traceback, and every file the code created or changed.
+
+- State persists between calls of the same session: pass the session_id from the previous result.
+- The working directory is /mnt/data. Write output files there (plots, CSV, Excel...); each one is returned with
+  a file_id and a resource URI. Open matplotlib figures are saved as PNG automatically and shown inline.
+- files: host paths or file_ids of earlier files to copy into /mnt/data before the run.
+- output_schema: a JSON Schema. The run's JSON result is validated against it and returned in `json` (or
+  `json_error` lists each violation by path). Provide the result by printing it between the lines
+  ===BEGIN_JSON=== and ===END_JSON=== (the last such block wins; works on every backend at no extra cost), or,
+  on the local backend, as the value of the code's LAST EXPRESSION (e.g. end with `result`, a dict). On the
+  openai backend, code that prints no block gets the JSON written by the model from the code's output.
+- Each result says when the container expires (idle expiry); after that a new container starts (state_lost:
+  true), input files are uploaded again, and earlier files remain downloadable.
+- No network access inside the sandbox. timeout_s stops runaway code (interrupt first, then restart).
+"""
+
+ToolFn = Callable[..., Awaitable[Any]]
+F = TypeVar("F", bound=ToolFn)
+
+
+@dataclass(frozen=True)
+class _Tool:
+    fn: ToolFn
+    title: str
+    description: str
+    read_only: bool
+    destructive: bool
+    idempotent: bool
+
+
+_TOOLS: list[_Tool] = []
+
+
+def tool(
+    title: str, description: str, *, read_only: bool = False, destructive: bool = False, idempotent: bool = False
+) -> Callable[[F], F]:
+    """Declare a tool; its function's name is the tool's name, its signature the argument schema, its return
+    annotation the output schema."""
+
+    def declare(fn: F) -> F:
+        _TOOLS.append(_Tool(fn, title, description, read_only, destructive, idempotent))
+        return fn
+
+    return declare
+
+
+def add_tools(mcp: MCPServer[Engine], settings: Settings) -> None:
+    """Register every declared tool, in declaration order (the order of `tools/list`)."""
+    open_world = settings.backend != "local"  # a remote backend talks to a service outside this machine
+    for t in _TOOLS:
+        hints = ToolAnnotations(
+            read_only_hint=t.read_only,
+            destructive_hint=t.destructive,
+            idempotent_hint=t.idempotent,
+            open_world_hint=open_world,
+        )
+        mcp.add_tool(t.fn, title=t.title, description=t.description, annotations=hints)
+
+
+@asynccontextmanager
+async def _session(ctx: Context[Engine], session_id: str | None) -> AsyncIterator[tuple[Engine, Session]]:
+    """The call's engine and session; any failure, here or in the block, reaches the caller as a ToolError."""
+    try:
+        yield await resolve_session(ctx, session_id)
+    except Exception as exc:
+        raise content.tool_error(exc) from None
+
+
+@tool("Run Python code", RUN_CODE_DESCRIPTION)
+async def run_code(
+    code: Annotated[str, Field(description="Python source to execute (a notebook cell).")],
+    ctx: Context[Engine],
+    session_id: Annotated[
+        str | None, Field(description="Session to run in; omit to use this client's session (or start one).")
+    ] = None,
+    files: Annotated[
+        list[str] | None, Field(description="Host paths or file_ids to copy into /mnt/data before the run.")
+    ] = None,
+    output_schema: Annotated[
+        dict[str, Any] | None,
+        Field(description="JSON Schema the run's JSON result must match (see the tool description)."),
+    ] = None,
+    timeout_s: Annotated[float | None, Field(description="Wall-clock limit in seconds.", gt=0)] = None,
+    instructions: Annotated[str | None, Field(description="openai backend only: extra guidance to the model.")] = None,
+    json_strategy: Annotated[
+        Literal["two_pass_sentinel", "single_pass"] | None,
+        Field(description="openai backend: how the JSON result is obtained."),
+    ] = None,
+) -> Annotated[CallToolResult, RunResult]:
+    async with _session(ctx, session_id) as (engine, session):
+        out = await engine.run_code(
+            session,
+            code,
+            files=files,
+            output_schema=output_schema,
+            timeout_s=timeout_s,
+            instructions=instructions,
+            json_strategy=json_strategy,
+            progress=ctx.report_progress,
+        )
+    return content.run_result(out)
+
+
+@tool(
+    "List container files",
+    "List the files in the session's container (/mnt/data) with their file_ids, sizes, types and "
+    "resource URIs. When the container has expired, lists the harvested copies, which stay downloadable. "
+    "all_containers=true lists every file the session ever produced or uploaded.",
+    read_only=True,
+    idempotent=True,
+)
+async def list_container_files(
+    ctx: Context[Engine],
+    session_id: str | None = None,
+    container_id: Annotated[
+        str | None, Field(description="One of this session's containers; default: the current one.")
+    ] = None,
+    all_containers: bool = False,
+) -> FileList:
+    async with _session(ctx, session_id) as (engine, session):
+        return await engine.list_files(session, container_id, all_containers)
+
+
+@tool(
+    "Download a file",
+    "Get a file the code made (or an upload) by file_id, resource URI or path in /mnt/data. "
+    "Small files come back inline (images as images, text as text); larger ones, or when save_to is given, "
+    "are saved on the server's host (save_to: a directory or a file path) and the path is returned. Works "
+    "after the container expired. Symlinks and paths outside /mnt/data are refused.",
+    idempotent=True,
+)
+async def download_file(
+    file: Annotated[str, Field(description="file_id, resource URI, or path relative to /mnt/data.")],
+    ctx: Context[Engine],
+    session_id: str | None = None,
+    container_id: str | None = None,
+    save_to: Annotated[str | None, Field(description="Absolute host directory or file path to save to.")] = None,
+    overwrite: bool = False,
+) -> Annotated[CallToolResult, DownloadResult]:
+    async with _session(ctx, session_id) as (engine, session):
+        out = await engine.download(session, file, container_id, save_to, overwrite)
+    return content.download_result(out)
+
+
+@tool(
+    "Upload a file",
+    "Put a file into the session's container (/mnt/data): either a host path, or name plus "
+    "content_base64. dest_path sets the path inside /mnt/data (default: the name). Uploads are re-uploaded "
+    "automatically if the container expires.",
+)
+async def upload_file(
+    ctx: Context[Engine],
+    path: Annotated[str | None, Field(description="Absolute path of a file on the server's host.")] = None,
+    name: Annotated[str | None, Field(description="File name (required with content_base64).")] = None,
+    content_base64: Annotated[str | None, Field(description="The file's bytes, base64-encoded.")] = None,
+    dest_path: Annotated[str | None, Field(description="Path inside /mnt/data.")] = None,
+    session_id: str | None = None,
+) -> UploadResult:
+    async with _session(ctx, session_id) as (engine, session):
+        return await engine.upload(session, path=path, name=name, content_base64=content_base64, dest_path=dest_path)
+
+
+@tool(
+    "Close a session",
+    "Stop and delete the session's containers now (nothing left running or billing). Harvested "
+    "files stay on the host unless delete_files=true.",
+    destructive=True,
+    idempotent=True,
+)
+async def close_session(
+    ctx: Context[Engine],
+    session_id: str | None = None,
+    delete_files: bool = False,
+) -> CloseResult:
+    async with _session(ctx, session_id) as (engine, session):
+        return await engine.close_session(session, delete_files)

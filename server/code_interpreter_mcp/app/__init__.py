@@ -9,7 +9,10 @@ Modules, one responsibility each:
 - `auth`: the static bearer-token verifier and the owner each token stands for;
 - `schemas`: the flat output schemas every tool publishes.
 
-Everything else is the engine's: nothing here decides how code runs or where files live.
+Where coming features go: a new tool (`get_run`, `cancel_run`) is one `@tool` function in `tools`; shaping content
+per client (content types by negotiated protocol version, clients that drop `content`) is `content`'s, fed by what
+`context` reads from the connection; MCP tasks are an `Extension` in a module of their own, handed to the server
+in `server`. Everything else is the engine's: nothing here decides how code runs or where files live.
 """
 
 from __future__ import annotations

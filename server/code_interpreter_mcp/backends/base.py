@@ -63,6 +63,18 @@ class FetchResult:
     sha256: str
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can do beyond the protocol's methods; the engine reads these instead of the backend's name."""
+
+    # A model runs the code (openai): sentinel markers carry the run's nonce, `repair_json` can make a second
+    # structured pass, and token usage is reported.
+    model: bool
+    # `execute` calls `ExecRequest.code_done` when the code finished but the answer is still being written, so
+    # the container can be listed (and its files fetched) before `execute` returns.
+    signals_code_done: bool
+
+
 @dataclass
 class StructuredRequest:
     schema: dict[str, Any]
@@ -78,7 +90,8 @@ class ExecRequest:
     structured: StructuredRequest | None = None
     run_number: int = 1  # 1-based count of runs in this container (used to name saved figures)
     # Called once when the code has finished but the backend's answer is not complete yet (openai: the model
-    # still writes its reply), so the engine can list and fetch files meanwhile. Backends may ignore it.
+    # still writes its reply), so the engine can list and fetch files meanwhile. Set only for a backend whose
+    # capabilities say `signals_code_done`.
     code_done: Callable[[], None] | None = None
 
 
@@ -133,7 +146,7 @@ class RepairOutcome:
 class Backend(Protocol):
     name: str
     isolation: str
-    has_model: bool  # True when a model runs the code (openai): sentinel markers carry the nonce, repair exists
+    capabilities: Capabilities
 
     async def start(self) -> None:
         """Probe and prepare (e.g. the sandbox probe). Raise SandboxUnavailable/BackendError if unusable."""

@@ -38,6 +38,7 @@ import anyio.lowlevel
 from ...config import Settings
 from ...errors import BackendError, ContainerExpired, SandboxUnavailable
 from ..base import (
+    Capabilities,
     ContainerState,
     ExecError,
     ExecOutcome,
@@ -152,7 +153,7 @@ class LocalBackend:
     """The `local` backend. Construct with `LocalBackend(settings)`, then `await start()`."""
 
     name = "local"
-    has_model = False
+    capabilities = Capabilities(model=False, signals_code_done=False)
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings

@@ -18,6 +18,7 @@ from openai import AsyncOpenAI
 from ... import errors
 from ...config import Settings
 from ..base import (
+    Capabilities,
     ContainerState,
     ExecError,
     ExecOutcome,
@@ -40,7 +41,8 @@ MODEL_OVERHEAD_S = 120.0  # time allowed on top of the code's timeout for the mo
 class OpenAIBackend:
     name = "openai"
     isolation = "remote"
-    has_model = True  # the engine may ask repair_json for a second structured pass
+    # repair_json makes a second structured pass; the stream says when the code_interpreter call completed
+    capabilities = Capabilities(model=True, signals_code_done=True)
 
     def __init__(
         self,

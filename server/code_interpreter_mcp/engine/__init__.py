@@ -1,0 +1,27 @@
+"""The core both faces (MCP and CLI) call: sessions + backend + harvested files + structured output.
+
+The engine picks the session's container (replacing an expired one and re-uploading the session's inputs), runs
+code, harvests every new or changed file to the host right after the run, validates JSON against the caller's
+schema, and shapes results to the result budget. It knows no MCP types. One module per responsibility:
+
+- `facade`: the `Engine` the faces call; start, stop, the housekeeping loop, wiring.
+- `context`: the state the parts share (settings, backend and its capabilities, registry, backend readiness).
+- `session_choice`: which session a call uses.
+- `containers`: container lifecycle: acquire, replace on expiry, retire, restore inputs, the reaper; capacity
+  limits go here.
+- `run`: one run: arguments, execute (one flow for every backend), harvest, JSON, shaping; runs in the background
+  (a run registry: handles, `get_run`, `cancel_run`) go next to it, in a module of their own.
+- `harvest`: one harvest of a container (listing diff, fetches, records).
+- `json_result`: the run's JSON: extraction, validation, repair, token usage.
+- `shaping`: results within the budget: clipping, link rewriting, inline images; per-tool budgets go here.
+- `files`: list, find, download, save copies, resources. `inputs`: upload and a run's input files.
+- `progress`: progress relays of runs.
+"""
+
+from .facade import Engine
+from .files import DownloadOutput
+from .progress import ProgressSink
+from .run import MAX_CODE_CHARS
+from .shaping import InlineImage, RunOutput
+
+__all__ = ["MAX_CODE_CHARS", "DownloadOutput", "Engine", "InlineImage", "ProgressSink", "RunOutput"]

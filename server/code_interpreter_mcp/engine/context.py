@@ -1,0 +1,55 @@
+"""What every part of the engine shares: the settings, the backend and its capabilities, the registry once it is
+open, and whether the backend started.
+
+It owns that state and the waiting on it, nothing else: no lifecycle policy (the facade starts and stops things),
+no MCP types.
+"""
+
+from __future__ import annotations
+
+import anyio
+
+from ..backends.base import Backend, Capabilities
+from ..config import Settings
+from ..errors import CIError
+from ..sessions import Registry
+
+
+class EngineContext:
+    def __init__(self, settings: Settings, backend: Backend) -> None:
+        self.settings = settings
+        self.backend = backend
+        self.capabilities: Capabilities = backend.capabilities
+        self.registry: Registry | None = None
+        self.backend_error: CIError | None = None
+        self._started = anyio.Event()
+
+    @property
+    def reg(self) -> Registry:
+        if self.registry is None:
+            raise RuntimeError("engine not started")
+        return self.registry
+
+    def backend_started(self, error: CIError | None) -> None:
+        """The backend's start ended, with `error` when it is unusable."""
+        self.backend_error = error
+        self._started.set()
+
+    @property
+    def backend_ok(self) -> bool:
+        """Started and usable, without waiting: a backend still starting is not ok yet."""
+        return self._started.is_set() and self.backend_error is None
+
+    async def backend_settled(self) -> None:
+        """Wait until the backend's start ended, either way."""
+        await self._started.wait()
+
+    async def backend_usable(self) -> bool:
+        await self._started.wait()
+        return self.backend_error is None
+
+    async def ready(self) -> None:
+        """Wait for the backend's start; raise its error (with its hint) if it could not start."""
+        await self._started.wait()
+        if self.backend_error is not None:
+            raise self.backend_error

@@ -1,0 +1,228 @@
+"""The `Engine`: the one object both faces (MCP and CLI) call. It wires the parts, starts and stops them (the
+registry, the backend, the housekeeping loop) and hands each call to the part that owns it.
+
+It owns lifecycle and wiring only: which container, how a run goes, how files come out and how results are shaped
+live in the modules it wires. It knows no MCP types.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+
+from ..backends import create_backend
+from ..backends.base import Backend
+from ..config import Settings
+from ..errors import BackendError, CIError
+from ..models import CloseResult, FileInfo, FileList, UploadResult
+from ..sessions import Registry, Session
+from .containers import Containers
+from .context import EngineContext
+from .files import DownloadOutput, Files
+from .inputs import Inputs
+from .progress import ProgressSink, Relays
+from .run import Runner
+from .session_choice import SessionChooser
+from .shaping import RunOutput
+
+logger = logging.getLogger(__name__)
+
+
+class Engine:
+    def __init__(self, settings: Settings, backend: Backend | None = None) -> None:
+        self.ctx = EngineContext(settings, backend if backend is not None else create_backend(settings))
+        self.containers = Containers(self.ctx)
+        self.inputs = Inputs(self.ctx, self.containers)
+        self.files = Files(self.ctx, self.containers)
+        self.relays = Relays()
+        self.runner = Runner(self.ctx, self.containers, self.inputs, self.relays)
+        self.sessions = SessionChooser()
+        self._started = False
+
+    @property
+    def settings(self) -> Settings:
+        return self.ctx.settings
+
+    @property
+    def backend(self) -> Backend:
+        return self.ctx.backend
+
+    @property
+    def registry(self) -> Registry | None:
+        return self.ctx.registry
+
+    @property
+    def reg(self) -> Registry:
+        return self.ctx.reg
+
+    # ---- lifecycle ---------------------------------------------------------------------------------------
+
+    async def start(self, wait_for_backend: bool = True) -> None:
+        """Open the registry and start the backend. With wait_for_backend=False the backend's start (the
+        sandbox probe) is left to `running()`, so a server can answer tools/list before the probe ends."""
+        if self._started:
+            return
+        settings = self.settings
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        settings.files_dir.mkdir(parents=True, exist_ok=True)
+        self.ctx.registry = await anyio.to_thread.run_sync(Registry, settings.db_path)
+        self._started = True
+        if wait_for_backend:
+            await self._start_backend()
+
+    async def _start_backend(self) -> None:
+        backend = self.backend
+        error: CIError | None = None
+        try:
+            await backend.start()
+            logger.info(
+                "engine ready: backend=%s isolation=%s data=%s", backend.name, backend.isolation, self.settings.data_dir
+            )
+        except CIError as exc:
+            error = exc
+            logger.error("backend %s is unusable: %s", backend.name, exc.user_text())
+        except Exception as exc:
+            logger.exception("backend %s failed to start", backend.name)
+            error = BackendError(f"The {backend.name} backend failed to start: {exc}")
+        finally:
+            self.ctx.backend_started(error)
+
+    async def ready(self) -> None:
+        """Wait for the backend's start; raise its error (with its hint) if it could not start."""
+        await self.ctx.ready()
+
+    async def aclose(self) -> None:
+        if not self._started:
+            return
+        self._started = False
+        reg = self.reg
+        with anyio.CancelScope(shield=True):
+            try:
+                if self.ctx.backend_ok and (
+                    self.settings.delete_containers_on_shutdown or self.backend.name == "local"
+                ):
+                    await self.containers.retire_all()
+                await reg.flush()
+                await self.backend.aclose()
+            finally:
+                reg.close()
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[Engine]:
+        """Start the engine, its backend and its housekeeping; stop them (and the containers, as configured)."""
+        await self.start(wait_for_backend=False)
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._start_backend)
+                tg.start_soon(self._housekeeping)
+                try:
+                    yield self
+                finally:
+                    tg.cancel_scope.cancel()
+        finally:
+            await self.aclose()
+
+    async def _housekeeping(self) -> None:
+        """One loop for the periodic work: progress ticks of long runs, deferred registry writes, the reaper."""
+        next_reap = time.monotonic() + self.settings.reaper_interval_s
+        while True:
+            await anyio.sleep(0.25)
+            await self.relays.tick()
+            try:
+                await self.reg.flush()
+                if time.monotonic() >= next_reap and self.ctx.backend_ok:
+                    next_reap = time.monotonic() + self.settings.reaper_interval_s
+                    await self.reap_expired()
+            except Exception:
+                logger.exception("housekeeping pass failed")
+
+    async def reap_expired(self) -> int:
+        """Stop containers idle past their expiry (their files were harvested after each run)."""
+        return await self.containers.reap_expired()
+
+    # ---- the calls of the faces --------------------------------------------------------------------------
+
+    async def session_for(
+        self,
+        session_id: str | None,
+        owner: str | None = None,
+        connection_state: dict[str, Any] | None = None,
+        use_default: bool = False,
+    ) -> Session:
+        """Which session a call uses: the explicit id; else the connection's own; else the process default
+        (stdio: one client per process); else a new one."""
+        return await self.sessions.session_for(self.reg, session_id, owner, connection_state, use_default)
+
+    async def run_code(
+        self,
+        session: Session,
+        code: str,
+        *,
+        files: list[str] | None = None,
+        output_schema: dict[str, Any] | None = None,
+        timeout_s: float | None = None,
+        instructions: str | None = None,
+        json_strategy: str | None = None,
+        progress: ProgressSink | None = None,
+    ) -> RunOutput:
+        return await self.runner.run_code(
+            session,
+            code,
+            files=files,
+            output_schema=output_schema,
+            timeout_s=timeout_s,
+            instructions=instructions,
+            json_strategy=json_strategy,
+            progress=progress,
+        )
+
+    async def list_files(
+        self, session: Session, container_id: str | None = None, all_containers: bool = False
+    ) -> FileList:
+        return await self.files.list_files(session, container_id, all_containers)
+
+    async def download(
+        self,
+        session: Session,
+        file: str,
+        container_id: str | None = None,
+        save_to: str | None = None,
+        overwrite: bool = False,
+    ) -> DownloadOutput:
+        return await self.files.download(session, file, container_id, save_to, overwrite)
+
+    async def upload(
+        self,
+        session: Session,
+        *,
+        path: str | None = None,
+        name: str | None = None,
+        content_base64: str | None = None,
+        dest_path: str | None = None,
+    ) -> UploadResult:
+        return await self.inputs.upload(
+            session, path=path, name=name, content_base64=content_base64, dest_path=dest_path
+        )
+
+    async def close_session(self, session: Session, delete_files: bool = False) -> CloseResult:
+        await self.ctx.backend_settled()
+        async with session.lock:
+            stopped = await self.containers.retire_session(session)
+            if delete_files:
+                await self.files.delete_all(session)
+            await self.reg.close_session(session)
+            self.sessions.forget(session)
+            return CloseResult(
+                session_id=session.id, closed=True, containers_stopped=stopped, files_kept=not delete_files
+            )
+
+    async def read_resource(self, uri: str, owner: str | None = None) -> tuple[bytes, str, FileInfo]:
+        return await self.files.read_resource(uri, owner)
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": self.backend.describe(), "settings": self.settings.public_view()}

@@ -1,0 +1,100 @@
+"""A run's JSON result: where it comes from (the last expression, the marker block, the single-pass answer, one
+repair call), its validation against the caller's schema, and the token usage of the model calls involved.
+
+`structured` (and with it jsonschema) is imported only when a schema is used, which keeps start-up fast. This
+module knows the backend's outcome and capabilities; it knows nothing of containers, files or MCP.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ..backends.base import Backend, ExecOutcome, StructuredRequest, Usage
+from ..models import JsonError, StructuredInfo, TokenUsage, Violation
+
+if TYPE_CHECKING:
+    from .. import structured as structured_module
+
+
+@dataclass
+class ResolvedJson:
+    value: Any = None
+    error: JsonError | None = None
+    info: StructuredInfo | None = None
+    usage: Usage = field(default_factory=Usage)  # of every model call of the run, repair included
+    calls: int = 0
+
+
+def token_usage(usage: Usage, model: bool) -> TokenUsage | None:
+    if not model:
+        return None
+    return TokenUsage(
+        input_tokens=usage.input_tokens, output_tokens=usage.output_tokens, total_tokens=usage.total_tokens
+    )
+
+
+async def resolve_json(
+    backend: Backend, outcome: ExecOutcome, sreq: StructuredRequest | None, code: str
+) -> ResolvedJson:
+    """The run's JSON: extracted, validated locally, and repaired by one model call only when needed."""
+    usage = Usage()
+    usage.add(outcome.usage)
+    calls = outcome.model_calls
+    if sreq is None:
+        return ResolvedJson(usage=usage, calls=calls)
+    from .. import structured
+
+    model = backend.capabilities.model
+    strategy: Any = sreq.strategy if model else "local"
+    if not model and outcome.last_value_json is not None and outcome.last_value_json != "null":
+        path, extracted = "last_expression", structured.parse_json_text(outcome.last_value_json)
+    elif model and sreq.strategy == "single_pass":
+        path, extracted = "single_pass", structured.parse_json_text(outcome.single_pass_json or "")
+    else:
+        path = "sentinel"
+        extracted = structured.extract_from_sources(outcome.sentinel_sources, sreq.nonce if model else None)
+        if model and not extracted.found and structured.code_prints_block(code):
+            # The code prints its own plain block, so the model was not asked for one. Only then is a plain
+            # block in the output taken: elsewhere it could be data that merely contains the markers.
+            printed = structured.extract_last_block(outcome.stdout, None)
+            if printed.found or (printed.problem and not extracted.problem):
+                extracted = printed
+
+    def check(found: structured_module.Extracted, missing: str) -> tuple[list[Violation], list[str]]:
+        if not found.found:
+            return [], [found.problem or missing]
+        violations = structured.validate(found.value, sreq.schema)
+        return violations, [f"{v.path}: {v.message}" for v in violations]
+
+    violations, problems = check(extracted, "No JSON result was found.")
+    value = extracted.value if not problems else None
+    # A run that raised gets a repair only for a broken block it did print: with nothing to repair, a model
+    # forced into the schema would invent the values.
+    if (
+        problems
+        and model
+        and sreq.strategy == "two_pass_sentinel"
+        and outcome.status != "timeout"
+        and (outcome.status == "ok" or extracted.raw is not None)
+    ):
+        repair = await backend.repair_json(sreq.schema, extracted.raw or outcome.text or outcome.stdout, problems)
+        if repair is not None:
+            calls += 1
+            usage.add(repair.usage)
+            path = "repair"
+            repaired = structured.parse_json_text(repair.text)
+            violations, problems = check(repaired, "The repair call returned no JSON.")
+            value = repaired.value if not problems else None
+    info = StructuredInfo(strategy=strategy, path=path, model_calls=calls, usage=token_usage(usage, model))
+    if not problems:
+        return ResolvedJson(value, None, info, usage, calls)
+    if violations:
+        return ResolvedJson(None, structured.json_error_from(violations), info, usage, calls)
+    hint = (
+        "The model did not return the JSON block; print it between ===BEGIN_JSON=== and ===END_JSON==="
+        if model
+        else "End the code with an expression holding the result, or print it between ===BEGIN_JSON=== and "
+        "===END_JSON==="
+    )
+    return ResolvedJson(None, structured.json_error_from(f"{problems[0]} {hint}."), info, usage, calls)

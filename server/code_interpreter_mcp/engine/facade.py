@@ -19,16 +19,15 @@ from ..backends import create_backend
 from ..backends.base import Backend
 from ..config import Settings
 from ..errors import BackendError, CIError
-from ..models import CloseResult, FileInfo, FileList, UploadResult
+from ..models import CloseResult
 from ..sessions import Registry, Session
 from .containers import Containers
 from .context import EngineContext
-from .files import DownloadOutput, Files
+from .files import Files
 from .inputs import Inputs
-from .progress import ProgressSink, Relays
+from .progress import Relays
 from .run import Runner
 from .session_choice import SessionChooser
-from .shaping import RunOutput
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +40,17 @@ class Engine:
         self.files = Files(self.ctx, self.containers)
         self.relays = Relays()
         self.runner = Runner(self.ctx, self.containers, self.inputs, self.relays)
-        self.sessions = SessionChooser()
+        self.sessions = SessionChooser(self.ctx)
         self._started = False
+        # The calls of the faces that one part answers alone are that part's own methods.
+        self.ready = self.ctx.ready
+        self.session_for = self.sessions.session_for
+        self.run_code = self.runner.run_code
+        self.list_files = self.files.list_files
+        self.download = self.files.download
+        self.upload = self.inputs.upload
+        self.read_resource = self.files.read_resource
+        self.reap_expired = self.containers.reap_expired
 
     @property
     def settings(self) -> Settings:
@@ -92,10 +100,6 @@ class Engine:
         finally:
             self.ctx.backend_started(error)
 
-    async def ready(self) -> None:
-        """Wait for the backend's start; raise its error (with its hint) if it could not start."""
-        await self.ctx.ready()
-
     async def aclose(self) -> None:
         if not self._started:
             return
@@ -141,73 +145,7 @@ class Engine:
             except Exception:
                 logger.exception("housekeeping pass failed")
 
-    async def reap_expired(self) -> int:
-        """Stop containers idle past their expiry (their files were harvested after each run)."""
-        return await self.containers.reap_expired()
-
-    # ---- the calls of the faces --------------------------------------------------------------------------
-
-    async def session_for(
-        self,
-        session_id: str | None,
-        owner: str | None = None,
-        connection_state: dict[str, Any] | None = None,
-        use_default: bool = False,
-    ) -> Session:
-        """Which session a call uses: the explicit id; else the connection's own; else the process default
-        (stdio: one client per process); else a new one."""
-        return await self.sessions.session_for(self.reg, session_id, owner, connection_state, use_default)
-
-    async def run_code(
-        self,
-        session: Session,
-        code: str,
-        *,
-        files: list[str] | None = None,
-        output_schema: dict[str, Any] | None = None,
-        timeout_s: float | None = None,
-        instructions: str | None = None,
-        json_strategy: str | None = None,
-        progress: ProgressSink | None = None,
-    ) -> RunOutput:
-        return await self.runner.run_code(
-            session,
-            code,
-            files=files,
-            output_schema=output_schema,
-            timeout_s=timeout_s,
-            instructions=instructions,
-            json_strategy=json_strategy,
-            progress=progress,
-        )
-
-    async def list_files(
-        self, session: Session, container_id: str | None = None, all_containers: bool = False
-    ) -> FileList:
-        return await self.files.list_files(session, container_id, all_containers)
-
-    async def download(
-        self,
-        session: Session,
-        file: str,
-        container_id: str | None = None,
-        save_to: str | None = None,
-        overwrite: bool = False,
-    ) -> DownloadOutput:
-        return await self.files.download(session, file, container_id, save_to, overwrite)
-
-    async def upload(
-        self,
-        session: Session,
-        *,
-        path: str | None = None,
-        name: str | None = None,
-        content_base64: str | None = None,
-        dest_path: str | None = None,
-    ) -> UploadResult:
-        return await self.inputs.upload(
-            session, path=path, name=name, content_base64=content_base64, dest_path=dest_path
-        )
+    # ---- the calls of the faces that need more than one part ----------------------------------------------
 
     async def close_session(self, session: Session, delete_files: bool = False) -> CloseResult:
         await self.ctx.backend_settled()
@@ -220,9 +158,6 @@ class Engine:
             return CloseResult(
                 session_id=session.id, closed=True, containers_stopped=stopped, files_kept=not delete_files
             )
-
-    async def read_resource(self, uri: str, owner: str | None = None) -> tuple[bytes, str, FileInfo]:
-        return await self.files.read_resource(uri, owner)
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.backend.describe(), "settings": self.settings.public_view()}

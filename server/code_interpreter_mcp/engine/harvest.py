@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
 import anyio
@@ -58,21 +58,27 @@ class Harvest:
     def key(f: RemoteFile) -> str:
         return f.remote_id or f.path
 
-    @asynccontextmanager
-    async def fetching(self, alongside: bool) -> AsyncIterator[None]:
+    def fetching(self, alongside: bool) -> AbstractAsyncContextManager[object]:
         """The scope in which files are fetched. alongside=True spans the body with a task group, so the listing
         on `code_done` and each fetch start at once while the body runs; else what the body found is fetched
-        when it ends, and nothing found means no task group at all."""
-        if alongside:
-            try:
-                async with task_group() as tg:
-                    self._tg = tg
-                    yield
-            finally:
-                self._tg = None  # only once the group ended: a listing still running may start fetches
-            return
-        yield
-        if self._pending:
+        when it ends, and nothing found means no task group at all (the harvest itself is that scope: a
+        generator-based one would cost the common local run measurably)."""
+        return self._alongside() if alongside else self
+
+    @asynccontextmanager
+    async def _alongside(self) -> AsyncIterator[None]:
+        try:
+            async with task_group() as tg:
+                self._tg = tg
+                yield
+        finally:
+            self._tg = None  # only once the group ended: a listing still running may start fetches
+
+    async def __aenter__(self) -> Harvest:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if exc is None and self._pending:
             async with task_group() as tg:
                 for remote in self._pending:
                     tg.start_soon(self._fetch, remote)

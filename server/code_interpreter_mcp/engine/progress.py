@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable
 
 logger = logging.getLogger(__name__)
 
@@ -53,16 +52,12 @@ class Relays:
     def __init__(self) -> None:
         self._relays: set[ProgressRelay] = set()
 
-    @contextmanager
-    def watching(self, relay: ProgressRelay) -> Iterator[None]:
-        if relay.sink is None:  # nobody listens: no ticks to send
-            yield
-            return
-        self._relays.add(relay)
-        try:
-            yield
-        finally:
-            self._relays.discard(relay)
+    def add(self, relay: ProgressRelay) -> None:
+        if relay.sink is not None:  # nobody listens: no ticks to send
+            self._relays.add(relay)
+
+    def discard(self, relay: ProgressRelay) -> None:
+        self._relays.discard(relay)
 
     async def tick(self) -> None:
         for relay in list(self._relays):

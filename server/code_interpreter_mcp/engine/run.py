@@ -110,10 +110,13 @@ class Runner:
                 structured=args.structured,
                 run_number=rec.runs + 1,
             )
-            with self.relays.watching(relay):
+            self.relays.add(relay)
+            try:
                 outcome, rec, lost_again, (records, harvest_warnings) = await self._execute_and_harvest(
                     session, rec, request, relay
                 )
+            finally:
+                self.relays.discard(relay)
             state_lost = state_lost or lost_again or outcome.state_lost
             if instructions and not self.ctx.capabilities.model:
                 warnings.append("instructions were ignored: they guide the model of the openai backend only.")

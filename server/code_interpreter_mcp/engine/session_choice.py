@@ -11,22 +11,26 @@ from typing import Any
 
 from ..errors import BadInput, NotFound
 from ..sessions import Registry, Session
+from .context import EngineContext
 
 CONNECTION_KEY = "ci.session_id"
 
 
 class SessionChooser:
-    def __init__(self) -> None:
+    def __init__(self, ctx: EngineContext) -> None:
+        self.ctx = ctx
         self._defaults: dict[str | None, str] = {}  # owner -> the process default session's id
 
     async def session_for(
         self,
-        reg: Registry,
         session_id: str | None,
         owner: str | None = None,
         connection_state: dict[str, Any] | None = None,
         use_default: bool = False,
     ) -> Session:
+        """Which session a call uses: the explicit id; else the connection's own; else the process default
+        (stdio: one client per process); else a new one."""
+        reg = self.ctx.reg
         if session_id is not None:
             if not isinstance(session_id, str) or not session_id:
                 raise BadInput("session_id must be a non-empty string.")

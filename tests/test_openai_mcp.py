@@ -163,8 +163,8 @@ async def test_files_live_then_after_expiry_and_recovery(emu: Emulator, client: 
 
 
 async def test_listing_after_expiry_reports_the_container_gone(emu: Emulator, client: Client) -> None:
-    """BUG (engine.py, Engine.list_files ~line 748-751): after the API says the container expired, the listing
-    still reports container_alive=true with an expires_at, because `_harvest` swallows ContainerExpired into a
+    """BUG (engine/files.py, Files.list_files): after the API says the container expired, the listing
+    still reports container_alive=true with an expires_at, because the harvest swallows ContainerExpired into a
     warning and list_files never looks at it. Expected: container_alive false, expires_at null."""
     s = await run(client, "open('/mnt/data/k.txt', 'w').write('k')")
     emu.expire(s["container_id"])

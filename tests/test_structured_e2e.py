@@ -203,7 +203,7 @@ async def test_repair_failing_reports_violations_and_keeps_everything_else(emu: 
 
 
 async def test_a_run_that_raised_gets_no_invented_json(emu: Emulator, client: Client) -> None:
-    """BUG (engine.py, Engine._resolve_json, line ~678): when the code raised and the model's answer has no JSON
+    """BUG (engine/json_result.py, resolve_json): when the code raised and the model's answer has no JSON
     block, the engine still makes the repair call, with "Raw output: The code raised an error..." and no data. A
     real model under strict structured outputs must then answer schema-valid JSON, i.e. invent it (the emulator's
     repair_text below plays that model), and the result carries that invented JSON as valid. Suggested fix: repair

@@ -12,26 +12,18 @@ import struct
 
 # Syscalls refused with EPERM. Namespace creation is the important one (the root mode has no --disable-userns);
 # the rest is attack surface sandboxed code has no use for.
-_DENY = {
-    "x86_64": {
-        "unshare": 272, "setns": 308, "mount": 165, "umount2": 166, "pivot_root": 155, "chroot": 161,
-        "keyctl": 250, "add_key": 248, "request_key": 249, "bpf": 321, "userfaultfd": 323,
-        "perf_event_open": 298, "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427,
-        "open_tree": 428, "move_mount": 429, "fsopen": 430, "fsconfig": 431, "fsmount": 432, "fspick": 433,
-        "mount_setattr": 442, "kexec_load": 246, "kexec_file_load": 320, "init_module": 175,
-        "finit_module": 313, "delete_module": 176, "syslog": 103, "open_by_handle_at": 304, "acct": 163,
-        "swapon": 167, "swapoff": 168, "reboot": 169, "quotactl": 179, "lookup_dcookie": 212,
-    },
-    "aarch64": {
-        "unshare": 97, "setns": 268, "mount": 40, "umount2": 39, "pivot_root": 41, "chroot": 51,
-        "keyctl": 219, "add_key": 217, "request_key": 218, "bpf": 280, "userfaultfd": 282,
-        "perf_event_open": 241, "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427,
-        "open_tree": 428, "move_mount": 429, "fsopen": 430, "fsconfig": 431, "fsmount": 432, "fspick": 433,
-        "mount_setattr": 442, "kexec_load": 104, "kexec_file_load": 294, "init_module": 105,
-        "finit_module": 273, "delete_module": 106, "syslog": 116, "open_by_handle_at": 265, "acct": 89,
-        "swapon": 224, "swapoff": 225, "reboot": 142, "quotactl": 60, "lookup_dcookie": 18,
-    },
+_DENY = {  # name: (x86_64, aarch64)
+    "unshare": (272, 97), "setns": (308, 268), "mount": (165, 40), "umount2": (166, 39), "pivot_root": (155, 41),
+    "chroot": (161, 51), "keyctl": (250, 219), "add_key": (248, 217), "request_key": (249, 218), "bpf": (321, 280),
+    "userfaultfd": (323, 282), "perf_event_open": (298, 241), "io_uring_setup": (425, 425),
+    "io_uring_enter": (426, 426), "io_uring_register": (427, 427), "open_tree": (428, 428), "move_mount": (429, 429),
+    "fsopen": (430, 430), "fsconfig": (431, 431), "fsmount": (432, 432), "fspick": (433, 433),
+    "mount_setattr": (442, 442), "kexec_load": (246, 104), "kexec_file_load": (320, 294), "init_module": (175, 105),
+    "finit_module": (313, 273), "delete_module": (176, 106), "syslog": (103, 116), "open_by_handle_at": (304, 265),
+    "acct": (163, 89), "swapon": (167, 224), "swapoff": (168, 225), "reboot": (169, 142), "quotactl": (179, 60),
+    "lookup_dcookie": (212, 18),
 }  # fmt: skip
+_ARCHES = ("x86_64", "aarch64")
 _ARCH = {"x86_64": (0xC000003E, 56, 435), "aarch64": (0xC00000B7, 220, 435)}  # audit arch, clone, clone3
 _CLONE_NS_FLAGS = 0x7E020000  # NEWNS|NEWCGROUP|NEWUTS|NEWIPC|NEWUSER|NEWPID|NEWNET
 _EPERM, _ENOSYS = 1, 38
@@ -47,7 +39,7 @@ def program(machine: str | None = None) -> bytes | None:
         machine = "x86_64"
     if machine == "arm64":
         machine = "aarch64"
-    if machine not in _DENY:
+    if machine not in _ARCHES:
         return None
     audit_arch, nr_clone, nr_clone3 = _ARCH[machine]
     ins: list[tuple[int, int, int, int]] = []
@@ -65,7 +57,8 @@ def program(machine: str | None = None) -> bytes | None:
     if machine == "x86_64":
         jump(_JGE_K, 0x40000000, 0, 1)  # the x32 ABI
         stmt(_RET_K, _RET_ERRNO | _ENOSYS)
-    for nr in sorted(_DENY[machine].values()):
+    column = _ARCHES.index(machine)
+    for nr in sorted(numbers[column] for numbers in _DENY.values()):
         jump(_JEQ_K, nr, 0, 1)
         stmt(_RET_K, _RET_ERRNO | _EPERM)
     # clone3 hides its flags in memory a filter cannot read: ENOSYS makes glibc fall back to clone.

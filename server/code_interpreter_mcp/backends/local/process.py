@@ -89,7 +89,9 @@ def _close_all(fds: tuple[int | None, ...] | list[int | None]) -> None:
 class WorkerProcess:
     """One running worker. Not safe for concurrent requests: the backend holds a lock per container."""
 
-    def __init__(self, process: LaunchedWorker, req_w: int, resp_r: int, out_fd: int, err_fd: int, log_path: Path):
+    def __init__(
+        self, process: LaunchedWorker, req_w: int, resp_r: int, out_fd: int, err_fd: int, log_path: Path
+    ) -> None:
         self.process = process
         self.req_w = req_w
         self.resp_r = resp_r

@@ -21,10 +21,14 @@ Disk use: `usage_bytes` (st_blocks*512 per distinct inode: sparse files count wh
 `hole_bytes` are updated from the lstat of the paths that events name, never by a walk.
 
 Quota (`set_quota`, `watch_quota`): the callback runs on the thread that pumps (the event loop), in the batch that
-read the event of the write that crossed the limit: within milliseconds, also for processes left running after a
-run. What the folder can exceed the limit by before the callback, the margin:
-- one call per writer: IN_MODIFY is queued when write/fallocate/truncate returns, and one call allocates at most
-  RLIMIT_FSIZE (no file grows past it), plus what the writers add until the caller acts on the callback;
+read the event of the write that crossed the limit, also for processes left running after a run. What the folder
+can exceed the limit by before the callback, the margin:
+- what the writers allocate in the reaction time, measured (bench/bench_changes.py) at 0.1 to 0.4 ms from the
+  return of the call that crossed the limit to the callback. write() fills the page cache at a few GB/s, so that
+  is one call (1 MiB writes ended 1 MiB over), and one call grows a file at most to RLIMIT_FSIZE. fallocate
+  allocates unwritten extents at around a TB/s (16 MiB calls ended 190 to 670 MiB over): no watcher bounds that,
+  so the sandbox must refuse the fallocate syscall (seccomp EOPNOTSUPP) for the margin to hold; glibc's
+  posix_fallocate then writes a byte per block, at write speed (ended 0.1 MiB over);
 - holes: stores through a shared mmap into a sparse file's holes raise no event until the file is closed, so each
   such file can allocate up to its apparent size (again at most RLIMIT_FSIZE) unseen; `count_holes=True` charges
   holes against the limit (sparse files count their apparent size), which closes that gap;

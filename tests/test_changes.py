@@ -541,7 +541,8 @@ def test_walk_refuses_a_directory_swapped_for_a_symlink_midway(root: Path, tmp_p
 
 
 def test_one_inotify_instance_shared_by_trackers(tmp_path: Path) -> None:
-    hub = Inotify()
+    lose = threading.Event()
+    hub = Inotify(read=_losing_reader(lose))
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir()
     b.mkdir()
@@ -553,8 +554,11 @@ def test_one_inotify_instance_shared_by_trackers(tmp_path: Path) -> None:
         write(b / "y/2")
         assert ta.drain().changed == {"x/1"}  # pumps the hub for both
         assert tb.drain().changed == {"y/2"}
-        hub._dispatch([Event(-1, IN_Q_OVERFLOW, 0, "")], [])
-        assert ta.drain().rescan_needed and tb.drain().rescan_needed
+        write(b / "y/lost")
+        lose.set()
+        assert ta.drain().rescan_needed and tb.drain().rescan_needed  # an overflow reaches every tracker
+        tb.rescan()
+        assert tb.drain().changed == {"y/lost"}
         tb.close()
         write(a / "x/3")
         assert ta.drain().changed == {"x/3"}
@@ -562,6 +566,54 @@ def test_one_inotify_instance_shared_by_trackers(tmp_path: Path) -> None:
         ta.close()
         tb.close()
         hub.close()
+
+
+@pytest.mark.anyio
+async def test_idle_costs_nothing_and_one_task_reads_a_shared_hub(tmp_path: Path) -> None:
+    """While nothing happens the reader task sleeps in the loop's wait on the fd: no thread, no pump. A second
+    watch on the same hub waits for the first to stop, then reads in its place."""
+    hub = Inotify()
+    pumps = 0
+    pump = hub.pump
+
+    def counted() -> int:
+        nonlocal pumps
+        pumps += 1
+        return pump()
+
+    hub.pump = counted  # type: ignore[method-assign]
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    ta, tb = ChangeTracker(a, hub=hub), ChangeTracker(b, hub=hub)
+    ta.start()
+    tb.start()
+    fired: list[str] = []
+    threads = threading.active_count()
+    try:
+        async with anyio.create_task_group() as tg:
+            first = anyio.CancelScope()
+
+            async def watch_a() -> None:
+                with first:
+                    await ta.watch_quota(MiB, lambda used: fired.append("a"))
+
+            tg.start_soon(watch_a)
+            tg.start_soon(tb.watch_quota, MiB, lambda used: fired.append("b"))
+            await anyio.sleep(0.3)
+            assert pumps == 0 and threading.active_count() == threads
+            first.cancel()  # the task that read the hub stops: the other takes over
+            await anyio.sleep(0.05)
+            write(b / "big", b"b" * (2 * MiB))
+            with anyio.fail_after(5):
+                while not fired:
+                    await anyio.sleep(0.01)
+            tg.cancel_scope.cancel()
+    finally:
+        ta.close()
+        tb.close()
+        hub.close()
+    assert fired == ["b"] and pumps >= 1
 
 
 def test_no_inotify_falls_back_to_scans(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:

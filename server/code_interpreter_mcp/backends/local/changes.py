@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import math
 import os
 import threading
 import time
@@ -75,13 +74,16 @@ from .inotify import (
     Event,
     Inotify,
     Reader,
+    serve,
 )
 
 __all__ = ["ChangeTracker", "Changes", "Entry", "Inotify", "Snapshot", "diff", "scan", "serve"]
 
 logger = logging.getLogger(__name__)
 
-# No IN_EXCL_UNLINK: writes to a file deleted while open are exactly what `unlinked_writes` must see.
+# No IN_EXCL_UNLINK: writes to a file deleted while open are exactly what `unlinked_writes` must see. No
+# IN_DONT_FOLLOW: the watch goes through /proc/self/fd/N, a link that must be followed to reach the directory that
+# was opened O_NOFOLLOW and checked (Inotify.add_watch adds it for a plain path). IN_ONLYDIR: a directory or nothing.
 WATCH_MASK = (
     IN_CREATE
     | IN_CLOSE_WRITE
@@ -136,7 +138,6 @@ class ChangeTracker:
         self._orphans: set[int] = set()  # watches of directories moved away, dropped unless they came back
         self._overflowed = False
         self._rescanning = False
-        self._rescan_queued = False
         self._rescan_lock = threading.Lock()  # one walk at a time; a second caller waits and walks after it
         self._held: list[Event] = []
         self._quota: tuple[int, QuotaCallback, bool] | None = None
@@ -313,7 +314,7 @@ class ChangeTracker:
             else:
                 while True:
                     await anyio.sleep(poll_s)
-                    await self._rescan_in_thread()
+                    await self.rescan_in_thread()
         finally:
             self.set_quota(None)
 
@@ -333,6 +334,24 @@ class ChangeTracker:
         if self._rescanning:
             return
         self._flush()
+        self.check_quota()
+
+    def rescan_due(self, now: float, poll_s: float) -> float | None:
+        """For `serve`: only a quota needs the usage kept right between drains, so only then is a rescan due:
+        at once after lost events, every `poll_s` while degraded."""
+        if self._quota is None or self.gone:
+            return None
+        if self._overflowed:
+            return 0.0
+        if self.degraded:
+            return max(0.0, self.last_rescan + poll_s - now)
+        return None
+
+    async def rescan_in_thread(self) -> None:
+        try:
+            await anyio.to_thread.run_sync(self.rescan)
+        except OSError as exc:
+            logger.debug("rescan of %s failed: %s", self.root, exc)
         self.check_quota()
 
     # ------------------------------------------------------------------------------------------ internals
@@ -487,51 +506,3 @@ class ChangeTracker:
             dirs[rel] = wd
             self._orphans.discard(wd)
         return True
-
-    async def _rescan_in_thread(self) -> None:
-        try:
-            await anyio.to_thread.run_sync(self.rescan)
-        except OSError as exc:
-            logger.debug("rescan of %s failed: %s", self.root, exc)
-        finally:
-            self._rescan_queued = False
-        self.check_quota()
-
-
-async def serve(hub: Inotify, *, poll_s: float = 2.0) -> None:
-    """Read `hub`'s events as they arrive, until cancelled or the hub is closed: quotas are checked in the same
-    pump, and trackers with a quota that lost events are rescanned in a worker thread (degraded ones every `poll_s`
-    seconds). No events, no work: the task sleeps in the event loop's wait on the fd. One task reads a hub at a
-    time; another caller waits, and takes over when the first stops."""
-    while hub.serving is not None:
-        await hub.serving.wait()
-    stopped = anyio.Event()
-    hub.serving = stopped
-    try:
-        async with anyio.create_task_group() as tg:
-            while not hub.closed:
-                wait = math.inf
-                now = time.monotonic()
-                for tracker in hub.listeners:
-                    if not isinstance(tracker, ChangeTracker) or tracker._quota is None or tracker.gone:
-                        continue
-                    if tracker.degraded and not tracker._overflowed:
-                        due = tracker.last_rescan + poll_s
-                        if due > now:
-                            wait = min(wait, due - now)
-                            continue
-                    elif not tracker._overflowed:
-                        continue
-                    if not tracker._rescan_queued:
-                        tracker._rescan_queued = True
-                        tg.start_soon(tracker._rescan_in_thread)
-                    wait = min(wait, poll_s)
-                with anyio.move_on_after(wait):
-                    try:
-                        await anyio.wait_readable(hub.fd)
-                    except (anyio.ClosedResourceError, OSError):
-                        return
-                hub.pump()
-    finally:
-        hub.serving = None
-        stopped.set()

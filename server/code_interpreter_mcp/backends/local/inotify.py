@@ -1,19 +1,20 @@
 """One Linux inotify instance: its fd, its watches, and the routing of its events to the listeners that own them.
 
-ctypes on libc directly rather than the `inotify_simple` package: the binding is three calls (`inotify_init1`,
-`inotify_add_watch`, `inotify_rm_watch`) and a 16-byte header to unpack, which `inotify_simple` wraps no
-differently, while what we need beyond them it does not give: a non-blocking fd read only when the event loop says
-it is readable, watches set through `/proc/self/fd/N` (the exact directory we opened and checked, never a path the
-sandboxed code can swap for a symlink), and every errno kept (ENOSPC on `max_user_watches` means "degrade", not
-"fail"). That leaves no new dependency in a server whose sandbox depends on few.
+ctypes on libc directly rather than the `inotify_simple` package: both come down to the same three calls
+(`inotify_init1`, `inotify_add_watch`, `inotify_rm_watch`) and a 16-byte header to unpack. What inotify_simple adds
+on top (a poll-based `read(timeout, read_delay)`, flag enums) is what we do not use: the fd is read non-blocking
+when the event loop reports it readable, watches are set through `/proc/self/fd/N` on a directory already opened
+and checked, and the reader is injectable for tests. So the binding is some forty lines here rather than one more
+dependency of the server.
 
 One instance can serve many listeners (one per container folder): the kernel allows 128 instances per user by
 default (`fs.inotify.max_user_instances`), fewer than the containers a host may keep live. Events are routed by
 watch descriptor; a queue overflow (wd -1) reaches every listener, since any of them may have lost events.
 
-Owns: the fd, the wd -> listener routes, reading and parsing. Must not know what a listener does with the events
-(paths, files, quotas are `changes.py`'s). Thread safety: `lock` (re-entrant) guards routes and dispatch, so a
-listener walking a folder in a worker thread can add watches while the event loop pumps.
+Owns: the fd, the wd -> listener routes, reading and parsing, and `serve`, the task that reads the fd as events
+arrive. Must not know what a listener does with the events (paths, files, quotas are `changes.py`'s). Thread
+safety: `lock` (re-entrant) guards routes and dispatch, so a listener walking a folder in a worker thread can add
+watches while the event loop pumps.
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import math
 import os
 import struct
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -71,6 +74,12 @@ class Listener(Protocol):
 
     def on_batch_end(self) -> None:
         """Called once after each pump that delivered events to this listener."""
+
+    def rescan_due(self, now: float, poll_s: float) -> float | None:
+        """Seconds until this listener wants `rescan_in_thread` (0: now), or None."""
+
+    async def rescan_in_thread(self) -> None:
+        """Recover lost events (a walk in a worker thread)."""
 
 
 def parse(data: bytes) -> list[Event]:
@@ -244,3 +253,46 @@ class Inotify:
             with contextlib.suppress(RuntimeError):  # no event loop in this thread: nobody waits through it
                 anyio.notify_closing(self.fd)
             os.close(self.fd)
+
+
+async def serve(hub: Inotify, *, poll_s: float = 2.0) -> None:
+    """Read `hub`'s events as they arrive, until cancelled or the hub is closed, and run the rescans its listeners
+    ask for (in tasks, so reading goes on meanwhile). No events, no work: the task sleeps in the event loop's wait
+    on the fd. One task reads a hub at a time; another caller waits, and takes over when the first stops."""
+    while hub.serving is not None:
+        await hub.serving.wait()
+    stopped = anyio.Event()
+    hub.serving = stopped
+    busy: set[int] = set()
+
+    async def rescan(listener: Listener) -> None:
+        try:
+            await listener.rescan_in_thread()
+        finally:
+            busy.discard(id(listener))
+
+    try:
+        async with anyio.create_task_group() as tg:
+            while not hub.closed:
+                wait = math.inf
+                now = time.monotonic()
+                for listener in hub.listeners:
+                    due = listener.rescan_due(now, poll_s)
+                    if due is None:
+                        continue
+                    if id(listener) in busy:
+                        due = poll_s  # look again once it is done
+                    elif due <= 0:
+                        busy.add(id(listener))
+                        tg.start_soon(rescan, listener)
+                        due = poll_s
+                    wait = min(wait, due)
+                with anyio.move_on_after(wait):
+                    try:
+                        await anyio.wait_readable(hub.fd)
+                    except (anyio.ClosedResourceError, OSError):
+                        return
+                hub.pump()
+    finally:
+        hub.serving = None
+        stopped.set()

@@ -26,7 +26,7 @@ can exceed the limit by before the callback, the margin:
 - what the writers allocate in the reaction time, measured (bench/bench_changes.py) at 0.1 to 0.4 ms from the
   return of the call that crossed the limit to the callback. write() fills the page cache at a few GB/s, so that
   is one call (1 MiB writes ended 1 MiB over), and one call grows a file at most to RLIMIT_FSIZE. fallocate
-  allocates unwritten extents at around a TB/s (16 MiB calls ended 190 to 670 MiB over): no watcher bounds that,
+  allocates unwritten extents at around a TB/s (16 MiB calls ended 80 to 670 MiB over): no watcher bounds that,
   so the sandbox must refuse the fallocate syscall (seccomp EOPNOTSUPP) for the margin to hold; glibc's
   posix_fallocate then writes a byte per block, at write speed (ended 0.1 MiB over);
 - holes: stores through a shared mmap into a sparse file's holes raise no event until the file is closed, so each

@@ -5,7 +5,7 @@
 Measures, side by side in one run:
 - finding the changes of a run that touched 1 file in a folder of N files: `ChangeTracker.drain()` against the
   current full stat scan (`files.scan`, what list_files does today) and the new full-scan fallback
-  (`folder.scan` + `diff`), alternating which goes first in each trial; medians and ratios;
+  (`tree.scan` + `diff`), alternating which goes first in each trial; medians and ratios;
 - idle CPU over `--idle-s` seconds: a tracker whose quota watch waits on its inotify fd, against the polling
   quota monitor of today (a `files.scan` of the folder every 0.5 s), each in this process (`time.process_time`);
 - quota margin: a separate process grows a file past a 128 MiB quota by fallocate (16 MiB a call), by a byte
@@ -32,7 +32,7 @@ from typing import Any
 
 import anyio
 
-from code_interpreter_mcp.backends.local import files, folder
+from code_interpreter_mcp.backends.local import files, tree
 from code_interpreter_mcp.backends.local.changes import ChangeTracker
 
 MiB = 1024 * 1024
@@ -55,7 +55,7 @@ def bench_one_change(root: Path, n: int, trials: int) -> dict[str, Any]:
     tracker = ChangeTracker(root)
     tracker.start()
     rng = random.Random(1)
-    previous = folder.scan(root).entries
+    previous = tree.scan(root).entries
     times: dict[str, list[float]] = {"tracker": [], "files_scan": [], "folder_scan_diff": []}
     try:
         for trial in range(trials):
@@ -72,8 +72,8 @@ def bench_one_change(root: Path, n: int, trials: int) -> dict[str, Any]:
 
             def by_folder_scan(found: dict[str, Any] = found) -> None:
                 nonlocal previous
-                now = folder.scan(root).entries
-                found["scan"] = folder.diff(previous, now).changed
+                now = tree.scan(root).entries
+                found["scan"] = tree.diff(previous, now).changed
                 previous = now
 
             order = [("tracker", by_tracker), ("files_scan", by_files_scan), ("folder_scan_diff", by_folder_scan)]
@@ -220,7 +220,7 @@ def main() -> None:
             f"changes of a run that touched 1 file of {args.files}, median of {args.trials} alternating trials:\n"
             f"  tracker.drain()        {m['tracker']:9.3f} ms\n"
             f"  files.scan (today)     {m['files_scan']:9.3f} ms  ({one['ratio_files_scan_over_tracker']}x)\n"
-            f"  folder.scan + diff     {m['folder_scan_diff']:9.3f} ms  ({one['ratio_folder_scan_over_tracker']}x)",
+            f"  tree.scan + diff     {m['folder_scan_diff']:9.3f} ms  ({one['ratio_folder_scan_over_tracker']}x)",
             flush=True,
         )
 

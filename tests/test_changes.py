@@ -19,7 +19,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from code_interpreter_mcp.backends.local import folder
+from code_interpreter_mcp.backends.local import tree
 from code_interpreter_mcp.backends.local.changes import Changes, ChangeTracker, diff, scan
 from code_interpreter_mcp.backends.local.inotify import IN_Q_OVERFLOW, Event, Inotify, pack
 
@@ -531,10 +531,10 @@ def test_walk_refuses_a_directory_swapped_for_a_symlink_midway(root: Path, tmp_p
             os.symlink(tmp_path / "outside", root / "a")
 
     out: dict[str, object] = {}
-    folder.walk(str(root), "", st.st_ino, st.st_dev, swap, out)  # type: ignore[arg-type]
+    tree.walk(str(root), "", st.st_ino, st.st_dev, swap, out)  # type: ignore[arg-type]
     assert not any("secret" in p for p in out)
     with pytest.raises(OSError):
-        folder.open_dir(str(root), "a_old/b", os.lstat(root / "a_old/z").st_ino, st.st_dev)
+        tree.open_dir(str(root), "a_old/b", os.lstat(root / "a_old/z").st_ino, st.st_dev)
 
 
 # ---------------------------------------------------------------------------------------------- sharing, quota

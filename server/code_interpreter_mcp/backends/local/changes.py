@@ -3,13 +3,13 @@
 The host sees the data folder as a plain directory that sandboxed code (another uid) writes. A `ChangeTracker`
 watches each of its directories (IN_CREATE, IN_CLOSE_WRITE, IN_MODIFY, which fallocate and [f]truncate raise too,
 IN_ATTRIB, IN_DELETE, IN_MOVED_FROM/TO, IN_DELETE_SELF/IN_MOVE_SELF; IN_Q_OVERFLOW), keeps an index of every entry
-(`folder.Entry`, from one lstat when an event names the path) and answers `drain()`: the paths created, changed or
-removed since the last drain (`folder.Changes`). Unchanged files are never looked at again, and an idle folder
+(`tree.Entry`, from one lstat when an event names the path) and answers `drain()`: the paths created, changed or
+removed since the last drain (`tree.Changes`). Unchanged files are never looked at again, and an idle folder
 costs nothing: no thread, no timer; the fd is read on demand or when the event loop reports it readable (`serve`).
 
 - New directories are watched as soon as their IN_CREATE is read, then listed at once: what was put in them before
   the watch existed (mkdir then write, the race) is found by the listing, what comes after by the watch. The watch
-  is set through /proc/self/fd on the directory opened and checked by `folder.walk`, never on a path.
+  is set through /proc/self/fd on the directory opened and checked by `tree.walk`, never on a path.
 - A directory moved within the folder is the removal of every path under its old name and the creation of every
   path under its new one (the new subtree is walked; its watches follow inodes and are reused).
 - Lost events: on IN_Q_OVERFLOW, or when a watch cannot be set (`max_watches` reached, ENOSPC at
@@ -55,8 +55,7 @@ from types import MappingProxyType
 import anyio
 import anyio.to_thread
 
-from . import folder
-from .folder import Changes, Entry, Snapshot, diff, entry_of, scan
+from . import tree
 from .inotify import (
     IN_ATTRIB,
     IN_CLOSE_WRITE,
@@ -76,6 +75,7 @@ from .inotify import (
     Reader,
     serve,
 )
+from .tree import Changes, Entry, Snapshot, diff, entry_of, scan
 
 __all__ = ["ChangeTracker", "Changes", "Entry", "Inotify", "Snapshot", "diff", "scan", "serve"]
 
@@ -129,7 +129,7 @@ class ChangeTracker:
         self._dev = 0
         self._root_ino = 0
         self._entries: dict[str, Entry] = {}
-        self._usage = folder.Usage()
+        self._usage = tree.Usage()
         self._wds: dict[int, tuple[str, int]] = {}  # wd -> (directory, its inode)
         self._dirs: dict[str, int] = {}  # directory -> wd
         self._pending = Changes()
@@ -148,7 +148,7 @@ class ChangeTracker:
     def start(self) -> None:
         """Watch the folder and index what it holds (that content is the baseline, not a change). Blocks for a
         walk of the folder: run it in a thread when the folder may be big."""
-        st = folder.root_stat(self.root)
+        st = tree.root_stat(self.root)
         self._dev, self._root_ino = st.st_dev, st.st_ino
         if self._hub is None:
             try:
@@ -248,7 +248,7 @@ class ChangeTracker:
 
         found: dict[str, Entry] = {}
         try:
-            folder.walk(self.root, "", self._root_ino, self._dev, on_dir, found)
+            tree.walk(self.root, "", self._root_ino, self._dev, on_dir, found)
         except OSError as exc:
             with self._lock:
                 self._rescanning = False
@@ -407,7 +407,7 @@ class ChangeTracker:
         while self._dirty:
             dirty, self._dirty = self._dirty, {}
             for path in dirty:
-                st = folder.lstat(self.root, path, self._dev)
+                st = tree.lstat(self.root, path, self._dev)
                 if st is None:
                     self._put(path, None)
                     continue
@@ -442,7 +442,7 @@ class ChangeTracker:
         if new is None or new.kind == "dir":
             if old is not None and old.kind != "dir":
                 self._pending.note(path, None)
-        elif old is None or not folder.same(old, new):
+        elif old is None or not tree.same(old, new):
             self._pending.note(path, new.kind)
 
     def _drop_tree(self, path: str, moved: bool) -> None:
@@ -465,7 +465,7 @@ class ChangeTracker:
         """A directory appeared: watch it, then list it (what it got before the watch existed is found here)."""
         name = path.rpartition("/")[2]
         try:
-            pfd, _ = folder.open_dir(self.root, parent, parent_ino, self._dev)
+            pfd, _ = tree.open_dir(self.root, parent, parent_ino, self._dev)
             try:
                 st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
             finally:
@@ -482,7 +482,7 @@ class ChangeTracker:
                 self.degraded = True
 
         try:
-            folder.walk(self.root, path, st.st_ino, self._dev, on_dir, found)
+            tree.walk(self.root, path, st.st_ino, self._dev, on_dir, found)
         except OSError:
             return
         for p, entry in found.items():

@@ -127,3 +127,66 @@ def serve_index(root: Path) -> Iterator[str]:
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+_BACKEND = """\
+import base64, hashlib, os, zipfile
+
+NAME, VERSION, PROBE = {name!r}, {version!r}, {probe!r}
+
+
+def _probe():
+    lines = []
+    try:
+        open(PROBE).read()
+        lines.append("read: yes")
+    except OSError as exc:
+        lines.append("read: no (%s)" % exc.__class__.__name__)
+    lines.append("home: " + os.environ.get("HOME", ""))
+    lines.append("secrets: " + ",".join(k for k in os.environ if "KEY" in k or "TOKEN" in k))
+    return "\\n".join(lines) + "\\n"
+
+
+def get_requires_for_build_wheel(config_settings=None):
+    return []
+
+
+def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
+    info = "%s-%s.dist-info" % (NAME, VERSION)
+    files = {{
+        NAME + "/__init__.py": b"",
+        NAME + "/probe.txt": _probe().encode(),
+        info + "/METADATA": ("Metadata-Version: 2.1\\nName: %s\\nVersion: %s\\n" % (NAME, VERSION)).encode(),
+        info + "/WHEEL": b"Wheel-Version: 1.0\\nGenerator: tests\\nRoot-Is-Purelib: true\\nTag: py3-none-any\\n",
+    }}
+    record = ""
+    for path, data in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+        record += "%s,sha256=%s,%d\\n" % (path, digest, len(data))
+    files[info + "/RECORD"] = (record + info + "/RECORD,,\\n").encode()
+    name = "%s-%s-py3-none-any.whl" % (NAME, VERSION)
+    with zipfile.ZipFile(os.path.join(wheel_directory, name), "w") as zf:
+        for path, data in files.items():
+            zf.writestr(path, data)
+    return name
+"""
+
+
+def build_probing_sdist(folder: Path, name: str, version: str, probe: Path) -> Path:
+    """An sdist whose own in-tree build backend (no build dependencies) records, in the wheel it builds, whether
+    it could read `probe`, its HOME and any secret-looking variable it saw: what a build script could reach."""
+    folder.mkdir(parents=True, exist_ok=True)
+    dist = _normal(name)
+    root = f"{dist}-{version}"
+    members = {
+        f"{root}/PKG-INFO": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode(),
+        f"{root}/pyproject.toml": (b'[build-system]\nrequires = []\nbuild-backend = "backend"\nbackend-path = ["."]\n'),
+        f"{root}/backend.py": _BACKEND.format(name=dist, version=version, probe=str(probe)).encode(),
+    }
+    path = folder / f"{root}.tar.gz"
+    with tarfile.open(path, "w:gz") as tf:
+        for arc, data in members.items():
+            ti = tarfile.TarInfo(arc)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+    return path

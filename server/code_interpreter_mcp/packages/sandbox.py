@@ -174,8 +174,9 @@ def installer_argv(
         nonlocal argv
         for anc in _ancestors(inside):
             if anc not in created and not any(anc == c or anc.startswith(c + "/") for c in bound_dirs):
-                # Traverse-only: the sandbox reaches what is bound below, and lists nothing else there.
-                argv += dir_(anc, "0711")
+                # Traverse-only, even for its owner (the sandbox has no capabilities): what is bound below is
+                # reachable, nothing can be listed or created there, also under the writable private /tmp.
+                argv += dir_(anc, "0111")
                 created.add(anc)
         argv += [flag, host, inside]
         if os.path.isdir(host):

@@ -126,20 +126,23 @@ async def test_install_with_a_dependency_then_reuse(make_manager: MakeManager) -
     assert meta["pins"] == ["alpha==2.0", "beta==1.0"] and meta["isolation"] == "bubblewrap"
     assert meta["bytes"] == first.bytes > 0
     assert list(pm.store.tmp_dir.iterdir()) == []
-    assert commands(pm) == 2  # resolve + install
+    assert commands(pm) == 1  # no stored set has these names: resolved and installed by one command
 
     again = await pm.ensure(["beta"], progress)
     assert again.reused and again.key == first.key and again.path == first.path
-    assert commands(pm) == 2  # nothing ran
+    assert commands(pm) == 1  # nothing ran
     assert len(progress.events) == 4
 
     # Another server process on the same cache (or this one restarted) pays nothing either.
     other = make_manager()
     assert (await other.ensure(["beta"])).reused and commands(other) == 0
 
-    # A different request resolving to the same pins is resolved, then reuses the set.
+    # A different request over the same names is resolved first, and reuses the set it resolves to.
     pinned = await pm.ensure(["alpha==2.0", "beta"])
-    assert pinned.reused and pinned.key == first.key and commands(pm) == 3
+    assert pinned.reused and pinned.key == first.key and commands(pm) == 2
+    # One that resolves to another set installs it from the pins.
+    older = await pm.ensure(["alpha<2"])
+    assert not older.reused and older.distributions == [("alpha", "1.0")] and commands(pm) == 4
 
 
 async def test_two_sessions_asking_at_once_install_once(make_manager: MakeManager) -> None:
@@ -155,7 +158,7 @@ async def test_two_sessions_asking_at_once_install_once(make_manager: MakeManage
         tg.start_soon(ask, ["beta", "alpha>=2"])
     assert len({r.key for r in results}) == 1
     assert sorted(r.reused for r in results) == [False, True, True]
-    assert commands(pm) == 3  # two resolutions, one install
+    assert commands(pm) == 2  # the same request waits for the first and runs nothing
     assert pm.store.leased() == {results[0].key: 3}
 
 

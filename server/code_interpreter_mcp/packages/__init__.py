@@ -8,12 +8,15 @@ read-only package set that a run's sandbox can mount.
         ...                                             # mount pkg.path read-only, first on sys.path
         manager.release(pkg.key)                        # when the container that mounts it is gone
 
-How: the policy is checked; a request already resolved maps straight to its set (nothing runs); else the
-installer (uv, or pip) resolves it to exact pins inside the installer sandbox, the pins name the set (interpreter,
-platform, pins, builds allowed), and a set already in the store is reused; else the pins are installed into a
-temporary folder in the store, measured against the per-set limit and renamed into place. Installs of one set are
-serialised (in-process lock and a lock file), so two sessions asking at once install once. All of it runs under
-the install timeout; cancelling the caller kills the installer's process group.
+How: the policy is checked; a request already resolved maps straight to its set (nothing runs). Else, when some
+stored set holds all the names asked for, the installer (uv, or pip) resolves the request to exact pins inside the
+installer sandbox, the pins name the set (interpreter, platform, pins, builds allowed), and a set already stored
+is reused; else the pins are installed (no dependencies) into a temporary folder in the store. When no stored set
+holds those names the request cannot resolve to one, so resolving and installing are one installer command, and
+what it laid out names the set. Either way the folder is measured against the per-set limit and renamed into
+place, so a set is whole or absent. The same request (and installs of one set) are serialised (in-process locks
+and a lock file): two sessions asking at once install once. All of it runs under the install timeout;
+cancelling the caller kills the installer's sandbox.
 
 The set's folder is meant to go on `sys.path` directly, not through `site.addsitedir`: `.pth` files a wheel
 carries are kept (and listed in the set's metadata) but not executed. Every set `ensure` returns holds a lease
@@ -32,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from ..backends.base import Progress, no_progress
 from ..config import Settings
@@ -43,9 +48,9 @@ from ..errors import (
     PackageTooLarge,
     SandboxUnavailable,
 )
-from .cache import SetMeta, SetStore, environment_tag, request_hash, set_key
+from .cache import SetMeta, SetStore, environment_tag, normalize_pin, request_hash, set_key
 from .index import index_config
-from .installer import Installer, find_tool, tool_version
+from .installer import Installer, Phase, find_tool, tool_version
 from .policy import PackagePolicy
 from .requirements import gather_requirements, normalize_requirements, script_dependencies
 from .sandbox import Bwrap, find_bwrap, probe_bwrap
@@ -102,6 +107,12 @@ class PackageManager:
         assert scope.cancelled_caught
         raise PackageInstallTimeout(f"Installing {', '.join(reqs)} took longer than {timeout:g} s and was stopped.")
 
+    async def start(self) -> None:
+        """Prepare the store, find the installer and probe its sandbox now rather than on the first request
+        (blocking work, done in a thread). Raises what the first request would raise."""
+        if self.enabled:
+            await self._setup()
+
     def release(self, key: str) -> None:
         """Give back one lease taken by `ensure`."""
         self.store.release(key)
@@ -145,30 +156,29 @@ class PackageManager:
                 if found is not None:
                     return found
             await progress(0, 3, f"resolving {len(reqs)} requirement(s)")
+            names = {canonicalize_name(Requirement(r).name) for r in reqs}
             work = await anyio.to_thread.run_sync(self.store.new_workdir)
             try:
-                async with self._limiter, self._tool_cache_in_use(installer):
-                    pins = await installer.resolve(reqs, work)
-                key = set_key(pins, installer.allow_builds)
-                found = await self._reuse(key, started)
-                if found is None:
-                    found = await self._install(installer, key, pins, reqs, work, progress, started)
+                if await anyio.to_thread.run_sync(self.store.names_installed, names):
+                    found = await self._resolve_then_install(installer, reqs, work, progress, started)
+                else:
+                    found = await self._install_directly(installer, reqs, work, progress, started)
             finally:
                 with anyio.CancelScope(shield=True):
                     await anyio.to_thread.run_sync(self.store.discard, work)
-            await anyio.to_thread.run_sync(self.store.remember, rhash, key)
+            await anyio.to_thread.run_sync(self.store.remember, rhash, found.key)
             return found
 
-    async def _install(
-        self,
-        installer: Installer,
-        key: str,
-        pins: list[str],
-        reqs: list[str],
-        work: Path,
-        progress: Progress,
-        started: float,
+    async def _resolve_then_install(
+        self, installer: Installer, reqs: list[str], work: Path, progress: Progress, started: float
     ) -> InstalledSet:
+        # Some set holds these names, so the request may resolve to it: resolve first, install only if not.
+        async with self._limiter, self._tool_cache_in_use(installer):
+            pins = await installer.resolve(reqs, work)
+        key = set_key(pins, installer.allow_builds)
+        found = await self._reuse(key, started)
+        if found is not None:
+            return found
         async with self._lock("set:" + key):
             fd = await self._install_lock(key)
             try:
@@ -176,39 +186,71 @@ class PackageManager:
                 found = await self._reuse(key, started)
                 if found is not None:
                     return found
-                n = len(pins)
-                await progress(1, 3, f"downloading {n} distribution(s)")
-
-                async def installing() -> None:
-                    await progress(2, 3, f"installing {n} distribution(s)")
-
-                async with self._limiter, self._tool_cache_in_use(installer):
-                    await installer.install(pins, work, work / "site", installing)
-                meta = await anyio.to_thread.run_sync(self._commit, work, key, pins, reqs, installer)
-                if not await anyio.to_thread.run_sync(self.store.acquire, key):
-                    raise PackageInstallFailed("The new package set was removed while it was being installed.")
+                await self._run_install(installer, pins, work, progress, exact=True)
+                meta, reused = await anyio.to_thread.run_sync(self._commit, work, pins, reqs, installer)
             finally:
                 self.store.unlock(fd)
-        await anyio.to_thread.run_sync(self.store.evict, {key})
-        await progress(3, 3, f"installed {n} distribution(s)")
-        return self._result(meta, started, reused=False)
+        return await self._finish(meta, reused, progress, started)
 
-    def _commit(self, work: Path, key: str, pins: list[str], reqs: list[str], installer: Installer) -> SetMeta:
+    async def _install_directly(
+        self, installer: Installer, reqs: list[str], work: Path, progress: Progress, started: float
+    ) -> InstalledSet:
+        # No set holds all these names, so none can be what they resolve to: resolve and install in one installer
+        # command (one sandbox, one process: a first install costs about what the installer alone does), and
+        # name the set by what was installed. Two requests racing to the same new set: the first rename wins.
+        await self._run_install(installer, reqs, work, progress, exact=False)
+        meta, reused = await anyio.to_thread.run_sync(self._commit, work, None, reqs, installer)
+        return await self._finish(meta, reused, progress, started)
+
+    async def _run_install(
+        self, installer: Installer, items: list[str], work: Path, progress: Progress, *, exact: bool
+    ) -> None:
+        reached: set[str] = set()
+
+        async def on_phase(phase: Phase) -> None:
+            if phase not in reached:
+                reached.add(phase)
+                step = 1 if phase == "downloading" else 2
+                await progress(step, 3, f"{phase} {len(items)} {'distribution' if exact else 'requirement'}(s)")
+
+        if exact:
+            await on_phase("downloading")  # resolved already
+        async with self._limiter, self._tool_cache_in_use(installer):
+            await installer.install(items, work, work / "site", on_phase, exact=exact)
+
+    def _commit(
+        self, work: Path, pins: list[str] | None, reqs: list[str], installer: Installer
+    ) -> tuple[SetMeta, bool]:
+        """Measure, check and store the installed folder, and lease the set; True when it turned out to be a set
+        stored meanwhile by someone else (this folder is then dropped)."""
         size, files, dists, pth = self.store.measure(work / "site")
-        limit = self.settings.package_set_max_mb * MIB
-        if size > limit:
+        installed = [normalize_pin(n, v) for n, v in dists]
+        if pins is not None and sorted(normalize_pin(*p.split("==", 1)) for p in pins) != installed:
+            raise PackageInstallFailed(f"The installer laid out {installed}, not the resolved {pins}.")
+        key = set_key(installed, installer.allow_builds)
+        existing = self._lease_existing(key)
+        if existing is not None:
+            return existing, True
+        if size > self.settings.package_set_max_mb * MIB:
             raise PackageTooLarge(
                 f"The packages take {size / MIB:.1f} MiB installed, over this server's limit of "
                 f"{self.settings.package_set_max_mb} MiB per set."
             )
         now = time.time()
-        tag = environment_tag()
         meta = SetMeta(
             key=key, distributions=dists, bytes=size, files=files, created=now, last_used=now, requirements=reqs,
-            pins=pins, installer=installer.tool.name, isolation=installer.isolation,
-            allow_builds=installer.allow_builds, pth_files=pth, **tag,
+            pins=installed, installer=installer.tool.name, isolation=installer.isolation,
+            allow_builds=installer.allow_builds, pth_files=pth, **environment_tag(),
         )  # fmt: skip
-        return self.store.commit(work, meta)
+        stored = self.store.commit(work, meta)
+        if not self.store.acquire(key):
+            raise PackageInstallFailed("The new package set was removed while it was being stored.")
+        return stored, stored is not meta
+
+    async def _finish(self, meta: SetMeta, reused: bool, progress: Progress, started: float) -> InstalledSet:
+        await anyio.to_thread.run_sync(self.store.evict, {meta.key}, 0 if reused else meta.bytes)
+        await progress(3, 3, f"installed {len(meta.distributions)} distribution(s)")
+        return self._result(meta, started, reused=reused)
 
     async def _reuse(self, key: str, started: float) -> InstalledSet | None:
         meta = await anyio.to_thread.run_sync(self._lease_existing, key)

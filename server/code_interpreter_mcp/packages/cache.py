@@ -35,8 +35,10 @@ from email.parser import HeaderParser
 from pathlib import Path
 
 from packaging.utils import canonicalize_name
+from packaging.version import InvalidVersion, Version
 
 TMP_MAX_AGE_S = 24 * 3600
+TOOL_CACHE_TTL_S = 30.0
 
 
 def environment_tag() -> dict[str, str]:
@@ -49,8 +51,18 @@ def environment_tag() -> dict[str, str]:
     }
 
 
+def normalize_pin(name: str, version: str) -> str:
+    """`name==version` with the name canonical and the version normalised, whichever tool reported it."""
+    try:
+        version = str(Version(version))
+    except InvalidVersion:
+        pass
+    return f"{canonicalize_name(name)}=={version}"
+
+
 def set_key(pins: list[str], allow_builds: bool) -> str:
-    blob = json.dumps({**environment_tag(), "pins": sorted(pins), "builds": allow_builds}, sort_keys=True)
+    canon = sorted(normalize_pin(*pin.split("==", 1)) for pin in pins)
+    blob = json.dumps({**environment_tag(), "pins": canon, "builds": allow_builds}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
@@ -99,6 +111,7 @@ class SetStore:
         self.tool_cache_root = root / "tool-cache"
         self._leases: dict[str, tuple[int, int]] = {}  # key -> (fd, count)
         self._mutex = threading.Lock()
+        self._tool_cache_measure: tuple[float, int] = (0.0, 0)  # (monotonic time, bytes)
 
     def prepare(self) -> None:
         for d in (self.sets_dir, self.tmp_dir, self.locks_dir, self.requests_dir, self.tool_cache_root):
@@ -254,6 +267,11 @@ class SetStore:
 
     # ------------------------------------------------------------------------------------- quota
 
+    def names_installed(self, names: set[str]) -> bool:
+        """Whether some set already holds distributions of all these (canonical) names: only then can a new
+        request resolve to a set the store has."""
+        return any(names <= {n for n, _ in meta.distributions} for meta in self.all_sets())
+
     def all_sets(self) -> list[SetMeta]:
         out = []
         for entry in self.sets_dir.iterdir():
@@ -272,12 +290,27 @@ class SetStore:
                     continue
         return total
 
-    def evict(self, protect: set[str]) -> list[str]:
+    def tool_cache_estimate(self, added: int) -> int:
+        """The installer cache's size, walked at most every TOOL_CACHE_TTL_S (a large cache has many files);
+        in between, what was measured plus what was installed since (the installer caches about what it lays
+        out), an overestimate."""
+        now = time.monotonic()
+        with self._mutex:
+            measured_at, size = self._tool_cache_measure
+            if measured_at and now - measured_at < TOOL_CACHE_TTL_S:
+                self._tool_cache_measure = (measured_at, size + added)
+                return size + added
+        size = self.tool_cache_bytes()
+        with self._mutex:
+            self._tool_cache_measure = (now, size)
+        return size
+
+    def evict(self, protect: set[str], added: int = 0) -> list[str]:
         """Drop least recently used sets (never one leased here or elsewhere, never one in `protect`) until the
-        sets and the installer's cache fit the quota; then the installer's cache itself if still over. Returns
-        the keys dropped."""
+        sets and the installer's cache fit the quota; then the installer's cache itself if still over. `added`
+        is the size of a set just installed. Returns the keys dropped."""
         sets = sorted(self.all_sets(), key=lambda m: m.last_used)
-        total = sum(m.bytes for m in sets) + self.tool_cache_bytes()
+        total = sum(m.bytes for m in sets) + self.tool_cache_estimate(added)
         dropped: list[str] = []
         for meta in sets:
             if total <= self.quota_bytes:
@@ -298,7 +331,10 @@ class SetStore:
             total -= meta.bytes
             dropped.append(meta.key)
         if total > self.quota_bytes:
-            self._clear_tool_cache()
+            # Over even so: measure the installer's cache for real before dropping it.
+            kept = sum(m.bytes for m in sets if m.key not in dropped)
+            if kept + self.tool_cache_bytes() > self.quota_bytes:
+                self._clear_tool_cache()
         if dropped:
             self._forget_requests(set(dropped))
         return dropped
@@ -320,6 +356,8 @@ class SetStore:
                 except OSError:
                     continue
                 shutil.rmtree(doomed, ignore_errors=True)
+            with self._mutex:
+                self._tool_cache_measure = (time.monotonic(), 0)
         finally:
             os.close(fd)
 

@@ -1,8 +1,10 @@
 """Driving the installer: uv (from the `uv` package) or, without it, pip, always inside the installer sandbox.
 
-Two steps, each one command: resolve the requirements to exact pins for the server's interpreter and platform
-(`uv pip compile`, or `pip install --dry-run --report`), then install exactly those pins, without dependencies,
-into a target folder (`uv pip install --target --no-deps`, `pip install --target --no-deps`). Wheels only
+Resolving the requirements to exact pins for the server's interpreter and platform is one command (`uv pip
+compile`, or `pip install --dry-run --report`); installing exactly those pins, without dependencies, into a target
+folder another (`uv pip install --target --no-deps`, `pip install --target --no-deps`). Installing requirements
+with their dependencies in one command is the third (the same resolution, done by the same installer, for a set
+that cannot be in the store yet). Wheels only
 (`--no-build`, `--only-binary=:all:`) unless the operator allows builds, which then run in the same sandbox. uv
 copies files out of its cache (`--link-mode copy`) instead of hard-linking them: a finished set must share no inode
 with the cache that later installer sandboxes can write.
@@ -36,7 +38,11 @@ from .index import IndexConfig
 logger = logging.getLogger(__name__)
 
 ToolName = Literal["uv", "pip"]
-Phase = Callable[[], Awaitable[None]]
+Phase = Literal["downloading", "installing"]
+PhaseCallback = Callable[[Phase], Awaitable[None]]
+# Lines of the installers' stderr that mark a phase: resolution is done, then the downloads.
+_UV_PHASES: tuple[tuple[str, Phase], ...] = (("Resolved ", "downloading"), ("Prepared ", "installing"))
+_PIP_PHASES: tuple[tuple[str, Phase], ...] = (("Installing collected packages", "installing"),)
 
 
 @dataclass(frozen=True)
@@ -129,26 +135,28 @@ class Installer:
             raise PackageInstallFailed(f"The {self.tool.name} resolver returned no distributions.")
         return pins
 
-    async def install(self, pins: list[str], workdir: Path, target: Path, on_installing: Phase) -> None:
-        """Install exactly `pins` into `target` (inside `workdir`). `on_installing` is awaited once, when the
-        downloads are done and files start to be laid out."""
-        pins_file = workdir / "pins.txt"
-        await anyio.Path(pins_file).write_text("".join(p + "\n" for p in pins))
-        seen = False
-        marker = "Prepared " if self.tool.name == "uv" else "Installing collected packages"
+    async def install(
+        self, items: list[str], workdir: Path, target: Path, on_phase: PhaseCallback, *, exact: bool
+    ) -> None:
+        """Install into `target` (inside `workdir`): exactly the pins `items` without dependencies (`exact`), or
+        the requirements `items` with what they need, resolved by the installer in the same command.
+        `on_phase("downloading")` / `on_phase("installing")` are awaited as the installer reaches each."""
+        items_file = workdir / ("pins.txt" if exact else "requirements.in")
+        await anyio.Path(items_file).write_text("".join(p + "\n" for p in items))
+        markers = _UV_PHASES if self.tool.name == "uv" else _PIP_PHASES
 
         async def on_line(line: str) -> None:
-            nonlocal seen
-            if not seen and line.startswith(marker):
-                seen = True
-                await on_installing()
+            for prefix, phase in markers:
+                if line.startswith(prefix):
+                    await on_phase(phase)
 
+        no_deps = ["--no-deps"] if exact else []
         if self.tool.name == "uv":
-            argv = [*self.tool.command, "pip", "install", "--target", str(target), "--no-deps", "-r", str(pins_file)]
+            argv = [*self.tool.command, "pip", "install", "--target", str(target), *no_deps, "-r", str(items_file)]
             argv += ["--python", interpreter(), "--link-mode", "copy", "--color", "never", *self._uv_build_flags()]
             argv += self.index.uv_args
         else:
-            argv = [*self.tool.command, "install", "--target", str(target), "--no-deps", "-r", str(pins_file)]
+            argv = [*self.tool.command, "install", "--target", str(target), *no_deps, "-r", str(items_file)]
             argv += ["--no-compile", "--no-warn-script-location", *_PIP_QUIET, *self._pip_build_flags()]
             argv += self.index.pip_args
         await self.run(argv, workdir, on_line)

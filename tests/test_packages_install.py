@@ -388,3 +388,14 @@ async def test_describe_for_doctor(make_manager: MakeManager) -> None:
     assert isinstance(cache, dict) and cache["sets"] == 1 and cache["quota_bytes"] == 5120 * MIB
     off = await make_manager(packages="off").describe()
     assert off["policy"] == "off" and "installer" not in off
+
+
+async def test_set_files_are_readable_whatever_the_servers_umask(make_manager: MakeManager) -> None:
+    old = os.umask(0o077)
+    try:
+        got = await make_manager().ensure(["alpha"])
+    finally:
+        os.umask(old)
+    module = got.path / "alpha" / "__init__.py"
+    assert module.stat().st_mode & 0o044 == 0o044  # the run sandbox's own uid reads the set
+    assert (got.path / "alpha").stat().st_mode & 0o055 == 0o055

@@ -116,7 +116,6 @@ class SetStore:
     def prepare(self) -> None:
         for d in (self.sets_dir, self.tmp_dir, self.locks_dir, self.requests_dir, self.tool_cache_root):
             d.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.root, 0o755)
         self._sweep_tmp()
 
     def tool_cache(self, tool: str) -> Path:

@@ -113,6 +113,7 @@ def probe_bwrap(path: str) -> Bwrap | str:
     return info
 
 
+@functools.cache
 def python_paths() -> list[str]:
     """Host folders the server's interpreter needs, bound read-only at the same paths (a venv's pyvenv.cfg and
     its interpreter's RPATH hold absolute paths)."""
@@ -182,8 +183,11 @@ def installer_argv(
         if os.path.isdir(host):
             bound_dirs.append(inside.rstrip("/"))
 
-    for path in [*python_paths(), *extra_readonly]:
+    for path in python_paths():
         bind("--ro-bind", path, path)
+    for path in extra_readonly:
+        if not any(path.startswith(d + "/") for d in bound_dirs):
+            bind("--ro-bind", path, path)
     for host, inside in sorted(mounts.readonly, key=lambda hi: len(hi[1])):
         bind("--ro-bind", host, inside)
     for path in mounts.writable:
@@ -237,6 +241,8 @@ async def run_command(
             cwd=cwd,
             start_new_session=True,
             pass_fds=(status_pipe[1],) if status_pipe else (),
+            # Whatever the server's umask, a set's files must be readable by the run sandbox's own uid.
+            umask=0o022,
         )
     except BaseException:
         if status_pipe is not None:

@@ -105,7 +105,8 @@ class PackageManager:
         with anyio.move_on_after(timeout) as scope:
             return await self._ensure(reqs, progress, started)
         assert scope.cancelled_caught
-        raise PackageInstallTimeout(f"Installing {', '.join(reqs)} took longer than {timeout:g} s and was stopped.")
+        named = ", ".join(reqs[:5]) + (f" and {len(reqs) - 5} more" if len(reqs) > 5 else "")
+        raise PackageInstallTimeout(f"Installing {named} took longer than {timeout:g} s and was stopped.")
 
     async def start(self) -> None:
         """Prepare the store, find the installer and probe its sandbox now rather than on the first request
@@ -139,7 +140,7 @@ class PackageManager:
             except CIError as exc:
                 out["error"] = exc.user_text()
         try:
-            out["cache"] = await anyio.to_thread.run_sync(self._describe_cache)
+            out["cache"] = await anyio.to_thread.run_sync(self.store.describe)
         except OSError as exc:
             out["cache"] = {"dir": str(self.store.root), "error": str(exc)}
         return out
@@ -148,7 +149,9 @@ class PackageManager:
 
     async def _ensure(self, reqs: list[str], progress: Progress, started: float) -> InstalledSet:
         installer = await self._setup()
-        rhash = request_hash(reqs, installer.index.fingerprint(), installer.allow_builds, installer.tool.name)
+        rhash = await anyio.to_thread.run_sync(
+            lambda: request_hash(reqs, installer.index.fingerprint(), installer.allow_builds, installer.tool.name)
+        )
         async with self._lock("request:" + rhash):
             key = await anyio.to_thread.run_sync(self.store.recall, rhash)
             if key is not None:
@@ -271,10 +274,6 @@ class PackageManager:
             return None
         self.store.touch(meta)
         return meta
-
-    def _describe_cache(self) -> dict[str, object]:
-        self.store.prepare()
-        return self.store.describe()
 
     # ------------------------------------------------------------------------------------- set-up and locks
 

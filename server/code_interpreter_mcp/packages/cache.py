@@ -272,7 +272,9 @@ class SetStore:
         return any(names <= {n for n, _ in meta.distributions} for meta in self.all_sets())
 
     def all_sets(self) -> list[SetMeta]:
-        out = []
+        out: list[SetMeta] = []
+        if not self.sets_dir.is_dir():
+            return out
         for entry in self.sets_dir.iterdir():
             meta = self.lookup(entry.name)
             if meta is not None:

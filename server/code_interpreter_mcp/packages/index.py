@@ -8,7 +8,8 @@ configuration, so when the user has configured only pip, its index settings are 
 
 Local folders and files that the configuration names (a wheel folder, a `file://` index, a CA bundle) are bound
 read-only too, except any that would expose the whole host, the home folder or the data folder. This module knows
-nothing of installing, the cache or bubblewrap: it describes what the sandbox must see and what the tool is told.
+nothing of installing or the cache, and of the sandbox only where its home lies and which variable names it never
+passes: it describes what the sandbox must see and what the tool is told.
 """
 
 from __future__ import annotations
@@ -25,11 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-SANDBOX_HOME = "/tmp/home"
-SANDBOX_CONFIG_HOME = SANDBOX_HOME + "/.config"
+from .sandbox import SANDBOX_HOME, SECRET_NAME_RE
 
-# Variable names that carry secrets never enter the sandbox, whatever their prefix.
-SECRET_NAME_RE = re.compile(r"KEY|TOKEN|SECRET|PASSW|CREDENTIAL|AUTH|COOKIE", re.IGNORECASE)
+SANDBOX_CONFIG_HOME = SANDBOX_HOME + "/.config"
 # The installer's own variables: ours to set, never the user's.
 _OURS = re.compile(
     r"^(UV_(CACHE_DIR|PYTHON.*|NO_PROGRESS|LINK_MODE|NO_CONFIG|CONFIG_FILE|TOOL_.*|PROJECT.*|WORKING_DIR|SYSTEM_PYTHON"

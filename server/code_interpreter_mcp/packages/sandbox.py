@@ -15,6 +15,7 @@ the local backend: the two sandboxes have different purposes (this one has the n
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -33,6 +34,7 @@ from anyio.abc import ByteReceiveStream, Process
 
 logger = logging.getLogger(__name__)
 
+# Variable names that carry secrets never enter the sandbox, whatever their prefix.
 SECRET_NAME_RE = re.compile(r"KEY|TOKEN|SECRET|PASSW|CREDENTIAL|AUTH|COOKIE", re.IGNORECASE)
 SANDBOX_HOME = "/tmp/home"
 OUTPUT_CAP = 256 * 1024
@@ -272,9 +274,13 @@ async def _supervise(process: Process, on_stderr_line: Line | None, status_fd: i
         returncode = await process.wait()
     except BaseException:
         with anyio.CancelScope(shield=True):
+            # The sandbox's init first, while bwrap (its parent, which reaps it) still holds its pid.
+            for pid in sandbox_pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             _kill_group(process)
             for pid in sandbox_pid:
-                await _kill_and_wait(pid)
+                await _wait_gone(pid)
             await process.aclose()
         raise
     await process.aclose()
@@ -299,13 +305,9 @@ async def _read_status(fd: int, sandbox_pid: list[int]) -> None:
                 sandbox_pid.append(int(found.group(1)))
 
 
-async def _kill_and_wait(pid: int, limit_s: float = 5.0) -> None:
+async def _wait_gone(pid: int, limit_s: float = 5.0) -> None:
     # The sandbox's init: when it dies the kernel kills the rest of its pid namespace and reaps it before the
     # init itself turns into a zombie, so "zombie or gone" means the whole sandbox is gone.
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        return
     with anyio.move_on_after(limit_s):
         while _alive(pid):  # noqa: ASYNC110 (no event tells a process in another pid namespace is gone)
             await anyio.sleep(0.01)

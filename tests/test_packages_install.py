@@ -336,8 +336,10 @@ async def test_eviction_order_is_least_recently_used(make_manager: MakeManager) 
 # ----------------------------------------------------------------------------------------------- configurations
 
 
-async def test_pip_fallback(make_manager: MakeManager) -> None:
-    pm = make_manager(package_installer="pip")
+async def test_pip_fallback(make_manager: MakeManager, index_url: str) -> None:
+    over_http = make_manager(package_installer="pip", package_find_links=None, package_index_url=index_url)
+    assert (await over_http.ensure(["beta"])).distributions == [("alpha", "2.0"), ("beta", "1.0")]
+    pm = make_manager(package_installer="pip", data_dir=over_http.settings.data_dir.parent / "data-pip")
     got = await pm.ensure(["beta"])
     assert got.distributions == [("alpha", "2.0"), ("beta", "1.0")]
     assert imports(got.path, "import beta; print(beta.VERSION)").strip() == "1.0"

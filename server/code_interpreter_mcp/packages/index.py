@@ -176,7 +176,7 @@ def _from_user(env: dict[str, str], passed: dict[str, str], guard: _Guard) -> In
         cfg.uv_args = _uv_args_from_pip(pip)
         if pip.get("cert") and "SSL_CERT_FILE" not in cfg.env:
             cfg.env["SSL_CERT_FILE"] = cfg.host_env["SSL_CERT_FILE"] = pip["cert"]
-    cfg.locations = [v for v in _index_locations(env, [h for h, _ in found_uv + found_pip])]
+    cfg.locations = _index_locations(env, [h for h, _ in found_uv + found_pip]) or ["https://pypi.org/simple"]
     cfg.readonly += guard.binds(values)
     return cfg
 

@@ -1,5 +1,5 @@
 """What every part of the engine shares: the settings, the backend and its capabilities, the registry once it is
-open, and whether the backend started.
+open, whether the backend started, and the guard that checks caller schemas and JSON off the event loop.
 
 It owns that state and the waiting on it, nothing else: no lifecycle policy (the facade starts and stops things),
 no MCP types.
@@ -13,6 +13,7 @@ from ..backends.base import Backend, Capabilities
 from ..config import Settings
 from ..errors import CIError
 from ..sessions import Registry
+from ..structured.guard import Guard
 
 
 class EngineContext:
@@ -23,6 +24,7 @@ class EngineContext:
         self.registry: Registry | None = None
         self.backend_error: CIError | None = None
         self._started = anyio.Event()
+        self.guard = Guard()  # schema checks and JSON validation, off the event loop
 
     @property
     def reg(self) -> Registry:

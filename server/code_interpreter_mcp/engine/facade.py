@@ -115,6 +115,7 @@ class Engine:
                 await self.backend.aclose()
             finally:
                 reg.close()
+                await self.ctx.guard.aclose()
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[Engine]:

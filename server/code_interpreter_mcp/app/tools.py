@@ -21,6 +21,7 @@ from ..engine import Engine
 from ..models import CloseResult, DownloadResult, FileList, RunResult, UploadResult
 from ..sessions import Session
 from . import content
+from .arguments import keep_strings
 from .context import resolve_session
 
 RUN_CODE_DESCRIPTION = """\
@@ -82,6 +83,7 @@ def add_tools(mcp: MCPServer[Engine], settings: Settings) -> None:
             open_world_hint=open_world,
         )
         mcp.add_tool(t.fn, title=t.title, description=t.description, annotations=hints)
+        keep_strings(mcp, t.fn.__name__)  # "null" given as a session id or file name stays that string
 
 
 @asynccontextmanager

@@ -119,7 +119,13 @@ class Files:
         saved_to = None
         if save_to is not None:
             check_host_paths(self.ctx.settings, "save_to")
-            saved_to = await anyio.to_thread.run_sync(_save_copy, local, save_to, rec.name, overwrite)
+            try:
+                saved_to = await anyio.to_thread.run_sync(_save_copy, local, save_to, rec.name, overwrite)
+            except OSError as exc:  # the OS's reason (a name too long, a read-only place), not internal_error
+                raise BadInput(
+                    f"Cannot save to {save_to[:300]!r}: {exc.strerror or exc}.",
+                    "Pass save_to as an existing, writable host folder or a file path in one.",
+                ) from None
         if rec.bytes <= self.ctx.settings.inline_file_max_bytes and save_to is None:
             data = await anyio.Path(local).read_bytes()
             return DownloadOutput(DownloadResult(file=info, saved_to=None, inline=True), data)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import logging
+from typing import Any, TypeVar
 
 from mcp.server.lowlevel.helper_types import ReadResourceContents
 from mcp.server.mcpserver.exceptions import ToolError
@@ -23,6 +24,7 @@ from mcp.types import (
     TextContent,
     TextResourceContents,
 )
+from pydantic import BaseModel
 
 from ..artifacts import is_text_mime
 from ..engine import DownloadOutput, RunOutput
@@ -30,6 +32,25 @@ from ..errors import CIError
 from ..models import FileInfo, RunResult, dump
 
 logger = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def hide_host_paths(model: M, allowed: bool) -> M:
+    """A result for a caller who may not name host paths (HTTP by default) carries no host path either: each
+    `FileInfo` in it loses `local_path`, which would disclose the server's data folder."""
+    if allowed:
+        return model
+    updates: dict[str, Any] = {}
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if isinstance(value, FileInfo):
+            updates[name] = value.model_copy(update={"local_path": None})
+        elif isinstance(value, list) and any(isinstance(item, FileInfo) for item in value):
+            updates[name] = [
+                item.model_copy(update={"local_path": None}) if isinstance(item, FileInfo) else item for item in value
+            ]
+    return model.model_copy(update=updates) if updates else model
 
 
 def tool_error(exc: BaseException) -> ToolError:

@@ -127,6 +127,7 @@ async def run_code(
             json_strategy=json_strategy,
             progress=ctx.report_progress,
         )
+        out.result = content.hide_host_paths(out.result, engine.settings.host_paths_allowed)
     return content.run_result(out)
 
 
@@ -147,7 +148,8 @@ async def list_container_files(
     all_containers: bool = False,
 ) -> FileList:
     async with _session(ctx, session_id) as (engine, session):
-        return await engine.list_files(session, container_id, all_containers)
+        listed = await engine.list_files(session, container_id, all_containers)
+        return content.hide_host_paths(listed, engine.settings.host_paths_allowed)
 
 
 @tool(
@@ -168,6 +170,7 @@ async def download_file(
 ) -> Annotated[CallToolResult, DownloadResult]:
     async with _session(ctx, session_id) as (engine, session):
         out = await engine.download(session, file, container_id, save_to, overwrite)
+        out.result = content.hide_host_paths(out.result, engine.settings.host_paths_allowed)
     return content.download_result(out)
 
 
@@ -186,7 +189,10 @@ async def upload_file(
     session_id: str | None = None,
 ) -> UploadResult:
     async with _session(ctx, session_id) as (engine, session):
-        return await engine.upload(session, path=path, name=name, content_base64=content_base64, dest_path=dest_path)
+        uploaded = await engine.upload(
+            session, path=path, name=name, content_base64=content_base64, dest_path=dest_path
+        )
+        return content.hide_host_paths(uploaded, engine.settings.host_paths_allowed)
 
 
 @tool(

@@ -29,7 +29,7 @@ from pydantic import BaseModel
 from ..artifacts import is_text_mime
 from ..engine import DownloadOutput, RunOutput
 from ..errors import CIError
-from ..models import FileInfo, RunResult, dump
+from ..models import FileInfo, JsonError, RunResult, dump
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +70,20 @@ def run_result(out: RunOutput) -> CallToolResult:
     content: list[ContentBlock] = [TextContent(text=run_summary(r))]
     content.extend(ImageContent(data=_b64(img.data), mime_type=img.mime_type) for img in out.images)
     content.extend(link(f) for f in r.files)
-    return CallToolResult(content=content, structured_content=dump(r), is_error=r.status != "ok")
+    try:
+        structured = dump(r)
+    except (ValueError, RecursionError):
+        # A value no JSON encoder takes (too deep): the run's stdout and files still reach the caller.
+        r = r.model_copy(
+            update={
+                "json_": None,
+                "json_error": JsonError(message="the JSON result could not be serialised (nested too deeply)"),
+                "warnings": [*r.warnings, "the JSON result was dropped: it could not be serialised"],
+            }
+        )
+        structured = dump(r)
+        content[0] = TextContent(text=run_summary(r))
+    return CallToolResult(content=content, structured_content=structured, is_error=r.status != "ok")
 
 
 def download_result(out: DownloadOutput) -> CallToolResult:

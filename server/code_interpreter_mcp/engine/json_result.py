@@ -85,7 +85,7 @@ async def resolve_json(
             calls += 1
             usage.add(repair.usage)
             path = "repair"
-            repaired = await guard.extract("text", (repair.text,), schema)
+            repaired = checked = await guard.extract("text", (repair.text,), schema)
             violations, problems = check(repaired, "The repair call returned no JSON.")
             value = repaired.extracted.value if not problems else None
     info = StructuredInfo(strategy=strategy, path=path, model_calls=calls, usage=token_usage(usage, model))
@@ -93,6 +93,8 @@ async def resolve_json(
         return ResolvedJson(value, None, info, usage, calls)
     if violations:
         return ResolvedJson(None, structured.json_error_from(violations), info, usage, calls)
+    if checked.limited:  # the guard's message carries its own hint; the one below would mislead
+        return ResolvedJson(None, structured.json_error_from(problems[0]), info, usage, calls)
     hint = (
         "The model did not return the JSON block; print it between ===BEGIN_JSON=== and ===END_JSON==="
         if model

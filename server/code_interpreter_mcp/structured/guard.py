@@ -38,6 +38,8 @@ from .extract import Extracted
 MAX_JSON_DEPTH = 128
 # A JSON result (or schema) beyond this is refused: decoding it again in the server would hold the event loop.
 MAX_JSON_CHARS = 4 * 1024 * 1024
+# Far above any real schema; counted before a schema leaves the server, so the count itself stays cheap.
+MAX_SCHEMA_NODES = 100_000
 DEFAULT_TIME_LIMIT_S = 5.0
 _MEMORY_LIMIT_BYTES = 1024 * 1024 * 1024
 _POOL_SIZE = 2
@@ -54,6 +56,7 @@ class Checked:
 
     extracted: Extracted
     violations: list[Violation] = field(default_factory=list)
+    limited: bool = False  # a guard limit stopped the work: `extracted.problem` says which, with its hint
 
 
 def json_depth(value: Any) -> int:
@@ -72,6 +75,9 @@ def json_depth(value: Any) -> int:
 
 
 # ---- the guard process ---------------------------------------------------------------------------------------
+
+
+_SHAPE_HINT = ". Return a smaller, flatter result, or write the data to a file in /mnt/data and return its name."
 
 
 def _too_deep(what: str, depth: int) -> str:
@@ -99,11 +105,11 @@ def _extract(how: str, args: tuple[Any, ...], schema: Any, max_violations: int) 
     if got.found:
         depth = json_depth(got.value)
         if depth > MAX_JSON_DEPTH:
-            return Checked(Extracted(problem=_too_deep("the JSON result", depth) + " (no client could parse it)"))
+            problem = _too_deep("the JSON result", depth) + " (no MCP client could parse it)"
+            return Checked(Extracted(problem=problem + _SHAPE_HINT), limited=True)
         if got.raw is not None and len(got.raw) > MAX_JSON_CHARS:
-            return Checked(
-                Extracted(problem=f"the JSON result is {len(got.raw)} characters; the limit is {MAX_JSON_CHARS}")
-            )
+            problem = f"the JSON result is {len(got.raw)} characters; the limit is {MAX_JSON_CHARS}"
+            return Checked(Extracted(problem=problem + _SHAPE_HINT), limited=True)
     if not got.found or schema is None:
         return Checked(got)
     from . import schema as schema_module
@@ -125,7 +131,7 @@ def _serve(stdin: Any, stdout: Any) -> None:
             else:
                 checked = _extract(*args)
                 # Plain parts: run with -m, this module is __main__ here and its classes would not unpickle.
-                reply = ("ok", (checked.extracted, checked.violations))
+                reply = ("ok", (checked.extracted, checked.violations, checked.limited))
         except InvalidSchema as exc:
             reply = ("invalid_schema", exc.message)
         except RecursionError:
@@ -212,10 +218,14 @@ class Guard:
 
         limit = MAX_VIOLATIONS if max_violations is None else max_violations
         try:
-            extracted, violations = await self._call("extract", (how, tuple(args), schema, limit))
+            extracted, violations, limited = await self._call("extract", (how, tuple(args), schema, limit))
         except GuardLimit as exc:
-            return Checked(Extracted(problem=f"the JSON result could not be checked: {exc}"))
-        return Checked(extracted, violations)
+            problem = (
+                f"checking the JSON result against output_schema was stopped: {exc}. Simplify the schema (no "
+                "chains of allOf/anyOf that repeat the same subschema, no backtracking patterns) and run again."
+            )
+            return Checked(Extracted(problem=problem), limited=True)
+        return Checked(extracted, violations, limited)
 
     async def _call(self, op: str, args: tuple[Any, ...]) -> Any:
         async with self._slots:
@@ -252,16 +262,21 @@ class Guard:
 
 
 def _check_size(what: str, value: Any) -> None:
-    import json
-
-    try:
-        size = len(json.dumps(value, separators=(",", ":")))
-    except (TypeError, ValueError):
-        raise InvalidSchema(f"{what} is not plain JSON") from None
-    except RecursionError:
-        raise InvalidSchema(_too_deep(what, json_depth(value))) from None
-    if size > MAX_JSON_CHARS:
-        raise InvalidSchema(f"{what} is {size} characters of JSON; the limit is {MAX_JSON_CHARS}")
+    """Refuse a schema too big or too deep to send to a guard process, counting at most MAX_SCHEMA_NODES nodes:
+    a caller in the same process can hand over a structure of shared references that is huge as JSON."""
+    nodes = 0
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        nodes += 1
+        if nodes > MAX_SCHEMA_NODES:
+            raise InvalidSchema(f"{what} has more than {MAX_SCHEMA_NODES} keywords and values; simplify it")
+        if depth > MAX_JSON_DEPTH:
+            raise InvalidSchema(_too_deep(what, depth) + " or more")
+        if isinstance(item, dict):
+            stack.extend((child, depth + 1) for child in item.values())
+        elif isinstance(item, list):
+            stack.extend((child, depth + 1) for child in item)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ tracking from kernel events would replace `list` here and nowhere else. Nothing 
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from pathlib import Path
 
 import anyio
@@ -27,6 +29,7 @@ class DataFolder:
         self.usage = 0  # disk bytes at the last measurement (a listing, an upload, the quota watch)
         self.user_versions: dict[str, str] = {}  # path -> version of files put there by upload, unchanged since
         self.scan_inline = True
+        self.real_names: dict[str, str] = {}  # listed name -> the real (non-UTF-8) name it stands for
 
     async def list(self) -> list[RemoteFile]:
         try:
@@ -40,7 +43,20 @@ class DataFolder:
             raise ContainerExpired(f"Container {self.cid} no longer exists.") from None
         self.usage = result.usage_bytes
         self.scan_inline = result.seconds < 0.0005 and len(result.files) < 200
-        return result.files
+        return self._printable(result.files)
+
+    def _printable(self, listed: list[RemoteFile]) -> list[RemoteFile]:
+        """A name that is not UTF-8 cannot travel in a tool result: it is listed (and harvested) under its bytes
+        escaped ("bad\\xff.txt"), and `fetch` reads the real file behind that name."""
+        self.real_names = {}
+        for i, f in enumerate(listed):
+            try:
+                f.path.encode("utf-8")
+            except UnicodeEncodeError:
+                shown = os.fsencode(f.path).decode("utf-8", "backslashreplace")
+                self.real_names[shown] = f.path
+                listed[i] = dataclasses.replace(f, path=shown)
+        return listed
 
     def measure(self) -> files.Scan:
         """Disk usage only (blocking: the quota watch's thread). OSError when the folder is being deleted."""
@@ -49,7 +65,8 @@ class DataFolder:
         return result
 
     async def fetch(self, path: str, dest: Path, max_bytes: int) -> FetchResult:
-        return await anyio.to_thread.run_sync(files.fetch, self.path, path, Path(dest), int(max_bytes))
+        real = self.real_names.get(path, path)
+        return await anyio.to_thread.run_sync(files.fetch, self.path, real, Path(dest), int(max_bytes))
 
     async def put(self, src: Path, dest_path: str, max_file_bytes: int, quota_bytes: int) -> RemoteFile:
         def do_put() -> tuple[RemoteFile, int]:

@@ -125,6 +125,7 @@ class Engine:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._start_backend)
                 tg.start_soon(self._housekeeping)
+                tg.start_soon(self.ctx.guard.warm)
                 try:
                     yield self
                 finally:

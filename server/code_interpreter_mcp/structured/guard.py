@@ -200,6 +200,12 @@ class Guard:
         self._idle: list[_Worker] = []
         self._slots = anyio.Semaphore(size)
 
+    async def warm(self) -> None:
+        """Start one guard process ahead of the first schema, so no call pays for its start-up."""
+        async with self._slots:
+            if not self._idle:
+                self._idle.append(await _Worker.spawn())
+
     async def check_schema(self, schema: Any) -> None:
         """Raise InvalidSchema unless `schema` is valid (see `schema.check_schema`), within the guard's limits."""
         _check_size("output_schema", schema)
@@ -214,7 +220,7 @@ class Guard:
         """Extraction `how` ("text": `parse_json_text`, "sources": `extract_from_sources`, "block":
         `extract_last_block`) over `args`, then validation against `schema` when given and a value was found.
         A limit hit comes back as an extraction problem naming the limit."""
-        from .schema import MAX_VIOLATIONS
+        from .report import MAX_VIOLATIONS
 
         limit = MAX_VIOLATIONS if max_violations is None else max_violations
         try:

@@ -15,7 +15,7 @@ import functools
 import itertools
 import json
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import referencing
@@ -27,12 +27,11 @@ from jsonschema.protocols import Validator
 from jsonschema_specifications import REGISTRY as METASCHEMAS
 
 from ..errors import InvalidSchema
-from ..models import JsonError, Violation
+from ..models import Violation
+from .report import MAX_VIOLATIONS, json_error_from  # noqa: F401  (json_error_from: the public name here too)
 
 # Violation messages quote the offending instance; a 1 MB value must not end up in a tool result.
 _MAX_MESSAGE_CHARS = 300
-# Enough to fix a result; beyond this the list is cut and a last entry says how many more there were.
-MAX_VIOLATIONS = 50
 # Collecting stops here: 300,000 bad items must not cost 300,000 best-match searches and a sort of them all.
 MAX_COLLECTED = 1000
 
@@ -218,13 +217,3 @@ def validate(value: Any, schema: dict[str, Any] | bool, *, max_violations: int =
             Violation(path="$", message=f"… and {len(found) - max_violations} more violations not listed")
         )
     return violations
-
-
-def json_error_from(problem_or_violations: str | Sequence[Violation]) -> JsonError:
-    """A JsonError from an extraction problem (a message) or from validation violations."""
-    if isinstance(problem_or_violations, str):
-        return JsonError(message=problem_or_violations, violations=[])
-    violations = list(problem_or_violations)
-    count = len(violations)
-    noun = "violation" if count == 1 else "violations"
-    return JsonError(message=f"the JSON result does not match output_schema ({count} {noun})", violations=violations)

@@ -30,6 +30,9 @@ class DataFolder:
         self.user_versions: dict[str, str] = {}  # path -> version of files put there by upload, unchanged since
         self.scan_inline = True
         self.real_names: dict[str, str] = {}  # listed name -> the real (non-UTF-8) name it stands for
+        # A harvest of thousands of files starts a fetch for each: forty copying threads would contend with the
+        # event loop for the GIL, so two threads copy and the rest queue.
+        self._fetch_threads = anyio.CapacityLimiter(2)
 
     async def list(self) -> list[RemoteFile]:
         try:
@@ -66,7 +69,9 @@ class DataFolder:
 
     async def fetch(self, path: str, dest: Path, max_bytes: int) -> FetchResult:
         real = self.real_names.get(path, path)
-        return await anyio.to_thread.run_sync(files.fetch, self.path, real, Path(dest), int(max_bytes))
+        return await anyio.to_thread.run_sync(
+            files.fetch, self.path, real, Path(dest), int(max_bytes), limiter=self._fetch_threads
+        )
 
     async def put(self, src: Path, dest_path: str, max_file_bytes: int, quota_bytes: int) -> RemoteFile:
         def do_put() -> tuple[RemoteFile, int]:

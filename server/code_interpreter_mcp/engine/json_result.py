@@ -1,8 +1,9 @@
 """A run's JSON result: where it comes from (the last expression, the marker block, the single-pass answer, one
 repair call), its validation against the caller's schema, and the token usage of the model calls involved.
 
-`structured` (and with it jsonschema) is imported only when a schema is used, which keeps start-up fast. This
-module knows the backend's outcome and capabilities; it knows nothing of containers, files or MCP.
+Extraction and validation run in the guard's processes (`structured.guard`), so neither the work nor jsonschema
+itself ever reaches the event loop. This module knows the backend's outcome and capabilities; it knows nothing
+of containers, files or MCP.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from typing import Any
 
 from mcp.server.lowlevel.helper_types import ReadResourceContents
 from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.transport_security import DEFAULT_MAX_REQUEST_BODY_SIZE as MAX_BODY
 from mcp.types import InputRequiredResult
 from pydantic import AnyUrl
 from starlette.applications import Starlette
@@ -57,7 +58,8 @@ class CodeInterpreterServer(MCPServer[Engine]):
     def streamable_http_app(self, **kwargs: Any) -> Starlette:
         """The SDK's app behind the JSON-RPC screen, which answers every malformed POST per the spec."""
         app = super().streamable_http_app(**kwargs)
-        app.add_middleware(JsonRpcScreen, path=kwargs.get("streamable_http_path", "/mcp"))
+        path = kwargs.get("streamable_http_path", "/mcp")
+        app.add_middleware(JsonRpcScreen, path=path, max_body=kwargs.get("max_request_body_size", MAX_BODY))
         return app
 
 

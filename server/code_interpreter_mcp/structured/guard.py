@@ -242,19 +242,28 @@ class Guard:
                     kind, value = await worker.call(op, args)
                 kept = True
             except TimeoutError:
+                await self._replace(worker)
                 raise GuardLimit(f"it took longer than {self.time_limit_s:g} s and was stopped") from None
             except (anyio.EndOfStream, anyio.BrokenResourceError, OSError, pickle.UnpicklingError):
+                await self._replace(worker)
                 raise GuardLimit("the guard process died (most likely it ran out of memory)") from None
             finally:
                 if kept:
                     self._idle.append(worker)
                 else:
-                    worker.kill()  # its state is unknown: a fresh process takes the next call
+                    worker.kill()  # its state is unknown (a cancelled call): a fresh process takes the next one
         if kind == "invalid_schema":
             raise InvalidSchema(value)
         if kind == "limit":
             raise GuardLimit(value)
         return value
+
+    async def _replace(self, worker: _Worker) -> None:
+        """Kill a worker whose state is unknown and start its successor now: the call that hit the limit pays
+        for the start, not the next caller."""
+        worker.kill()
+        with anyio.CancelScope(shield=True):
+            self._idle.append(await _Worker.spawn())
 
     async def aclose(self) -> None:
         idle, self._idle = self._idle, []

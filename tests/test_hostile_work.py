@@ -38,8 +38,7 @@ BACKTRACKING = {"type": "string", "pattern": "^(a+)+$"}
     ],
 )
 async def test_validation_that_never_ends_is_stopped(tmp_path: Path, schema: dict[str, Any], code: str) -> None:
-    async with hostile_server(tmp_path) as h:
-        h.engine.ctx.guard.time_limit_s = 1.5
+    async with hostile_server(tmp_path, schema_time_limit_s=1.5) as h:
         r, worst = await h.during(lambda: h.call("run_code", {"code": code, "output_schema": schema}))
         s = structured(r)
         assert s["status"] == "ok" and s["json"] is None

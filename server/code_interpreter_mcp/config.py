@@ -56,6 +56,9 @@ class Settings(BaseModel):
     max_inline_images: int = Field(default=4, ge=0)
     max_file_bytes: int = Field(default=100 * 1024 * 1024, gt=0, description="largest file harvested or uploaded")
     structured_strategy: Literal["two_pass_sentinel", "single_pass"] = "two_pass_sentinel"
+    schema_time_limit_s: float = Field(
+        default=5.0, gt=0, description="longest a schema check or JSON validation may take before it is stopped"
+    )
 
     # Local sandbox
     unsafe_no_sandbox: bool = False

@@ -24,7 +24,7 @@ class EngineContext:
         self.registry: Registry | None = None
         self.backend_error: CIError | None = None
         self._started = anyio.Event()
-        self.guard = Guard()  # schema checks and JSON validation, off the event loop
+        self.guard = Guard(settings.schema_time_limit_s)  # schema checks and JSON validation, off the event loop
 
     @property
     def reg(self) -> Registry:

@@ -55,6 +55,10 @@ class Settings(BaseModel):
     max_inline_images: int = Field(default=4, ge=0)
     max_file_bytes: int = Field(default=100 * 1024 * 1024, gt=0, description="largest file harvested or uploaded")
     structured_strategy: Literal["two_pass_sentinel", "single_pass"] = "two_pass_sentinel"
+    file_history_mb: float = Field(
+        default=64, ge=0, description="per session: earlier versions of rewritten files kept, newest first"
+    )
+    max_stored_mb: float = Field(default=10240, gt=0, description="harvested files kept on the host, all sessions")
 
     # Local sandbox
     unsafe_no_sandbox: bool = False

@@ -8,6 +8,7 @@ restart. Ids are unguessable (128-bit random); a session is only visible to its 
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import sqlite3
 import threading
@@ -37,6 +38,38 @@ CREATE INDEX IF NOT EXISTS files_by_session ON files(session_id, seq);
 CREATE INDEX IF NOT EXISTS containers_by_session ON containers(session_id);
 """
 
+# Columns added after the first release, with what an older database gets: `blob` is the sha256 of the copy in
+# the owner's blob store (NULL: the copy lies at `local_path` in the one-folder-per-file layout of earlier
+# versions, read where it is), `disk_bytes` what that copy costs on disk, `dropped` a superseded version whose
+# copy was let go (its record stays, so a download can name the current version).
+FILE_COLUMNS_V2 = (("blob", "TEXT"), ("disk_bytes", "INTEGER"), ("dropped", "INTEGER NOT NULL DEFAULT 0"))
+FILE_FIELDS = (
+    "file_id, session_id, container_id, path, name, bytes, mime_type, sha256, source, created_at, local_path, "
+    "remote_id, version, seq, blob, disk_bytes, dropped"
+)
+
+
+def migrate(db: sqlite3.Connection) -> None:
+    """Bring a database made by `SCHEMA` (new, or from an older release) to the current one: the new file
+    columns, and the real sizes of copies in the legacy layout."""
+    have = {row[1] for row in db.execute("PRAGMA table_info(files)")}
+    missing = [(name, decl) for name, decl in FILE_COLUMNS_V2 if name not in have]
+    if not missing:
+        return
+    db.execute("BEGIN")
+    for name, decl in missing:
+        db.execute(f"ALTER TABLE files ADD COLUMN {name} {decl}")
+    for file_id, local_path in db.execute(
+        "SELECT file_id, local_path FROM files WHERE local_path IS NOT NULL AND disk_bytes IS NULL"
+    ).fetchall():
+        try:
+            cost = os.stat(local_path, follow_symlinks=False).st_blocks * 512
+        except OSError:
+            cost = 0
+        db.execute("UPDATE files SET disk_bytes = ? WHERE file_id = ?", (cost, file_id))
+    db.execute("CREATE INDEX IF NOT EXISTS files_by_blob ON files(blob)")
+    db.execute("COMMIT")
+
 
 def new_id(prefix: str, nbytes: int = 16) -> str:
     return f"{prefix}{secrets.token_hex(nbytes)}"
@@ -58,6 +91,9 @@ class FileRecord:
     remote_id: str | None
     version: str
     seq: int = 0
+    blob: str | None = None  # sha256 of the copy in the owner's blob store; None: a copy of the legacy layout
+    disk_bytes: int | None = None  # what the copy costs on the host (allocated blocks)
+    dropped: bool = False  # a superseded version whose copy was let go past the history quota
 
 
 @dataclass
@@ -109,6 +145,7 @@ class Registry:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        migrate(self._db)
         self._db_lock = threading.Lock()
         self.sessions: dict[str, Session] = {}
         self.containers: dict[str, ContainerRecord] = {}
@@ -182,11 +219,9 @@ class Registry:
                 )
                 self.containers.setdefault(c[0], ContainerRecord(state=state, session_id=session_id, runs=c[7]))
             session.files = [
-                FileRecord(*r)
+                FileRecord(*r[:-1], dropped=bool(r[-1]))
                 for r in self._db.execute(
-                    "SELECT file_id, session_id, container_id, path, name, bytes, mime_type, sha256, source, "
-                    "created_at, local_path, remote_id, version, seq FROM files WHERE session_id = ? ORDER BY seq",
-                    (session_id,),
+                    f"SELECT {FILE_FIELDS} FROM files WHERE session_id = ? ORDER BY seq", (session_id,)
                 )
             ]
             return session
@@ -282,19 +317,20 @@ class Registry:
 
     # ---- files ---------------------------------------------------------------------------------------------
 
-    async def add_files(self, session: Session, records: list[FileRecord]) -> None:
-        if not records:
+    async def add_files(
+        self, session: Session, records: list[FileRecord], dropped: list[FileRecord] | None = None
+    ) -> None:
+        """Record a harvest's new versions and the superseded ones it drops: one transaction."""
+        if not records and not dropped:
             return
-        rows = []
+        rows = [self._drop_row(rec) for rec in dropped or ()]
         for rec in records:
             self._seq += 1
             rec.seq = self._seq
             session.files.append(rec)
             rows.append(
                 (
-                    "INSERT INTO files (file_id, session_id, container_id, path, name, bytes, mime_type, sha256, "
-                    "source, created_at, local_path, remote_id, version, seq) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    f"INSERT INTO files ({FILE_FIELDS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         rec.file_id,
                         rec.session_id,
@@ -310,7 +346,31 @@ class Registry:
                         rec.remote_id,
                         rec.version,
                         rec.seq,
+                        rec.blob,
+                        rec.disk_bytes,
+                        int(rec.dropped),
                     ),
                 )
             )
         await self._write(*rows)
+        for rec in dropped or ():
+            rec.dropped = True  # its copy is released by the caller, which then clears local_path
+
+    @staticmethod
+    def _drop_row(rec: FileRecord) -> tuple[str, tuple[Any, ...]]:
+        return ("UPDATE files SET dropped = 1, local_path = NULL WHERE file_id = ?", (rec.file_id,))
+
+    def stored_copies_sync(self) -> tuple[list[tuple[str | None, str, int, int]], int]:
+        """For the blob store at start: (owner, sha256, records holding it, its disk bytes) of every blob, and
+        the disk bytes of legacy copies. Blocks: call it from a thread."""
+        with self._db_lock:
+            blobs = self._db.execute(
+                "SELECT s.owner, f.blob, COUNT(*), MAX(COALESCE(f.disk_bytes, f.bytes)) FROM files f "
+                "JOIN sessions s ON s.id = f.session_id WHERE f.blob IS NOT NULL AND f.dropped = 0 "
+                "GROUP BY s.owner, f.blob"
+            ).fetchall()
+            direct = self._db.execute(
+                "SELECT COALESCE(SUM(disk_bytes), 0) FROM files WHERE blob IS NULL AND dropped = 0 "
+                "AND local_path IS NOT NULL AND source = 'generated'"
+            ).fetchone()[0]
+        return [(o, b, int(n), int(d)) for o, b, n, d in blobs], int(direct)

@@ -13,6 +13,9 @@ from ..backends.base import Backend, Capabilities
 from ..config import Settings
 from ..errors import CIError
 from ..sessions import Registry
+from ..storage.blobs import BlobStore
+
+COPY_THREADS = 4
 
 
 class EngineContext:
@@ -21,6 +24,9 @@ class EngineContext:
         self.backend = backend
         self.capabilities: Capabilities = backend.capabilities
         self.registry: Registry | None = None
+        # Harvest copies in flight at once: disk-bound work in worker threads, never more than the disk takes.
+        self.copy_limiter = anyio.CapacityLimiter(COPY_THREADS)
+        self.blobs = BlobStore(settings.files_dir, int(settings.max_stored_mb * 1024 * 1024))
         self.backend_error: CIError | None = None
         self._started = anyio.Event()
 

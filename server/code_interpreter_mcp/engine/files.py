@@ -1,6 +1,7 @@
 """Files coming out of a session: listing a container's files, finding one by file id, URI or path, downloading
 it (inline when small, else its host copy, or a copy saved where the caller says), serving resources, and deleting
-a session's host copies.
+a session's host copies (its blobs' references released at once). A version dropped past the history quota is
+refused with `FileSuperseded`, naming the current one.
 
 A live container is harvested before it is listed or searched, which catches changes made outside runs. Paging of
 listings belongs here. This module knows the registry, the host store and the harvest; it knows nothing of runs or
@@ -16,9 +17,11 @@ from pathlib import Path
 import anyio
 
 from ..artifacts import normalize_container_path, parse_file_uri, record_to_info, remove_tree
-from ..errors import BadInput, FileNotFound, FileTooLarge, NotFound, PathRefused
+from ..errors import BadInput, FileNotFound, FileSuperseded, FileTooLarge, NotFound, PathRefused
 from ..models import DownloadResult, FileInfo, FileList
 from ..sessions import ContainerRecord, FileRecord, Session
+from ..storage.blobs import owner_key
+from ..storage.history import current_versions
 from .containers import Containers, utc
 from .context import EngineContext
 from .harvest import harvest_now
@@ -109,6 +112,7 @@ class Files:
     ) -> DownloadOutput:
         async with session.lock:
             rec = await self._find_record(session, file, container_id)
+        check_not_dropped(session, rec)
         info = record_to_info(rec)
         local = Path(rec.local_path) if rec.local_path else None
         if local is None or not await anyio.Path(local).is_file():
@@ -137,6 +141,8 @@ class Files:
         except NotFound:
             raise NotFound(f"Unknown resource {uri!r}.") from None
         rec = session.find_file(parsed[1])
+        if rec is not None:
+            check_not_dropped(session, rec)
         if rec is None or not rec.local_path:
             raise NotFound(f"Unknown resource {uri!r}.")
         limit = self.ctx.settings.resource_max_bytes
@@ -153,8 +159,23 @@ class Files:
 
     async def delete_all(self, session: Session) -> None:
         """close_session(delete_files=true): the records and every host copy of the session."""
-        await self.ctx.reg.forget_files(session)
-        await anyio.to_thread.run_sync(remove_tree, self.ctx.settings.files_dir / session.id)
+        removed = await self.ctx.reg.forget_files(session)
+        key = owner_key(session.owner)
+        await anyio.to_thread.run_sync(self.ctx.blobs.release, [(key, r) for r in removed if not r.dropped])
+        await anyio.to_thread.run_sync(remove_tree, self.ctx.settings.files_dir / session.id)  # inputs' copies
+
+
+def check_not_dropped(session: Session, rec: FileRecord) -> None:
+    """A version dropped past the history quota says so and names the path's current version."""
+    if not rec.dropped:
+        return
+    current = current_versions(session.files).get(rec.path)
+    now = f" The current version of {rec.path!r} is {current.file_id}." if current is not None else ""
+    raise FileSuperseded(
+        f"{rec.file_id} is an earlier version of {rec.path!r} that was superseded; its copy was dropped to keep "
+        f"the session's file history within its quota.{now}",
+        current.file_id if current is not None else None,
+    )
 
 
 def _save_copy(src: Path, save_to: str, name: str, overwrite: bool) -> str:

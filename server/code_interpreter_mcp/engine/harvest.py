@@ -19,10 +19,12 @@ from pathlib import Path
 import anyio
 import anyio.abc
 
-from ..artifacts import guess_mime, remove_tree, safe_name, store_dir
+from ..artifacts import guess_mime, safe_name
 from ..backends.base import ExecOutcome, RemoteFile
-from ..errors import CIError, ContainerExpired
+from ..errors import CIError, ContainerExpired, StorageQuota
 from ..sessions import ContainerRecord, FileRecord, Session, new_id
+from ..storage.blobs import owner_key
+from ..storage.history import superseded_to_drop
 from .containers import Containers
 from .context import EngineContext
 
@@ -53,6 +55,8 @@ class Harvest:
         self._tg: anyio.abc.TaskGroup | None = None
         self._listed = False
         self._listing: list[RemoteFile] | None = None  # None: the snapshot stands (unchanged, or not listed)
+        self.owner_key = owner_key(session.owner)
+        self.refused: set[str] = set()  # paths the server-wide quota refused: left out of the snapshot, retried
 
     @staticmethod
     def key(f: RemoteFile) -> str:
@@ -135,12 +139,15 @@ class Harvest:
                 self.start(f)
 
     async def _fetch(self, remote: RemoteFile) -> None:
-        settings, state = self.ctx.settings, self.rec.state
-        file_id = new_id("f_", 12)
+        settings, state, blobs = self.ctx.settings, self.rec.state, self.ctx.blobs
+        if blobs.full():  # nothing new fits: not even copied (and tried again by the next harvest)
+            self._refuse(remote, blobs.quota_error(remote.path))
+            return
         name = safe_name(remote.path)
-        dest = store_dir(settings.files_dir, self.session.id, file_id) / name
+        tmp = blobs.tmp_path(self.owner_key)
         try:
-            res = await self.ctx.backend.fetch_file(state, remote, dest, settings.max_file_bytes)
+            async with self.ctx.copy_limiter:
+                res = await self.ctx.backend.fetch_file(state, remote, tmp, settings.max_file_bytes)
         except ContainerExpired:
             self.warnings.append(f"{remote.path} was not harvested: the container expired first.")
             self.expired = True
@@ -149,7 +156,7 @@ class Harvest:
             self.warnings.append(f"{remote.path} was not harvested: {exc.message}")
             return
         self.fetched[self.key(remote)] = FileRecord(
-            file_id=file_id,
+            file_id=new_id("f_", 12),
             session_id=self.session.id,
             container_id=state.id,
             path=remote.path,
@@ -159,34 +166,82 @@ class Harvest:
             sha256=res.sha256,
             source="user" if remote.source == "user" else "generated",
             created_at=remote.created_at or time.time(),
-            local_path=str(dest),
+            local_path=str(tmp),  # the copy in flight until `finish` places it in the blob store
             remote_id=remote.remote_id,
             version=remote.version,
         )
 
+    def _refuse(self, remote: RemoteFile, exc: StorageQuota) -> None:
+        self.refused.add(remote.path)
+        self.warnings.append(exc.user_text())
+
     async def finish(self) -> Harvested:
-        """After every fetch ended: records with the listing's paths; early fetches of unchanged files go."""
+        """After every fetch ended: the copies go into the blob store, the records (with the listing's paths)
+        and the superseded versions past the history quota into the registry in one transaction; early
+        fetches of unchanged files go."""
         rec = self.rec
         if not self.fetched and self._listing is None and not self.expired:
             return [], self.warnings
         listing = self._listing if self._listing is not None else list(rec.snapshot.values())
         by_key = {self.key(f): f for f in listing}
-        records = []
+        records, unchanged = [], []
         for k, record in self.fetched.items():
             listed = by_key.get(k)
             if listed is not None:
                 prev = rec.snapshot.get(listed.path)
                 if prev is not None and prev.version == listed.version:
-                    await anyio.to_thread.run_sync(remove_tree, Path(record.local_path or "").parent)
+                    unchanged.append(Path(record.local_path or ""))
                     continue
                 record.path, record.version = listed.path, listed.version
             records.append(record)
-        rec.snapshot = {f.path: f for f in listing}
+        records = await anyio.to_thread.run_sync(self._place, records, unchanged)
+        rec.snapshot = {f.path: f for f in listing if f.path not in self.refused}
         records.sort(key=lambda r: r.path)
-        await self.ctx.reg.add_files(self.session, records)
+        await record_with_history(self.ctx, self.session, records)
         if self.expired:
             await self.containers.retire(rec, status="expired")  # never offered again; the next run replaces it
         return records, self.warnings
+
+    def _place(self, records: list[FileRecord], unchanged: list[Path]) -> list[FileRecord]:
+        """In a worker thread: each copy becomes (or joins) its blob; the ones over the server's quota go."""
+        for path in unchanged:
+            path.unlink(missing_ok=True)
+        kept = []
+        for record in records:
+            try:
+                placed = self.ctx.blobs.place(
+                    self.owner_key, Path(record.local_path or ""), record.sha256 or "", record.path
+                )
+            except StorageQuota as exc:
+                self.refused.add(record.path)
+                self.warnings.append(exc.user_text())
+                continue
+            except OSError as exc:
+                self.warnings.append(f"{record.path} was not harvested: {exc.strerror or exc}.")
+                continue
+            record.blob, record.local_path, record.disk_bytes = record.sha256, str(placed.path), placed.disk_bytes
+            kept.append(record)
+        return kept
+
+
+async def record_with_history(ctx: EngineContext, session: Session, records: list[FileRecord]) -> None:
+    """Record new versions; superseded ones past the session's history quota are dropped in the same registry
+    transaction, and their copies released after it (a crash in between leaves a blob the sweep removes)."""
+    key = owner_key(session.owner)
+    history = [*session.files, *records]
+    quota = int(ctx.settings.file_history_mb * 1024 * 1024)
+    drop = superseded_to_drop(history, quota, lambda r: _cost(ctx, key, r))
+    await ctx.reg.add_files(session, records, drop)
+    if drop:
+        await anyio.to_thread.run_sync(ctx.blobs.release, [(key, r) for r in drop])
+        for r in drop:
+            r.local_path = None
+
+
+def _cost(ctx: EngineContext, key: str, rec: FileRecord) -> int:
+    if rec.blob is not None:
+        return ctx.blobs.cost_of(key, rec.blob)
+    return rec.disk_bytes if rec.disk_bytes is not None else rec.bytes
 
 
 async def harvest_now(ctx: EngineContext, containers: Containers, session: Session, rec: ContainerRecord) -> Harvested:

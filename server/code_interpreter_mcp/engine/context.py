@@ -16,6 +16,7 @@ from ..sessions import Registry
 from ..storage.blobs import BlobStore
 
 COPY_THREADS = 4
+"""A harvest's copies run in at most this many batches at once (worker threads): disk-bound work."""
 
 
 class EngineContext:
@@ -24,8 +25,6 @@ class EngineContext:
         self.backend = backend
         self.capabilities: Capabilities = backend.capabilities
         self.registry: Registry | None = None
-        # Harvest copies in flight at once: disk-bound work in worker threads, never more than the disk takes.
-        self.copy_limiter = anyio.CapacityLimiter(COPY_THREADS)
         self.blobs = BlobStore(settings.files_dir, int(settings.max_stored_mb * 1024 * 1024))
         self.backend_error: CIError | None = None
         self._started = anyio.Event()

@@ -20,13 +20,13 @@ import anyio
 import anyio.abc
 
 from ..artifacts import guess_mime, safe_name
-from ..backends.base import ExecOutcome, RemoteFile
+from ..backends.base import ExecOutcome, FetchResult, RemoteFile
 from ..errors import CIError, ContainerExpired, StorageQuota
 from ..sessions import ContainerRecord, FileRecord, Session, new_id
 from ..storage.blobs import owner_key
 from ..storage.history import superseded_to_drop
 from .containers import Containers
-from .context import EngineContext
+from .context import COPY_THREADS, EngineContext
 
 Harvested = tuple[list[FileRecord], list[str]]
 """The records of the files harvested, sorted by path, and warnings about files that could not be."""
@@ -83,20 +83,25 @@ class Harvest:
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
         if exc is None and self._pending:
+            pending, self._pending = self._pending, []
             async with task_group() as tg:
-                for remote in self._pending:
-                    tg.start_soon(self._fetch, remote)
-            self._pending.clear()
+                self._start_batches(tg, pending)
 
-    def start(self, remote: RemoteFile) -> None:
-        k = self.key(remote)
-        if k in self._started:
+    def start(self, *remotes: RemoteFile) -> None:
+        new = [r for r in remotes if self.key(r) not in self._started]
+        self._started.update(self.key(r) for r in new)
+        if not new:
             return
-        self._started.add(k)
         if self._tg is not None:
-            self._tg.start_soon(self._fetch, remote)
+            self._start_batches(self._tg, new)
         else:
-            self._pending.append(remote)
+            self._pending.extend(new)
+
+    def _start_batches(self, tg: anyio.abc.TaskGroup, remotes: list[RemoteFile]) -> None:
+        """At most COPY_THREADS batches at once, dealt round-robin so large and small files spread evenly."""
+        n = min(len(remotes), COPY_THREADS)
+        for i in range(n):
+            tg.start_soon(self._fetch_batch, remotes[i::n])
 
     def code_done(self) -> None:
         """For `ExecRequest.code_done`: list the container now, while the backend still writes its answer."""
@@ -111,8 +116,7 @@ class Harvest:
             self.rec = rec  # the run moved to a new container before any code ran
         if outcome.container is not None:
             rec.state = outcome.container
-        for f in outcome.cited_files:
-            self.start(f)
+        self.start(*outcome.cited_files)
         await self.list_once()
 
     async def list_once(self) -> None:
@@ -133,32 +137,35 @@ class Harvest:
         ):
             return
         self._listing = listing
-        for f in listing:
-            prev = snap.get(f.path)
-            if prev is None or prev.version != f.version:
-                self.start(f)
+        self.start(*(f for f in listing if (p := snap.get(f.path)) is None or p.version != f.version))
 
-    async def _fetch(self, remote: RemoteFile) -> None:
-        settings, state, blobs = self.ctx.settings, self.rec.state, self.ctx.blobs
+    async def _fetch_batch(self, remotes: list[RemoteFile]) -> None:
+        """Copy a batch into the owner's blob store's folder of copies in flight (placed by `finish`)."""
+        blobs, state = self.ctx.blobs, self.rec.state
         if blobs.full():  # nothing new fits: not even copied (and tried again by the next harvest)
-            self._refuse(remote, blobs.quota_error(remote.path))
+            for remote in remotes:
+                self._refuse(remote, blobs.quota_error(remote.path))
             return
-        name = safe_name(remote.path)
-        tmp = blobs.tmp_path(self.owner_key)
+        items = [(remote, blobs.tmp_path(self.owner_key)) for remote in remotes]
         try:
-            async with self.ctx.copy_limiter:
-                res = await self.ctx.backend.fetch_file(state, remote, tmp, settings.max_file_bytes)
+            results = await self.ctx.backend.fetch_files(state, items, self.ctx.settings.max_file_bytes)
         except ContainerExpired:
-            self.warnings.append(f"{remote.path} was not harvested: the container expired first.")
-            self.expired = True
-            return
-        except CIError as exc:  # too large, download failed...: the other files still come back
-            self.warnings.append(f"{remote.path} was not harvested: {exc.message}")
-            return
-        self.fetched[self.key(remote)] = FileRecord(
+            results = [ContainerExpired("expired")] * len(items)
+        for (remote, tmp), res in zip(items, results, strict=True):
+            if isinstance(res, ContainerExpired):
+                self.warnings.append(f"{remote.path} was not harvested: the container expired first.")
+                self.expired = True
+            elif isinstance(res, CIError):  # too large, download failed...: the other files still come back
+                self.warnings.append(f"{remote.path} was not harvested: {res.message}")
+            else:
+                self.fetched[self.key(remote)] = self._record(remote, tmp, res)
+
+    def _record(self, remote: RemoteFile, tmp: Path, res: FetchResult) -> FileRecord:
+        name = safe_name(remote.path)
+        return FileRecord(
             file_id=new_id("f_", 12),
             session_id=self.session.id,
-            container_id=state.id,
+            container_id=self.rec.state.id,
             path=remote.path,
             name=name,
             bytes=res.bytes,

@@ -36,7 +36,7 @@ import anyio.from_thread
 import anyio.lowlevel
 
 from ...config import Settings
-from ...errors import BackendError, ContainerExpired, SandboxUnavailable
+from ...errors import BackendError, CIError, ContainerExpired, SandboxUnavailable
 from ..base import (
     Capabilities,
     ContainerState,
@@ -792,6 +792,13 @@ class LocalBackend:
     async def fetch_file(self, container: ContainerState, file: RemoteFile, dest: Path, max_bytes: int) -> FetchResult:
         c = await self._lookup(container)
         return await anyio.to_thread.run_sync(files.fetch, c.data, file.path, Path(dest), int(max_bytes))
+
+    async def fetch_files(
+        self, container: ContainerState, items: list[tuple[RemoteFile, Path]], max_bytes: int
+    ) -> list[FetchResult | CIError]:
+        c = await self._lookup(container)
+        pairs = [(f.path, Path(dest)) for f, dest in items]
+        return await anyio.to_thread.run_sync(files.fetch_many, c.data, pairs, int(max_bytes))
 
     async def put_file(self, container: ContainerState, src: Path, dest_path: str) -> RemoteFile:
         c = await self._lookup(container)

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ...errors import FileNotFound, FileTooLarge, PathRefused
+from ...errors import CIError, DownloadFailed, FileNotFound, FileTooLarge, PathRefused
 from ...storage.copying import copy_to_new
 from ..base import FetchResult, RemoteFile
 
@@ -158,6 +158,20 @@ def fetch(root: Path, path: str, dest: Path, max_bytes: int) -> FetchResult:
         return FetchResult(bytes=total, sha256=digest)
     finally:
         os.close(fd)
+
+
+def fetch_many(root: Path, items: list[tuple[str, Path]], max_bytes: int) -> list[FetchResult | CIError]:
+    """`fetch` of each (path, dest) in turn, in the calling thread: a harvest's batch of small files pays one
+    thread hop, not one each. A file's error is its entry; the others still come."""
+    out: list[FetchResult | CIError] = []
+    for path, dest in items:
+        try:
+            out.append(fetch(root, path, dest, max_bytes))
+        except CIError as exc:
+            out.append(exc)
+        except OSError as exc:
+            out.append(DownloadFailed(f"{path!r} could not be copied: {exc.strerror or exc}."))
+    return out
 
 
 def put(

@@ -25,20 +25,12 @@ from code_interpreter_mcp.errors import FileSuperseded
 from code_interpreter_mcp.sessions import SCHEMA, FileRecord
 from code_interpreter_mcp.storage import copying
 from code_interpreter_mcp.storage.blobs import BlobStore, owner_key
+from code_interpreter_mcp.storage.copying import tree_disk_bytes
 from code_interpreter_mcp.storage.history import superseded_to_drop
 from tests.helpers import structured, text_of
 
 pytestmark = pytest.mark.anyio
 MiB = 1024 * 1024
-
-
-def host_storage(files_dir: Path) -> int:
-    """What the harvested copies cost on the host: allocated blocks of every regular file."""
-    total = 0
-    for folder, _dirs, names in os.walk(files_dir):
-        for name in names:
-            total += os.lstat(os.path.join(folder, name)).st_blocks * 512
-    return total
 
 
 @pytest.fixture
@@ -68,12 +60,12 @@ async def test_identical_bytes_are_stored_once_per_owner(engine: Engine) -> None
     other_session = await engine.session_for(None)
     again = await engine.run_code(other_session, code)
     assert {f.local_path for f in again.result.files} == {a.local_path}
-    assert host_storage(engine.settings.files_dir) <= 1 * MiB + 64 * 1024
+    assert tree_disk_bytes(engine.settings.files_dir) <= 1 * MiB + 64 * 1024
     stranger = await engine.reg.create_session("someone-else")
     theirs = await engine.run_code(stranger, code)
     assert theirs.result.files[0].local_path != a.local_path  # never shared across owners
     assert owner_key("someone-else") in (theirs.result.files[0].local_path or "")
-    assert host_storage(engine.settings.files_dir) <= 2 * MiB + 128 * 1024
+    assert tree_disk_bytes(engine.settings.files_dir) <= 2 * MiB + 128 * 1024
 
 
 async def test_five_rewrites_of_a_50_mib_file_keep_at_most_twice_its_size(engine: Engine) -> None:
@@ -83,7 +75,7 @@ async def test_five_rewrites_of_a_50_mib_file_keep_at_most_twice_its_size(engine
         out = await engine.run_code(session, "import os\n" + write("big.bin", f"os.urandom({50 * MiB})"))
         assert out.result.status == "ok", out.result.error
         ids.append(out.result.files[0].file_id)
-    assert host_storage(engine.settings.files_dir) <= 2 * 50 * MiB + 64 * 1024
+    assert tree_disk_bytes(engine.settings.files_dir) <= 2 * 50 * MiB + 64 * 1024
     # the newest superseded version fits the default history quota (64 MB) and stays downloadable
     assert (await engine.download(session, ids[-2])).result.file.file_id == ids[-2]
     with pytest.raises(FileSuperseded) as info:
@@ -96,7 +88,7 @@ async def test_rewriting_the_same_bytes_costs_nothing_more(engine: Engine) -> No
     code = "import random\n" + write("same.bin", f"random.Random(1).randbytes({8 * MiB})")
     for _ in range(4):
         assert len((await engine.run_code(session, code)).result.files) == 1  # a new version each time
-    assert host_storage(engine.settings.files_dir) <= 8 * MiB + 64 * 1024
+    assert tree_disk_bytes(engine.settings.files_dir) <= 8 * MiB + 64 * 1024
 
 
 # ---- the history quota and superseded downloads --------------------------------------------------------------
@@ -178,10 +170,10 @@ async def test_close_session_with_delete_files_frees_the_space_at_once(engine: E
     await engine.run_code(session, "import os\n" + write("x.bin", f"os.urandom({4 * MiB})") + write("y.txt", "b'y'"))
     keeper = await engine.session_for(None)
     await engine.run_code(keeper, write("y.txt", "b'y'"))  # the same bytes in a session that stays
-    assert host_storage(engine.settings.files_dir) >= 4 * MiB
+    assert tree_disk_bytes(engine.settings.files_dir) >= 4 * MiB
     used = engine.ctx.blobs.used_bytes
     await engine.close_session(session, delete_files=True)
-    assert host_storage(engine.settings.files_dir) < 64 * 1024
+    assert tree_disk_bytes(engine.settings.files_dir) < 64 * 1024
     assert engine.ctx.blobs.used_bytes < used - 4 * MiB + 64 * 1024
     assert (await engine.download(keeper, "y.txt")).data == b"y"
 
@@ -266,7 +258,7 @@ async def test_a_data_folder_of_the_old_layout_keeps_working(tmp_path: Path) -> 
             await eng.download(session, file_id)
         assert not copy.exists()
         await eng.close_session(session, delete_files=True)
-        assert host_storage(eng.settings.files_dir) == 0
+        assert tree_disk_bytes(eng.settings.files_dir) == 0
     columns = {r[1] for r in sqlite3.connect(data / "registry.sqlite3").execute("PRAGMA table_info(files)")}
     assert {"blob", "disk_bytes", "dropped"} <= columns
 

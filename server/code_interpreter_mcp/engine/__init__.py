@@ -11,7 +11,8 @@ schema, and shapes results to the result budget. It knows no MCP types. One modu
   limits go here.
 - `run`: one run: arguments, execute (one flow for every backend), harvest, JSON, shaping; runs in the background
   (a run registry: handles, `get_run`, `cancel_run`) go next to it, in a module of their own.
-- `harvest`: one harvest of a container (listing diff, fetches, records).
+- `harvest`: one harvest of a container (listing diff, fetches in batches, blobs placed, records and the history
+  quota in one transaction).
 - `json_result`: the run's JSON: extraction, validation, repair, token usage.
 - `shaping`: results within the budget: clipping, link rewriting, inline images; per-tool budgets go here.
 - `files`: list, find, download, save copies, resources. `inputs`: upload and a run's input files.

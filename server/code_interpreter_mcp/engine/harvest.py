@@ -2,7 +2,10 @@
 container record's snapshot) to the host, and record the copies in the registry.
 
 A fetch starts as soon as a file is known (cited by the backend's answer, or found by the listing), each file at
-most once; the listing is authoritative for paths and versions. Within a run the harvest can go on alongside the
+most once, in at most `COPY_THREADS` batches at once; the listing is authoritative for paths and versions. The
+copies land in the owner's blob store (`storage.blobs`: identical bytes once, the server-wide quota), and the new
+records go into the registry in one transaction together with the superseded versions the session's history
+quota drops (`storage.history`). Within a run the harvest can go on alongside the
 backend (`fetching(alongside=True)`: the listing starts when the code finished, while a model still writes), or
 after it; the common case, nothing changed, costs one listing and no task group.
 

@@ -32,6 +32,16 @@ def disk_bytes(st: os.stat_result) -> int:
     return int(st.st_blocks) * 512
 
 
+def tree_disk_bytes(folder: Path) -> int:
+    """What every regular file under `folder` costs on disk (links not followed): the harvested store's real size."""
+    total = 0
+    for root, _dirs, names in os.walk(folder):
+        for name in names:
+            with contextlib.suppress(FileNotFoundError):
+                total += disk_bytes(os.lstat(os.path.join(root, name)))
+    return total
+
+
 def _segments(fd: int, size: int, sparse: bool) -> list[tuple[int, int]]:
     """The (offset, end) ranges holding data; one range for a dense file (no lseek calls for the common case)."""
     if not sparse or size == 0:

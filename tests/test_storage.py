@@ -107,6 +107,8 @@ async def test_a_dropped_version_names_the_current_one_and_its_copy_is_gone(engi
     with pytest.raises(FileSuperseded):
         await engine.read_resource(first.uri)
     assert (await engine.download(session, "r.txt")).data == b"two, longer"
+    with pytest.raises(FileSuperseded):  # nor can it go back into the container as a run's input
+        await engine.run_code(session, "1", files=[first.file_id])
     assert [f.file_id for f in (await engine.list_files(session)).files] == [second.file_id]
 
 
@@ -268,6 +270,7 @@ async def test_start_sweeps_copies_in_flight_and_blobs_no_record_holds(tmp_path:
     store = BlobStore(files, 1 << 30)
     key = owner_key(None)
     stale = store.tmp_path(key)
+    stale.parent.mkdir(parents=True)
     stale.write_bytes(b"half a copy")
     orphan = store.blob_path(key, "ee" * 32)
     orphan.parent.mkdir(parents=True)

@@ -17,11 +17,11 @@ from pathlib import Path
 import anyio
 
 from ..artifacts import normalize_container_path, parse_file_uri, record_to_info, remove_tree
-from ..errors import BadInput, FileNotFound, FileSuperseded, FileTooLarge, NotFound, PathRefused
+from ..errors import BadInput, FileNotFound, FileTooLarge, NotFound, PathRefused
 from ..models import DownloadResult, FileInfo, FileList
 from ..sessions import ContainerRecord, FileRecord, Session
 from ..storage.blobs import owner_key
-from ..storage.history import current_versions
+from ..storage.history import check_not_dropped
 from .containers import Containers, utc
 from .context import EngineContext
 from .harvest import harvest_now
@@ -112,7 +112,7 @@ class Files:
     ) -> DownloadOutput:
         async with session.lock:
             rec = await self._find_record(session, file, container_id)
-        check_not_dropped(session, rec)
+        check_not_dropped(session.files, rec)
         info = record_to_info(rec)
         local = Path(rec.local_path) if rec.local_path else None
         if local is None or not await anyio.Path(local).is_file():
@@ -142,7 +142,7 @@ class Files:
             raise NotFound(f"Unknown resource {uri!r}.") from None
         rec = session.find_file(parsed[1])
         if rec is not None:
-            check_not_dropped(session, rec)
+            check_not_dropped(session.files, rec)
         if rec is None or not rec.local_path:
             raise NotFound(f"Unknown resource {uri!r}.")
         limit = self.ctx.settings.resource_max_bytes
@@ -163,19 +163,6 @@ class Files:
         key = owner_key(session.owner)
         await anyio.to_thread.run_sync(self.ctx.blobs.release, [(key, r) for r in removed if not r.dropped])
         await anyio.to_thread.run_sync(remove_tree, self.ctx.settings.files_dir / session.id)  # inputs' copies
-
-
-def check_not_dropped(session: Session, rec: FileRecord) -> None:
-    """A version dropped past the history quota says so and names the path's current version."""
-    if not rec.dropped:
-        return
-    current = current_versions(session.files).get(rec.path)
-    now = f" The current version of {rec.path!r} is {current.file_id}." if current is not None else ""
-    raise FileSuperseded(
-        f"{rec.file_id} is an earlier version of {rec.path!r} that was superseded; its copy was dropped to keep "
-        f"the session's file history within its quota.{now}",
-        current.file_id if current is not None else None,
-    )
 
 
 def _save_copy(src: Path, save_to: str, name: str, overwrite: bool) -> str:

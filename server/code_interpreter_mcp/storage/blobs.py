@@ -57,7 +57,6 @@ class BlobStore:
         self._disk: dict[BlobKey, int] = {}
         self._blob_bytes = 0
         self.direct_bytes = 0  # records of the earlier one-folder-per-file layout, read where they lie
-        self._tmp_made: set[str] = set()
 
     # ---- loading ----------------------------------------------------------------------------------------
 
@@ -89,12 +88,9 @@ class BlobStore:
         return self.files_dir / key / "blobs" / sha[:2] / sha[2:]
 
     def tmp_path(self, key: str) -> Path:
-        """A fresh name for a copy in flight, on the blobs' filesystem (so placing it is a rename)."""
-        folder = self.files_dir / key / "tmp"
-        if key not in self._tmp_made:
-            folder.mkdir(parents=True, exist_ok=True)
-            self._tmp_made.add(key)
-        return folder / secrets.token_hex(12)
+        """A fresh name for a copy in flight, on the blobs' filesystem (so placing it is a rename). The folder
+        is made by whoever writes there first (backends make a destination's folder), never on the loop."""
+        return self.files_dir / key / "tmp" / secrets.token_hex(12)
 
     # ---- placing and releasing --------------------------------------------------------------------------
 

@@ -3,13 +3,15 @@
 A path's latest version is always kept. The versions it superseded (each handed out by the result that made it)
 are kept newest first while what they cost together stays within the quota; past it, the older ones are dropped.
 Versions sharing a blob go together (dropping one but not the other frees nothing), and a blob the current
-versions still hold costs nothing to keep. Pure: it decides, the caller releases and records.
+versions still hold costs nothing to keep. Pure: it decides, the caller releases and records; `check_not_dropped`
+refuses a dropped version, naming the current one.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+from ..errors import FileSuperseded
 from ..sessions import FileRecord
 
 
@@ -45,3 +47,16 @@ def superseded_to_drop(
         if over:
             drop.extend(versions)
     return sorted(drop, key=lambda r: r.seq)
+
+
+def check_not_dropped(records: list[FileRecord], rec: FileRecord) -> None:
+    """A version dropped past the history quota says so and names its path's current version."""
+    if not rec.dropped:
+        return
+    current = current_versions(records).get(rec.path)
+    now = f" The current version of {rec.path!r} is {current.file_id}." if current is not None else ""
+    raise FileSuperseded(
+        f"{rec.file_id} is an earlier version of {rec.path!r} that was superseded; its copy was dropped to keep "
+        f"the session's file history within its quota.{now}",
+        current.file_id if current is not None else None,
+    )

@@ -316,3 +316,21 @@ async def test_a_harvest_of_many_files_is_one_registry_transaction(engine: Engin
         else:
             current.append(s)
     assert sum(1 for t in transactions if any("INSERT INTO files" in s for s in t)) == 1
+
+
+async def test_after_a_restart_blobs_keep_their_references(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path / "data")
+    code = write("shared.txt", "b'the same bytes'")
+    async with Engine(settings).running() as first:
+        one, two = await first.session_for(None), await first.session_for(None)
+        a = (await first.run_code(one, code)).result.files[0]
+        await first.run_code(two, code)
+        ids = (one.id, two.id)
+    async with Engine(settings).running() as again:
+        await anyio.to_thread.run_sync(again.ctx.blobs.sweep)  # as at start-up: every blob a record holds stays
+        one, two = [await again.session_for(sid) for sid in ids]
+        assert (await again.download(one, a.file_id)).data == b"the same bytes"
+        await again.close_session(two, delete_files=True)  # one of two references released: the blob stays
+        assert a.local_path and Path(a.local_path).is_file()
+        await again.close_session(one, delete_files=True)
+        assert not Path(a.local_path).exists()

@@ -204,7 +204,8 @@ class Harvest:
                     continue
                 record.path, record.version = listed.path, listed.version
             records.append(record)
-        records = await anyio.to_thread.run_sync(self._place, records, unchanged)
+        if records or unchanged:
+            records = await anyio.to_thread.run_sync(self._place, records, unchanged)
         rec.snapshot = {f.path: f for f in listing if f.path not in self.refused}
         records.sort(key=lambda r: r.path)
         await record_with_history(self.ctx, self.session, records)
@@ -238,9 +239,11 @@ async def record_with_history(ctx: EngineContext, session: Session, records: lis
     """Record new versions; superseded ones past the session's history quota are dropped in the same registry
     transaction, and their copies released after it (a crash in between leaves a blob the sweep removes)."""
     key = owner_key(session.owner)
-    history = [*session.files, *records]
-    quota = int(ctx.settings.file_history_mb * 1024 * 1024)
-    drop = superseded_to_drop(history, quota, lambda r: _cost(ctx, key, r))
+    drop: list[FileRecord] = []
+    earlier = {r.path for r in session.files}
+    if any(r.path in earlier for r in records):  # only a new version of a known path supersedes anything
+        quota = int(ctx.settings.file_history_mb * 1024 * 1024)
+        drop = superseded_to_drop([*session.files, *records], quota, lambda r: _cost(ctx, key, r))
     await ctx.reg.add_files(session, records, drop)
     if drop:
         await anyio.to_thread.run_sync(ctx.blobs.release, [(key, r) for r in drop])

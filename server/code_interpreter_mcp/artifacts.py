@@ -1,7 +1,8 @@
 """Harvested files on the host: where they live, their mime types, resource URIs, and safe path handling.
 
-Layout: `<data_dir>/files/<session_id>/<file_id>/<name>`. A harvested copy is written once and never changed;
-a later change of the same container path becomes a new file id.
+Layout of uploaded inputs (and of harvested copies made before the blob store, still read where they lie):
+`<data_dir>/files/<session_id>/<file_id>/<name>`. Harvested copies live in `storage.blobs`. A copy is written once
+and never changed; a later change of the same container path becomes a new file id.
 """
 
 from __future__ import annotations

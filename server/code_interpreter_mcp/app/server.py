@@ -44,19 +44,19 @@ class CodeInterpreterServer(MCPServer[Engine]):
 
     def __init__(self, settings: Settings, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.settings = settings
+        self.ci_settings = settings  # MCPServer has a `settings` of its own
 
     async def _handle_list_tools(
         self, ctx: ServerRequestContext[Engine], params: PaginatedRequestParams | None
     ) -> ListToolsResult:
-        return tools_for_client(await super()._handle_list_tools(ctx, params), client_profile(ctx, self.settings))
+        return tools_for_client(await super()._handle_list_tools(ctx, params), client_profile(ctx, self.ci_settings))
 
     async def call_tool(
         self, name: str, arguments: dict[str, Any], context: Context[Engine, Any] | None = None
     ) -> CallToolResult | InputRequiredResult:
         result = await super().call_tool(name, arguments, context)
         if isinstance(result, CallToolResult) and context is not None:
-            return for_client(result, client_profile(context, self.settings))
+            return for_client(result, client_profile(context, self.ci_settings))
         return result
 
     async def read_resource(

@@ -27,7 +27,9 @@ BUDGET = SETTINGS.result_budget_tokens * 4
 
 def measure(r: CallToolResult) -> int:
     """Characters of the result as the budget counts them (independently of the server's own count)."""
-    total = len(json.dumps(r.structured_content, ensure_ascii=False, separators=(",", ":"))) if r.structured_content else 0
+    total = (
+        len(json.dumps(r.structured_content, ensure_ascii=False, separators=(",", ":"))) if r.structured_content else 0
+    )
     for c in r.content:
         if isinstance(c, TextContent):
             total += len(c.text)

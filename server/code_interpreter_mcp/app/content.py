@@ -77,8 +77,11 @@ def download_result(out: DownloadOutput, p: ClientProfile) -> CallToolResult:
 def file_list_result(r: FileList, p: ClientProfile) -> CallToolResult:
     lines = [
         f"{len(r.files)} of {r.total} files · session {r.session_id} · container {r.container_id or '-'} "
-        + ("(alive" + (f", expires {r.expires_at:%Y-%m-%d %H:%M:%S}Z)" if r.expires_at else ")") if r.container_alive
-           else "(gone: harvested copies)")
+        + (
+            "(alive" + (f", expires {r.expires_at:%Y-%m-%d %H:%M:%S}Z)" if r.expires_at else ")")
+            if r.container_alive
+            else "(gone: harvested copies)"
+        )
     ]
     files = r.files if p.content_only else r.files[:SUMMARY_FILES]
     lines.extend(file_line(f) for f in files)
@@ -95,9 +98,8 @@ def upload_result(r: UploadResult, p: ClientProfile) -> CallToolResult:
 
 
 def close_result(r: CloseResult, p: ClientProfile) -> CallToolResult:
-    text = (
-        f"session {r.session_id} closed · {r.containers_stopped} container(s) stopped · "
-        + ("harvested files kept" if r.files_kept else "harvested files deleted")
+    text = f"session {r.session_id} closed · {r.containers_stopped} container(s) stopped · " + (
+        "harvested files kept" if r.files_kept else "harvested files deleted"
     )
     return _result(p, text, [], dump(r))
 
@@ -224,7 +226,8 @@ def download_summary(r: DownloadResult) -> str:
         lines.append(
             "inline: downscaled preview"
             if r.preview
-            else f"inline: bytes {r.offset}-{end} of {f.bytes}" + (f" · next_offset={r.next_offset}" if r.next_offset else "")
+            else f"inline: bytes {r.offset}-{end} of {f.bytes}"
+            + (f" · next_offset={r.next_offset}" if r.next_offset else "")
         )
     else:
         lines.append("not inline")

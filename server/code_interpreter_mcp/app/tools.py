@@ -175,7 +175,9 @@ async def download_file(
     save_to: Annotated[str | None, Field(description="Absolute host directory or file path to save to.")] = None,
     overwrite: bool = False,
     offset: Annotated[int, Field(description="First byte to return (next_offset of the previous part).", ge=0)] = 0,
-    max_bytes: Annotated[int | None, Field(description="At most this many bytes (still within the budget).", ge=1)] = None,
+    max_bytes: Annotated[
+        int | None, Field(description="At most this many bytes (still within the budget).", ge=1)
+    ] = None,
 ) -> Annotated[CallToolResult, DownloadResult]:
     async with _session(ctx, session_id) as (engine, session):
         out = await engine.download(session, file, container_id, save_to, overwrite, offset, max_bytes)

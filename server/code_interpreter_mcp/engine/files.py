@@ -195,7 +195,9 @@ class Files:
         # The body is content: it shares the budget with this result's own JSON and the summary.
         room = budget_chars(settings) - summary_room(settings) - json_chars(dump(result)) - 300
         if is_text_mime(rec.mime_type):
-            out = await self._text_part(result, local, offset, min(room, settings.inline_file_max_bytes, max_bytes or room))
+            out = await self._text_part(
+                result, local, offset, min(room, settings.inline_file_max_bytes, max_bytes or room)
+            )
             if out is not None:
                 return out
         elif rec.mime_type in INLINE_IMAGE_TYPES and not ranged:
@@ -203,9 +205,8 @@ class Files:
             if image is not None:
                 result.inline, result.preview = True, image.preview
                 if image.preview:
-                    result.hint = (
-                        f"A downscaled preview: the full image ({rec.bytes} bytes) is at the resource URI"
-                        + (" and the host path in saved_to." if settings.transport == "stdio" else ".")
+                    result.hint = f"A downscaled preview: the full image ({rec.bytes} bytes) is at the resource URI" + (
+                        " and the host path in saved_to." if settings.transport == "stdio" else "."
                     )
                     result.saved_to = result.saved_to or self._host_path(local)
                 return DownloadOutput(result, image.data, mime_type=image.mime_type)

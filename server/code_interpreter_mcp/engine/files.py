@@ -29,9 +29,9 @@ from ..artifacts import (
 from ..errors import BadInput, FileNotFound, FileTooLarge, NotFound, PathRefused
 from ..models import DownloadResult, FileInfo, FileList, dump
 from ..sessions import ContainerRecord, FileRecord, Session
+from .budget import budget_chars, json_chars, structured_room, summary_room
 from .containers import Containers, utc
 from .context import EngineContext
-from .budget import budget_chars, json_chars, structured_room, summary_room
 from .harvest import harvest_now
 from .inputs import check_host_paths
 from .shaping import list_files_within, load_image

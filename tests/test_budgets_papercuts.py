@@ -18,7 +18,7 @@ from code_interpreter_mcp.app import build_server
 from code_interpreter_mcp.backends import create_backend
 from code_interpreter_mcp.config import Settings
 from code_interpreter_mcp.errors import BadInput
-from tests.helpers import structured
+from tests.helpers import structured, text_of
 
 pytestmark = pytest.mark.anyio
 
@@ -84,3 +84,34 @@ def test_example_config_uses_an_absolute_path() -> None:
     command = config["mcpServers"]["code-interpreter"]["command"]
     assert command.startswith("/") and "/ABSOLUTE/PATH/TO/" in command
     assert "/ABSOLUTE/PATH/TO/" in (ROOT / "README.md").read_text()
+
+
+async def test_symlinks_are_reported_and_refused(tmp_path: Path) -> None:
+    async with Client(build_server(Settings(data_dir=tmp_path / "d")), raise_exceptions=True) as c:
+        code = "import os\nos.symlink('/etc/passwd', 'link.txt')\nopen('ok.txt', 'w').write('fine')"
+        s = structured(await c.call_tool("run_code", {"code": code}))
+        assert [f["path"] for f in s["files"]] == ["ok.txt"]
+        assert any("link.txt" in w and "symbolic link" in w for w in s["warnings"])
+        again = structured(await c.call_tool("run_code", {"code": "1"}))
+        assert again["warnings"] == []  # said once, when it appeared
+        r = await c.call_tool("download_file", {"file": "link.txt"})
+        assert r.is_error and "path_refused" in text_of(r) and "symbolic link" in text_of(r)
+        missing = await c.call_tool("download_file", {"file": "nothing.txt"})
+        assert missing.is_error and "file_not_found" in text_of(missing)
+
+
+async def test_timeout_and_failed_schema_texts(tmp_path: Path) -> None:
+    async with Client(build_server(Settings(data_dir=tmp_path / "d", interrupt_grace_s=1)), raise_exceptions=True) as c:
+        r = await c.call_tool("run_code", {"code": "import time\nx = 1\ntime.sleep(30)", "timeout_s": 1.5})
+        s = structured(r)
+        assert s["status"] == "timeout"
+        text = text_of(r)
+        assert text.splitlines()[1].startswith("error: TimeoutError: The run exceeded its 1.5 s time limit")
+        assert "variables and imports are kept" in text
+        assert "KeyboardInterrupt" not in text and "worker" not in s["error"]["traceback"]
+        assert "time.sleep(30)" in s["error"]["traceback"]
+        failed = structured(await c.call_tool("run_code", {"code": "1/0", "output_schema": {"type": "object"}}))
+        assert "the run did not finish" in failed["json_error"]["message"]
+        assert "End the code with an expression" not in failed["json_error"]["message"]
+        missing = structured(await c.call_tool("run_code", {"code": "import no_such_module_here"}))
+        assert any("pip install no_such_module_here" in w for w in missing["warnings"])

@@ -155,6 +155,13 @@ class Files:
         if not candidates:
             candidates = [r for r in session.files if r.path == rel]
         if not candidates:
+            listed = crec.snapshot.get(rel) if crec is not None else None
+            if listed is not None and listed.skipped:
+                raise PathRefused(
+                    f"{rel!r} is {listed.skipped} in the container; symlinks and special files are refused, "
+                    "never followed.",
+                    "Copy the data into a regular file inside /mnt/data and download that.",
+                )
             raise FileNotFound(f"No file {rel!r} in this session's container.")
         return candidates[-1]
 

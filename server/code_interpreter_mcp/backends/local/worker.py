@@ -66,6 +66,38 @@ def _on_sigint(signum: int, frame: types.FrameType | None) -> None:
         raise KeyboardInterrupt
 
 
+_SAVED_FIGURES: set = set()  # numbers of the figures the current run saved itself
+
+
+class _SavedFigures:
+    """Wraps `Figure.savefig` once matplotlib.figure is imported (a meta-path finder: importing matplotlib at start-up
+    would cost every worker), so the figures a run saved itself are not auto-saved a second time."""
+
+    def find_spec(self, name: str, path: object, target: object = None) -> object:
+        if name != "matplotlib.figure":
+            return None
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)
+        import importlib.util
+
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.loader is not None:
+            load = spec.loader.exec_module
+
+            def exec_module(module: types.ModuleType) -> None:
+                load(module)
+                save = module.Figure.savefig
+
+                def savefig(fig: object, *args: object, **kwargs: object) -> object:
+                    _SAVED_FIGURES.add(getattr(fig, "number", None))
+                    return save(fig, *args, **kwargs)
+
+                module.Figure.savefig = savefig
+
+            spec.loader.exec_module = exec_module  # type: ignore[method-assign]
+        return spec
+
+
 # ------------------------------------------------------------------------------------------------ start-up
 
 
@@ -288,7 +320,7 @@ class _Runner:
             return []
         saved = []
         try:
-            nums = list(plt.get_fignums())
+            nums = [n for n in plt.get_fignums() if n not in _SAVED_FIGURES]
         except Exception as exc:
             warnings.append(f"could not list matplotlib figures: {type(exc).__name__}: {_safe_str(exc)}")
             return []
@@ -331,6 +363,7 @@ class _Runner:
         os.dup2(err_fd, 2)
         _State.interrupted = False
         _State.running = True
+        _SAVED_FIGURES.clear()
         try:
             try:
                 body_code, last_code = self._compile(code, f"<cell {run}>")
@@ -505,6 +538,7 @@ def main() -> None:
     os.umask(0o022)
     os.chdir(cfg["workdir"])
     _prepare_matplotlib(cfg)
+    sys.meta_path.insert(0, _SavedFigures())  # type: ignore[arg-type]
     _State.pid = os.getpid()
     signal.signal(signal.SIGINT, _on_sigint)
 

@@ -30,6 +30,10 @@ from .json_result import ResolvedJson, token_usage
 _SANDBOX_LINK = re.compile(r"sandbox:(/mnt/data/[^\s)\]\"'>]+)")
 _MISSING_MODULE = re.compile(r"No module named '([^'.]+)")
 MAX_WARNINGS = 10
+OUTPUT_CUT = (
+    "Output was cut to fit the result (its head and end are kept). For all of it, write it to a file in "
+    "/mnt/data and read that with download_file(file, offset=...), which pages."
+)
 
 
 @dataclass
@@ -210,6 +214,9 @@ class Shaper:
         cap, measured as JSON (escapes count), shrunk until the whole result fits."""
         room = structured_room(self.settings)
         avail = min(room - json_chars(dump(result)), self.settings.output_cap_chars * 2)
+        if result.truncated or sum(json_chars(v) for v in parts.values()) > avail:
+            result.warnings.append(OUTPUT_CUT)
+            avail -= len(OUTPUT_CUT) + 4
         for _ in range(4):
             streams, cut = dict(parts), False
             if sum(json_chars(v) for v in streams.values()) > avail:

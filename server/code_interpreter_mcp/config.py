@@ -8,6 +8,7 @@ masks them.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -84,6 +85,26 @@ class Settings(BaseModel):
         default=None, description="where that cache lives (default: the user cache dir)"
     )
 
+    # Packages (run_code packages=..., PEP 723 blocks)
+    packages: Literal["any", "allowlist", "off"] | None = Field(
+        default=None, description="package policy (default: any on stdio, off on HTTP)"
+    )
+    package_allowlist: list[str] = Field(
+        default_factory=list, description="packages allowed under the allowlist policy (comma-separated in env)"
+    )
+    package_index_url: str | None = Field(
+        default=None, description="package index (default: the user's own uv/pip configuration)"
+    )
+    package_find_links: str | None = Field(
+        default=None, description="a local folder (or page) of wheels; alone, installs use no index (offline)"
+    )
+    package_allow_builds: bool = Field(default=False, description="build sdists (inside the installer sandbox)")
+    package_installer: Literal["auto", "uv", "pip"] = "auto"
+    package_install_timeout_s: float = Field(default=300.0, gt=0)
+    package_set_max_mb: int = Field(default=1024, ge=1, description="largest installed package set")
+    package_cache_quota_mb: int = Field(default=5120, ge=1, description="all package sets and the installer cache")
+    package_cache_dir: Path | None = Field(default=None, description="default: <data_dir>/packages")
+
     # OpenAI backend
     openai_model: str = "gpt-5.5"
     openai_api_key: SecretStr | None = None
@@ -101,9 +122,31 @@ class Settings(BaseModel):
     def _expand(cls, v: Any) -> Any:
         return Path(v).expanduser() if isinstance(v, str | Path) else v
 
+    @field_validator("package_cache_dir", mode="before")
+    @classmethod
+    def _expand_optional(cls, v: Any) -> Any:
+        return Path(v).expanduser() if isinstance(v, str | Path) else v
+
+    @field_validator("package_allowlist", mode="before")
+    @classmethod
+    def _split_list(cls, v: Any) -> Any:
+        # Environment variables arrive as one string: "numpy, pandas tabulate".
+        return [part for part in re.split(r"[,\s]+", v) if part] if isinstance(v, str) else v
+
     @property
     def host_paths_allowed(self) -> bool:
         return self.allow_host_paths if self.allow_host_paths is not None else self.transport == "stdio"
+
+    @property
+    def packages_policy(self) -> Literal["any", "allowlist", "off"]:
+        """The package policy in force: over HTTP the caller is not the host's user, so off unless set."""
+        if self.packages is not None:
+            return self.packages
+        return "any" if self.transport == "stdio" else "off"
+
+    @property
+    def package_cache_path(self) -> Path:
+        return self.package_cache_dir if self.package_cache_dir is not None else self.data_dir / "packages"
 
     @property
     def db_path(self) -> Path:
@@ -122,6 +165,9 @@ class Settings(BaseModel):
         out = self.model_dump(mode="json")
         for key in ("openai_api_key", "auth_token"):
             out[key] = "set" if getattr(self, key) else None
+        if self.package_index_url:
+            # An index URL may carry credentials (https://user:token@host/simple).
+            out["package_index_url"] = re.sub(r"//[^/@]*@", "//***@", self.package_index_url)
         return out
 
 

@@ -5,7 +5,7 @@ root, so nothing here ever follows a link: listing uses `os.scandir` without fol
 walk the path one component at a time with `openat(O_NOFOLLOW)` relative to the folder's own fd, so a symlinked
 directory or file anywhere on the path is refused (no check-then-use race).
 
-All functions block; callers run them in a thread, except a listing of a small folder (see backend.py).
+All functions block; callers run them in a thread, except a listing of a small folder (see folder.py).
 """
 
 from __future__ import annotations

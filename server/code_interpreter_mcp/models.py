@@ -91,8 +91,9 @@ class RunResult(_Model):
         default=None,
         alias="json",
         description="The validated JSON result (when output_schema).",
-        # Any JSON value, said explicitly: an empty schema reads as a missing type to strict checkers (Inspector).
-        json_schema_extra={"type": ["object", "array", "string", "number", "integer", "boolean", "null"]},
+        # Any JSON value, said explicitly: an empty schema reads as a missing type to strict checkers (Inspector),
+        # and one branch per type maps onto single-`type` dialects (Gemini's OpenAPI subset), unlike a type array.
+        json_schema_extra={"anyOf": [{"type": t} for t in ("null", "object", "array", "string", "number", "boolean")]},
     )
     json_error: JsonError | None = None
     files: list[FileInfo] = Field(default_factory=list, description="Files created or changed by this run.")

@@ -75,13 +75,11 @@ def download_result(out: DownloadOutput, p: ClientProfile) -> CallToolResult:
 
 
 def file_list_result(r: FileList, p: ClientProfile) -> CallToolResult:
+    state = "gone: harvested copies"
+    if r.container_alive:
+        state = "alive" + (f", expires {r.expires_at:%Y-%m-%d %H:%M:%S}Z" if r.expires_at else "")
     lines = [
-        f"{len(r.files)} of {r.total} files · session {r.session_id} · container {r.container_id or '-'} "
-        + (
-            "(alive" + (f", expires {r.expires_at:%Y-%m-%d %H:%M:%S}Z)" if r.expires_at else ")")
-            if r.container_alive
-            else "(gone: harvested copies)"
-        )
+        f"{len(r.files)} of {r.total} files · session {r.session_id} · container {r.container_id or '-'} ({state})"
     ]
     files = r.files if p.content_only else r.files[:SUMMARY_FILES]
     lines.extend(file_line(f) for f in files)

@@ -30,10 +30,10 @@ class Sets:
         if wanted == self.current:
             return []
         added = [p for p in wanted if p not in self.current]
+        before = [p for p in sys.path if p not in wanted]  # where modules imported so far came from
         for path in self.current:
             if path not in wanted:
                 _remove(path)
-        before = [p for p in sys.path if p not in wanted]
         for path in reversed(wanted):
             _remove(path)
             sys.path.insert(0, path)

@@ -61,6 +61,12 @@ class _Held:
     requirements: list[str]
     installed: InstalledSet
     keys: set[str] = field(default_factory=set)  # one lease each
+    again: RunPackages | None = None  # what a later run with the same requirements gets (built once)
+
+    def later_run(self) -> RunPackages:
+        if self.again is None:
+            self.again = _for_run(self.requirements, self.installed, seconds=0.0, reused=True)
+        return self.again
 
 
 class Packages:
@@ -110,7 +116,7 @@ class Packages:
             return None
         held = self._held.get(rec.state.id)
         if held is not None and held.requirements == requirements:
-            return _for_run(requirements, held.installed, seconds=0.0, reused=True)
+            return held.later_run()
         installed = await self.manager.ensure(requirements, progress)
         if held is None:
             self._held[rec.state.id] = _Held(requirements, installed, {installed.key})
@@ -118,7 +124,7 @@ class Packages:
             if installed.key in held.keys:
                 self.manager.release(installed.key)  # this container leases it already
             held.keys.add(installed.key)
-            held.requirements, held.installed = requirements, installed
+            held.requirements, held.installed, held.again = requirements, installed, None
         if requirements != session.packages:
             await self.ctx.reg.save_packages(session, requirements)
         return _for_run(requirements, installed, seconds=installed.seconds, reused=installed.reused)

@@ -23,10 +23,14 @@ class Sets:
     def __init__(self, root: str | None) -> None:
         self.root = root
         self.current: list[str] = []
+        self.names: object = None  # as the last run named them
 
     def use(self, names: object) -> list[str]:
         """Make exactly the named sets importable, first on sys.path; warnings for modules that stay stale."""
+        if names == self.names or (not names and not self.current):
+            return []
         wanted = self._paths(names)
+        self.names = names
         if wanted == self.current:
             return []
         added = [p for p in wanted if p not in self.current]

@@ -11,28 +11,14 @@ from pathlib import Path
 import pytest
 from mcp import Client, StdioServerParameters
 
-from code_interpreter_mcp.packages.sandbox import Bwrap, find_bwrap, probe_bwrap
-from tests.wheels import build_wheel
-
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
-
-
-@pytest.fixture
-def wheels(tmp_path: Path) -> Path:
-    path = find_bwrap()
-    if path is None or not isinstance(probe_bwrap(path), Bwrap):
-        pytest.skip("bubblewrap cannot build the installer sandbox on this machine")
-    w = tmp_path / "wheels"
-    build_wheel(w, "alpha", "2.0")
-    build_wheel(w, "beta", "1.0", requires=["alpha>=2"])
-    return w
 
 
 def env_for(wheels: Path) -> dict[str, str]:
     return {"PYTHONUNBUFFERED": "1", "CODE_INTERPRETER_PACKAGE_FIND_LINKS": str(wheels)}
 
 
-async def test_packages_over_stdio_survive_a_server_restart(tmp_path: Path, wheels: Path) -> None:
+async def test_packages_over_stdio_survive_a_server_restart(tmp_path: Path, wheels: Path, sandbox_ok: None) -> None:
     data = tmp_path / "d"
     params = StdioServerParameters(
         command=sys.executable,
@@ -57,7 +43,7 @@ async def test_packages_over_stdio_survive_a_server_restart(tmp_path: Path, whee
         assert a["packages"]["reused"] is True and a["container"]["state_lost"] is True
 
 
-def test_doctor_shows_policy_index_and_cache(tmp_path: Path, wheels: Path) -> None:
+def test_doctor_shows_policy_index_and_cache(tmp_path: Path, wheels: Path, sandbox_ok: None) -> None:
     out = subprocess.run(
         [sys.executable, "-m", "code_interpreter_mcp", "doctor", "--data-dir", str(tmp_path / "d")],
         capture_output=True,

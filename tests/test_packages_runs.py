@@ -21,31 +21,11 @@ from code_interpreter_mcp.engine import Engine
 from code_interpreter_mcp.engine.packages import merge_requirements
 from code_interpreter_mcp.models import RunResult
 from code_interpreter_mcp.packages.installer import Installer
-from code_interpreter_mcp.packages.sandbox import Bwrap, find_bwrap, probe_bwrap
 from code_interpreter_mcp.sessions import Registry
 from tests.helpers import structured, text_of
 from tests.wheels import build_wheel, serve_index, write_simple_index
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture(scope="module")
-def wheels(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    w = tmp_path_factory.mktemp("wheels")
-    build_wheel(w, "alpha", "1.0")
-    build_wheel(w, "alpha", "2.0")
-    build_wheel(w, "beta", "1.0", requires=["alpha>=2"])
-    build_wheel(w, "gamma", "1.0", requires=["alpha<2"])
-    build_wheel(w, "delta", "1.0")
-    build_wheel(w, "winonly", "1.0", tag="cp311-cp311-win_amd64")
-    return w
-
-
-@pytest.fixture(scope="module")
-def sandbox_ok() -> None:
-    path = find_bwrap()
-    if path is None or not isinstance(probe_bwrap(path), Bwrap):
-        pytest.skip("bubblewrap cannot build the installer sandbox on this machine")
 
 
 def settings_for(tmp_path: Path, wheels: Path, **overrides: Any) -> Settings:
@@ -142,6 +122,11 @@ async def test_install_import_progress_and_a_second_session_reuses_the_set(
     assert second["session_id"] != first["session_id"] and second["container_id"] != first["container_id"]
     assert second["result"] == "'1.0'" and second["packages"]["reused"] is True
     assert installer_runs == []  # the second session paid nothing: no installer command ran
+
+
+async def test_pth_files_of_a_set_never_run(served: Served) -> None:
+    r = await served.run("import builtins, withpth\nhasattr(builtins, 'PTH_RAN')", packages=["withpth"])
+    assert r["status"] == "ok" and r["result"] == "False", r
 
 
 async def test_the_sandbox_stays_offline_after_installing_from_a_loopback_index(

@@ -357,3 +357,15 @@ def test_an_older_registry_gets_the_packages_column(tmp_path: Path) -> None:
             again.close()
 
     anyio.run(check)
+
+
+async def test_a_container_found_expired_mid_call_hands_its_set_to_the_new_one(served: Served) -> None:
+    first = await served.run("import alpha\nalpha.VERSION", packages=["alpha<2"])
+    store = served.engine.packages.manager.store
+    (key,) = store.leased()
+    # The backend finds the container expired when the run reaches it (the engine's record still looked fresh).
+    served.engine.backend._containers.get(first["container_id"]).state.last_active_at = 0  # type: ignore[attr-defined]
+    again = await served.run("import alpha\nalpha.VERSION", session_id=first["session_id"])
+    assert again["container_id"] != first["container_id"] and again["container"]["state_lost"] is True
+    assert again["result"] == "'1.0'"
+    assert store.leased() == {key: 1}  # the new container's lease; the old one gave its own back

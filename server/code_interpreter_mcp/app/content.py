@@ -87,6 +87,15 @@ def link(f: FileInfo) -> ResourceLink:
     )
 
 
+def packages_line(r: RunResult) -> str:
+    p = r.packages
+    assert p is not None
+    dists = ", ".join(f"{d.name} {d.version}" for d in p.distributions[:20])
+    more = f" and {len(p.distributions) - 20} more" if len(p.distributions) > 20 else ""
+    how = "already installed" if p.reused else f"installed in {p.seconds:.1f} s"
+    return f"packages: {dists}{more} ({how})"
+
+
 def run_summary(r: RunResult) -> str:
     lines = [
         f"status: {r.status} · {r.duration_ms:.0f} ms · session {r.session_id} · container {r.container_id}"
@@ -94,6 +103,8 @@ def run_summary(r: RunResult) -> str:
     ]
     for w in r.warnings:
         lines.append(f"warning: {w}")
+    if r.packages is not None:
+        lines.append(packages_line(r))
     if r.stdout:
         lines.append("stdout:\n" + _short(r.stdout))
     if r.stderr:

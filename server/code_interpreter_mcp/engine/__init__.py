@@ -16,6 +16,7 @@ schema, and shapes results to the result budget. It knows no MCP types. One modu
 - `shaping`: results within the budget: clipping, link rewriting, inline images; per-tool budgets go here.
 - `files`: list, find, download, save copies, resources. `inputs`: upload and a run's input files.
 - `progress`: progress relays of runs.
+- `packages`: a run's package set (the session's requirements, the one PackageManager, leases per container).
 """
 
 from .facade import Engine

@@ -149,6 +149,12 @@ class Settings(BaseModel):
         return self.package_cache_dir if self.package_cache_dir is not None else self.data_dir / "packages"
 
     @property
+    def package_sets_path(self) -> Path:
+        """The store's folder of installed sets (packages/cache.py lays it out): public code, bound read-only
+        into every run's sandbox, so a set installed later is importable in a live worker."""
+        return self.package_cache_path / "sets"
+
+    @property
     def db_path(self) -> Path:
         return self.data_dir / "registry.sqlite3"
 

@@ -189,3 +189,8 @@ class PackageInstallTimeout(PackageError):
 class PackageInstallFailed(PackageError):
     code = "package_install_failed"
     default_hint = "See the installer's message; run `code-interpreter-mcp doctor` to check the package settings."
+
+
+class PackagesUnsupported(PackageError):
+    code = "packages_unsupported"
+    default_hint = "Run without packages: this backend cannot install them."

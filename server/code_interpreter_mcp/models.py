@@ -78,6 +78,23 @@ class MoreFiles(_Model):
     hint: str
 
 
+class Distribution(_Model):
+    name: str = Field(description="Canonical project name, e.g. scikit-learn.")
+    version: str
+
+
+class PackagesInfo(_Model):
+    requirements: list[str] = Field(
+        description="What the session asked for (packages arguments and PEP 723 blocks; the latest per name)."
+    )
+    distributions: list[Distribution] = Field(description="Every distribution installed for them, resolved.")
+    reused: bool = Field(
+        description="True when nothing was installed for this run: the set was in use already or installed "
+        "before (by any session; sets are cached and shared)."
+    )
+    seconds: float = Field(description="Time spent resolving and installing for this run.")
+
+
 class RunResult(_Model):
     session_id: str = Field(description="Pass back as session_id to keep using this session's state and files.")
     container_id: str
@@ -106,6 +123,9 @@ class RunResult(_Model):
     usage: TokenUsage | None = Field(default=None, description="Model tokens used by this run (openai backend).")
     model_calls: int = 0
     duration_ms: float = 0.0
+    packages: PackagesInfo | None = Field(
+        default=None, description="The session's installed packages, first on sys.path (when it asked for any)."
+    )
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, serialize_by_alias=True)
 

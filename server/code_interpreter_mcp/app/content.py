@@ -148,6 +148,15 @@ def _status_line(r: RunResult) -> str:
     )
 
 
+def packages_line(r: RunResult) -> str:
+    p = r.packages
+    assert p is not None
+    dists = ", ".join(f"{d.name} {d.version}" for d in p.distributions[:20])
+    more = f" and {len(p.distributions) - 20} more" if len(p.distributions) > 20 else ""
+    how = "already installed" if p.reused else f"installed in {p.seconds:.1f} s"
+    return f"packages: {dists}{more} ({how})"
+
+
 def _error_text(r: RunResult, limit: int | None) -> list[str]:
     if r.error is None:
         return []
@@ -162,6 +171,8 @@ def run_summary(r: RunResult) -> str:
     """The short human summary next to structuredContent: leads with what happened; the rest is in the JSON."""
     lines = [_status_line(r), *_error_text(r, 2000)]
     lines.extend(f"warning: {w}" for w in r.warnings[:5])
+    if r.packages is not None:
+        lines.append(packages_line(r))
     if r.stdout:
         lines.append("stdout (end):\n" + _tail(r.stdout, 2000))
     if r.stderr:
@@ -187,6 +198,8 @@ def full_run_text(r: RunResult) -> str:
     """The whole result as text, for clients that never see structuredContent."""
     lines = [_status_line(r), *_error_text(r, None)]
     lines.extend(f"warning: {w}" for w in r.warnings)
+    if r.packages is not None:
+        lines.append(packages_line(r))
     if r.stdout:
         lines.append("stdout:\n" + r.stdout)
     if r.stderr:

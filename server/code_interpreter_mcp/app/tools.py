@@ -40,6 +40,12 @@ expression (like a notebook cell), any error with its traceback, and every file 
 - Each result says when the container expires (idle expiry); after that a new container starts (state_lost:
   true), input files are uploaded again, and earlier files remain downloadable.
 - No network access inside the sandbox. timeout_s stops runaway code (interrupt first, then restart).
+- packages: PEP 508 requirements to install first, e.g. ["tabulate", "scikit-learn>=1.5"] (a PEP 723
+  `# /// script` block with `dependencies = [...]` at the top of the code works too). They are installed outside
+  the sandbox (wheels from the server's configured index), cached and shared between sessions, so a set installed
+  once costs nothing the next time; the session keeps them for later runs and for a new container. Naming a
+  project again changes its constraint; variables survive adding packages. `packages` in the result lists each
+  installed distribution and version. The server's policy may allow only some packages, or none.
 """
 
 ToolFn = Callable[..., Awaitable[Any]]
@@ -114,6 +120,10 @@ async def run_code(
         Literal["two_pass_sentinel", "single_pass"] | None,
         Field(description="openai backend: how the JSON result is obtained."),
     ] = None,
+    packages: Annotated[
+        list[str] | None,
+        Field(description='Requirements to install for this session first, e.g. ["tabulate", "scipy>=1.13"].'),
+    ] = None,
 ) -> Annotated[CallToolResult, RunResult]:
     async with _session(ctx, session_id) as (engine, session):
         out = await engine.run_code(
@@ -125,6 +135,7 @@ async def run_code(
             instructions=instructions,
             json_strategy=json_strategy,
             progress=ctx.report_progress,
+            packages=packages,
         )
     return content.run_result(out, client_profile(ctx, engine.settings))
 

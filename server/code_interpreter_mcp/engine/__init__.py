@@ -19,6 +19,7 @@ schema, and shapes results to the result budget. It knows no MCP types. One modu
 - `files`: list (filter, pages), find, download (parts by offset, previews, the binary cap), save copies,
   resources. `inputs`: upload and a run's input files.
 - `progress`: progress relays of runs.
+- `packages`: a run's package set (the session's requirements, the one PackageManager, leases per container).
 """
 
 from .facade import Engine

@@ -21,7 +21,7 @@ from ..artifacts import INLINE_IMAGE_TYPES, file_uri, image_preview, normalize_c
 from ..backends.base import ExecOutcome
 from ..config import Settings
 from ..errors import CIError
-from ..models import ErrorInfo, FileInfo, JsonError, MoreFiles, RunResult, dump
+from ..models import ErrorInfo, FileInfo, JsonError, MoreFiles, PackagesInfo, RunResult, dump
 from ..sessions import ContainerRecord, FileRecord, Session
 from .budget import cap_list, clip, json_chars, share, structured_room
 from .containers import container_info
@@ -114,8 +114,9 @@ def failure_hints(outcome: ExecOutcome) -> list[str]:
     return [
         f"The sandbox has no module {name!r}: it imports what the server's own Python environment has. Install "
         f"{name} next to the server (e.g. `pip install {name}` in its environment; the `analysis` extra brings "
-        "numpy, pandas, matplotlib and openpyxl) and restart it, or pass it in run_code's `packages` where this "
-        "server offers that argument."
+        f"numpy, pandas, matplotlib and openpyxl) and restart it, or ask for it with run_code(packages=[{name!r}]) "
+        "where the server's package policy allows installs (a project may be named otherwise than its module: "
+        "sklearn is scikit-learn)."
     ]
 
 
@@ -136,6 +137,7 @@ class Shaper:
         resolved: ResolvedJson,
         started: float,
         code: str = "",
+        packages: PackagesInfo | None = None,
     ) -> RunResult:
         room = structured_room(self.settings)
         truncated = outcome.truncated
@@ -198,6 +200,7 @@ class Shaper:
             json_error=json_error,
             files=infos,
             more_files=more,
+            packages=packages,
             container=container_info(rec, state_lost),
             truncated=truncated,
             warnings=warnings,

@@ -17,13 +17,17 @@ Modules, one responsibility each (layered top to bottom):
 - `sandbox`: what a sandbox consists of (profile, paths, environment, rlimits); `seccomp`: the BPF filter;
   `fonts`: the prebuilt matplotlib font cache.
 - Inside the sandbox, stdlib only, loaded by file path: `worker` (start-up, the request loop, process hygiene),
-  `cell` (running one cell), `protocol` (the wire format, shared with `process`).
+  `cell` (running one cell), `protocol` (the wire format, shared with `process`), `sitepaths` (the session's
+  installed package sets on sys.path).
+
+Installed package sets: the store's whole folder of sets is a field of the `LaunchSpec`, bound read-only by
+`bubblewrap` (put on the path as it is by `unsandboxed`); each run names its sets (`runs`) and `sitepaths` puts
+them first on sys.path, so a set installed later needs no new worker.
 
 Where coming features go: inotify change tracking replaces the scan in `folder`; a disk quota from kernel events
 replaces the watch thread in `quota`; caps on live workers, LRU eviction of idle ones and a warm pool of spare
-workers are the `pool`'s (spares take their folder and uid from `containers`); read-only mounts of installed package
-sets are a field of the `LaunchSpec` (`launcher`) that `bubblewrap` binds and `unsandboxed` puts on the path; a
-worker that runs elsewhere is a new launcher module and one `pool.LAUNCHERS` entry.
+workers are the `pool`'s (spares take their folder and uid from `containers`); a worker that runs elsewhere is a
+new launcher module and one `pool.LAUNCHERS` entry.
 """
 
 from .backend import LocalBackend

@@ -10,6 +10,7 @@ their logic.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from ..base import (
 )
 from . import containers, fonts, sandbox, seccomp
 from .containers import Container, ContainerRegistry
-from .pool import WorkerPool
+from .pool import WorkerPool, package_sets
 from .probe import IsolationProbe
 from .quota import QuotaGuard
 from .runs import Runner
@@ -52,7 +53,7 @@ class LocalBackend:
     """The `local` backend. Construct with `LocalBackend(settings)`, then `await start()`."""
 
     name = "local"
-    capabilities = Capabilities(model=False, signals_code_done=False)
+    capabilities = Capabilities(model=False, signals_code_done=False, packages=True)
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -72,6 +73,9 @@ class LocalBackend:
         if self._live is not None:
             return
         await anyio.to_thread.run_sync(self._containers.prepare)
+        sets = package_sets(self.settings)
+        if sets is not None:
+            await anyio.to_thread.run_sync(_prepare_package_sets, sets)
         profile = await self._probe.choose()
         self.profile = profile
         self.isolation = profile.isolation
@@ -172,3 +176,11 @@ class LocalBackend:
             "notes": list(self.profile.notes) if self.profile is not None else [],
             "probe_failures": list(self._probe.failures),
         }
+
+
+def _prepare_package_sets(sets: Path) -> None:
+    """The folder workers bind must exist before the first one starts (a bind of a missing folder fails, and a
+    later one would not appear in a live sandbox), and be traversable by a dedicated uid."""
+    sets.mkdir(parents=True, exist_ok=True)
+    if sets.stat().st_uid == os.geteuid():
+        os.chmod(sets, 0o755)

@@ -43,6 +43,11 @@ LAUNCHERS: dict[sandbox.Mode, Callable[[sandbox.Profile, bytes | None], Launcher
 }
 
 
+def package_sets(settings: Settings) -> Path | None:
+    """The installed package sets every worker may import from (None: packages are off on this server)."""
+    return settings.package_sets_path if settings.packages_policy != "off" else None
+
+
 class WorkerPool:
     """Workers for containers, all started one way (the profile's launcher)."""
 
@@ -53,6 +58,7 @@ class WorkerPool:
         self.profile = profile
         self.launcher = LAUNCHERS[profile.mode](profile, seccomp)
         self.mpl_cache = mpl_cache  # the prebuilt matplotlib font list new workers get (fonts.py)
+        self.packages = package_sets(settings)
 
     @property
     def sandboxed(self) -> bool:
@@ -70,6 +76,7 @@ class WorkerPool:
             limits=sandbox.rlimits(s, self.profile),
             tmp_bytes=int(tmp_mb) * 1024 * 1024,
             mpl_cache=self.mpl_cache,
+            packages=self.packages,
         )
         return await WorkerProcess.spawn(self.launcher, spec)
 

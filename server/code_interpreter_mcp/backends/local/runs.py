@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import anyio
 
 from ...config import Settings
-from ...errors import ContainerExpired
+from ...errors import BackendError, ContainerExpired
 from ..base import ExecOutcome, ExecRequest, Progress
 from . import outcome
 from .containers import Container
@@ -67,6 +68,8 @@ class Runner:
         structured = request.structured is not None
         cap = int(self.settings.output_cap_chars)
         req = {"op": "exec", "code": request.code, "run": int(request.run_number), "structured": structured, "cap": cap}
+        if request.package_paths:
+            req["packages"] = self._package_sets(request.package_paths)
         grace = float(self.settings.interrupt_grace_s)
         try:
             rid = await worker.send(req)
@@ -96,6 +99,16 @@ class Runner:
         elif reason == "quota":
             result.warnings.append(self.quota.error(c, interrupted=False).message)
         return result
+
+    def _package_sets(self, paths: list[Path]) -> list[str]:
+        """The sets as the worker names them: relative to the store every worker binds (sitepaths.py)."""
+        root = self.pool.packages
+        if root is None:
+            raise BackendError("Packages are turned off on this server, so no package set can be mounted.")
+        try:
+            return [str(p.relative_to(root)) for p in paths]
+        except ValueError:
+            raise BackendError(f"A package set must lie in {root}; got {paths}.") from None
 
     async def _wait_result(
         self, c: Container, worker: WorkerProcess, rid: int, timeout_s: float, grace: float

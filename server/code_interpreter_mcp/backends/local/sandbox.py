@@ -29,9 +29,10 @@ WORKDIR = "/mnt/data"
 WORKER_DIR_IN = "/opt/code-interpreter"
 MPL_CACHE_IN = WORKER_DIR_IN + "/mpl-cache"
 MPLCONFIGDIR_IN = "/tmp/matplotlib"
+PACKAGES_IN = "/opt/packages"  # the store's installed package sets, read-only
 HERE = Path(__file__).resolve().parent
 # The worker and the modules it loads by file path (stdlib only): mounted side by side into the sandbox.
-WORKER_FILES = ("worker.py", "cell.py", "protocol.py")
+WORKER_FILES = ("worker.py", "cell.py", "protocol.py", "sitepaths.py")
 WORKER_FILE = HERE / "worker.py"
 
 

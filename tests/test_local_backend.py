@@ -447,8 +447,13 @@ async def test_list_files(backend: LocalBackend, container: ContainerState) -> N
     )
     assert (await run(backend, container, code)).status == "ok"
     listing = await backend.list_files(container)
-    by_path = {f.path: f for f in listing}
+    by_path = {f.path: f for f in listing if not f.skipped}
     assert set(by_path) == {"a.txt", "sub/deeper/b.bin"}
+    assert {f.path: f.skipped for f in listing if f.skipped} == {
+        "link": "a symbolic link",
+        "dirlink": "a symbolic link",
+        "fifo": "not a regular file",
+    }
     a = by_path["a.txt"]
     assert a.bytes == 3 and a.source == "generated" and a.created_at > 0
     assert re.fullmatch(r"\d+:3:\d+", a.version)

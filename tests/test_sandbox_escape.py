@@ -242,7 +242,7 @@ async def test_symlinks_in_the_data_folder_are_never_followed(
     )
     out = await run(backend, container, code)
     assert out.status == "ok", out
-    listed = [f.path for f in await backend.list_files(container)]
+    listed = [f.path for f in await backend.list_files(container) if not f.skipped]
     assert listed == ["real/ok.txt"]
     attempts = ["shadow", "registry", "secret.txt", "etcdir/passwd", "up/passwd", "hostdir/host-secret.txt"]
     for i, path in enumerate(attempts):

@@ -6,6 +6,7 @@ Logs go to stderr only: on stdio, stdout belongs to the protocol.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
@@ -21,6 +22,8 @@ from pydantic import ValidationError
 from . import __version__
 from .config import Settings, load_settings
 from .errors import CIError
+
+ANALYSIS_MODULES = ("numpy", "pandas", "matplotlib", "openpyxl")  # the `analysis` extra
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -207,6 +210,12 @@ async def _doctor(settings: Settings) -> dict[str, Any]:
         await backend.aclose()
     report["packages"] = await _packages_report(settings, backend.capabilities)
     report["settings"] = settings.public_view()
+    missing = [m for m in ANALYSIS_MODULES if importlib.util.find_spec(m) is None]
+    if missing and settings.backend == "local":
+        report["warnings"] = [
+            f"The sandbox cannot import {', '.join(missing)}: it sees the server's own Python packages. "
+            "Install the analysis libraries with: pip install 'code-interpreter-mcp[analysis]'."
+        ]
     return report
 
 

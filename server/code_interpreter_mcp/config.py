@@ -56,6 +56,15 @@ class Settings(BaseModel):
     max_inline_images: int = Field(default=4, ge=0)
     max_file_bytes: int = Field(default=100 * 1024 * 1024, gt=0, description="largest file harvested or uploaded")
     structured_strategy: Literal["two_pass_sentinel", "single_pass"] = "two_pass_sentinel"
+    inline_images_total_bytes: int = Field(default=1024 * 1024, ge=0, description="image bytes inlined per result")
+    inline_binary_max_bytes: int = Field(default=64 * 1024, ge=0, description="largest non-image binary inlined")
+    max_result_files: int = Field(default=50, ge=1, description="files a run result lists in full")
+    result_shape: Literal["auto", "both", "content_only"] = Field(
+        default="auto", description="auto: content_only for clients known to drop `content` (see app/clients.py)"
+    )
+    resource_links: Literal["all", "non_inline", "none"] = Field(
+        default="non_inline", description="which files get resource_link blocks (none: LangChain's adapters)"
+    )
 
     # Local sandbox
     unsafe_no_sandbox: bool = False

@@ -55,6 +55,7 @@ class RemoteFile:
     source: Literal["user", "generated"] = "generated"
     created_at: float = 0.0
     remote_id: str | None = None  # the backend's own id (openai: cfile_...)
+    skipped: str | None = None  # why it is listed but never fetched or served, e.g. "a symbolic link"
 
 
 @dataclass

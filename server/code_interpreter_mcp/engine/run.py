@@ -136,9 +136,19 @@ class Runner:
             warnings.extend(harvest_warnings)
             reg.save_container_later(rec)  # activity times: written by housekeeping, not on the hot path
             resolved = await resolve_json(self.ctx.backend, outcome, args.structured, args.code)
-        result = self.shaper.run_result(session, rec, outcome, records, state_lost, warnings, resolved, started)
-        result.packages = pkgs.info if pkgs is not None else None
-        return RunOutput(result=result, images=await self.shaper.inline_images(records))
+        result = self.shaper.run_result(
+            session,
+            rec,
+            outcome,
+            records,
+            state_lost,
+            warnings,
+            resolved,
+            started,
+            code=args.code,
+            packages=pkgs.info if pkgs is not None else None,
+        )
+        return RunOutput(result=result, images=await self.shaper.inline_images(result, records))
 
     async def _packages(
         self, session: Session, rec: ContainerRecord, wanted: list[str], relay: ProgressRelay

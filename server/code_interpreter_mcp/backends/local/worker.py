@@ -218,6 +218,7 @@ def main() -> None:
     os.umask(0o022)
     os.chdir(cfg["workdir"])
     _prepare_matplotlib(cfg)
+    sys.meta_path.insert(0, _cell.SavedFigures())  # type: ignore[arg-type]
     _cell.State.pid = os.getpid()
     signal.signal(signal.SIGINT, _cell.on_sigint)
 

@@ -38,27 +38,36 @@ CREATE INDEX IF NOT EXISTS files_by_session ON files(session_id, seq);
 CREATE INDEX IF NOT EXISTS containers_by_session ON containers(session_id);
 """
 
-# Columns added after the first release, with what an older database gets: `blob` is the sha256 of the copy in
-# the owner's blob store (NULL: the copy lies at `local_path` in the one-folder-per-file layout of earlier
-# versions, read where it is), `disk_bytes` what that copy costs on disk, `dropped` a superseded version whose
-# copy was let go (its record stays, so a download can name the current version).
-FILE_COLUMNS_V2 = (("blob", "TEXT"), ("disk_bytes", "INTEGER"), ("dropped", "INTEGER NOT NULL DEFAULT 0"))
+# Columns added after the first release, each (table, column, definition): a database made before gets them.
+# `files.blob` is the sha256 of the copy in the owner's blob store (NULL: the copy lies at `local_path` in the
+# one-folder-per-file layout of earlier versions, read where it is), `disk_bytes` what that copy costs on disk,
+# `dropped` a superseded version whose copy was let go (its record stays, so a download can name the current one).
+ADDED_COLUMNS = [
+    ("sessions", "packages", "TEXT NOT NULL DEFAULT '[]'"),
+    ("files", "blob", "TEXT"),
+    ("files", "disk_bytes", "INTEGER"),
+    ("files", "dropped", "INTEGER NOT NULL DEFAULT 0"),
+]
 FILE_FIELDS = (
     "file_id, session_id, container_id, path, name, bytes, mime_type, sha256, source, created_at, local_path, "
     "remote_id, version, seq, blob, disk_bytes, dropped"
 )
 
 
-def migrate(db: sqlite3.Connection) -> None:
-    """Bring a database made by `SCHEMA` (new, or from an older release) to the current one: the new file
-    columns, and the real sizes of copies in the legacy layout."""
-    have = {row[1] for row in db.execute("PRAGMA table_info(files)")}
-    missing = [(name, decl) for name, decl in FILE_COLUMNS_V2 if name not in have]
-    if not missing:
-        return
+def _migrate(db: sqlite3.Connection) -> None:
+    added_file_columns = False
+    for table, column, definition in ADDED_COLUMNS:
+        if column not in {row[1] for row in db.execute(f"PRAGMA table_info({table})")}:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+            added_file_columns = added_file_columns or table == "files"
+    if added_file_columns:
+        _measure_legacy_copies(db)
+    db.execute("CREATE INDEX IF NOT EXISTS files_by_blob ON files(blob)")
+
+
+def _measure_legacy_copies(db: sqlite3.Connection) -> None:
+    """Once, on the upgrade: what each copy of the earlier layout really costs on disk (for the server quota)."""
     db.execute("BEGIN")
-    for name, decl in missing:
-        db.execute(f"ALTER TABLE files ADD COLUMN {name} {decl}")
     for file_id, local_path in db.execute(
         "SELECT file_id, local_path FROM files WHERE local_path IS NOT NULL AND disk_bytes IS NULL"
     ).fetchall():
@@ -67,7 +76,6 @@ def migrate(db: sqlite3.Connection) -> None:
         except OSError:
             cost = 0
         db.execute("UPDATE files SET disk_bytes = ? WHERE file_id = ?", (cost, file_id))
-    db.execute("CREATE INDEX IF NOT EXISTS files_by_blob ON files(blob)")
     db.execute("COMMIT")
 
 
@@ -117,6 +125,7 @@ class Session:
     current_container: str | None = None
     files: list[FileRecord] = field(default_factory=list)
     lock: anyio.Lock = field(default_factory=anyio.Lock)
+    packages: list[str] = field(default_factory=list)  # requirements installed for it, restored in a new container
 
     def latest_files(self, container_id: str | None = None) -> list[FileRecord]:
         """Newest version of each path (per container when given, else across the session)."""
@@ -145,7 +154,7 @@ class Registry:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
-        migrate(self._db)
+        _migrate(self._db)
         self._db_lock = threading.Lock()
         self.sessions: dict[str, Session] = {}
         self.containers: dict[str, ContainerRecord] = {}
@@ -202,6 +211,9 @@ class Registry:
                 closed=bool(row[4]),
                 current_container=row[5],
             )
+            session.packages = json.loads(
+                self._db.execute("SELECT packages FROM sessions WHERE id = ?", (session_id,)).fetchone()[0]
+            )
             for c in self._db.execute(
                 "SELECT id, backend, created_at, last_active_at, expires_after_s, status, isolation, runs, extra "
                 "FROM containers WHERE session_id = ?",
@@ -244,6 +256,10 @@ class Registry:
         session.closed = True
         session.current_container = None
         await self._write(("UPDATE sessions SET closed = 1, current_container = NULL WHERE id = ?", (session.id,)))
+
+    async def save_packages(self, session: Session, requirements: list[str]) -> None:
+        session.packages = list(requirements)
+        await self._write(("UPDATE sessions SET packages = ? WHERE id = ?", (json.dumps(session.packages), session.id)))
 
     async def forget_files(self, session: Session) -> list[FileRecord]:
         removed, session.files = session.files, []

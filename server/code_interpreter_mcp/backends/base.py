@@ -58,6 +58,7 @@ class RemoteFile:
     source: Literal["user", "generated"] = "generated"
     created_at: float = 0.0
     remote_id: str | None = None  # the backend's own id (openai: cfile_...)
+    skipped: str | None = None  # why it is listed but never fetched or served, e.g. "a symbolic link"
 
 
 @dataclass
@@ -76,6 +77,10 @@ class Capabilities:
     # `execute` calls `ExecRequest.code_done` when the code finished but the answer is still being written, so
     # the container can be listed (and its files fetched) before `execute` returns.
     signals_code_done: bool
+    # `ExecRequest.package_paths` are made importable (installed package sets); without it a run that asks for
+    # packages is refused, and `preinstalled` names what the backend's own image already has.
+    packages: bool = False
+    preinstalled: str = ""
 
 
 @dataclass
@@ -96,6 +101,9 @@ class ExecRequest:
     # still writes its reply), so the engine can list and fetch files meanwhile. Set only for a backend whose
     # capabilities say `signals_code_done`.
     code_done: Callable[[], None] | None = None
+    # Installed package sets (host folders) to put first on the run's sys.path, for a backend whose capabilities
+    # say `packages`. Every run names the session's sets; the worker adds new ones and drops the rest.
+    package_paths: list[Path] = field(default_factory=list)
 
 
 @dataclass

@@ -25,6 +25,7 @@ from .containers import Containers
 from .context import EngineContext
 from .files import Files
 from .inputs import Inputs
+from .packages import Packages
 from .progress import Relays
 from .run import Runner
 from .session_choice import SessionChooser
@@ -39,7 +40,9 @@ class Engine:
         self.inputs = Inputs(self.ctx, self.containers)
         self.files = Files(self.ctx, self.containers)
         self.relays = Relays()
-        self.runner = Runner(self.ctx, self.containers, self.inputs, self.relays)
+        self.packages = Packages(self.ctx)
+        self.containers.retired.append(self.packages.container_gone)
+        self.runner = Runner(self.ctx, self.containers, self.inputs, self.relays, self.packages)
         self.sessions = SessionChooser(self.ctx)
         self._started = False
         # The calls of the faces that one part answers alone are that part's own methods.
@@ -115,6 +118,7 @@ class Engine:
                 await reg.flush()
                 await self.backend.aclose()
             finally:
+                await self.packages.aclose()
                 reg.close()
 
     @asynccontextmanager
@@ -125,6 +129,7 @@ class Engine:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._start_backend)
                 tg.start_soon(anyio.to_thread.run_sync, self.ctx.blobs.sweep)
+                tg.start_soon(self.packages.start)
                 tg.start_soon(self._housekeeping)
                 try:
                     yield self
@@ -139,6 +144,7 @@ class Engine:
         while True:
             await anyio.sleep(0.25)
             await self.relays.tick()
+            self.packages.settle()
             try:
                 await self.reg.flush()
                 if time.monotonic() >= next_reap and self.ctx.backend_ok:

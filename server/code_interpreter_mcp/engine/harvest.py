@@ -140,7 +140,19 @@ class Harvest:
         ):
             return
         self._listing = listing
-        self.start(*(f for f in listing if (p := snap.get(f.path)) is None or p.version != f.version))
+        skipped: dict[str, list[str]] = {}
+        changed = []
+        for f in listing:
+            prev = snap.get(f.path)
+            if prev is None or prev.version != f.version:
+                if f.skipped:
+                    skipped.setdefault(f.skipped, []).append(f.path)
+                else:
+                    changed.append(f)
+        self.start(*changed)
+        for why, paths in skipped.items():
+            shown = ", ".join(paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
+            self.warnings.append(f"Skipped (not harvested, never followed): {shown}: {why}.")
 
     async def _fetch_batch(self, remotes: list[RemoteFile]) -> None:
         """Copy a batch into the owner's blob store's folder of copies in flight (placed by `finish`)."""

@@ -40,7 +40,15 @@ async def run(client: Client, code: str, **kw: Any) -> dict[str, Any]:
 
 async def test_tools_are_listed_with_schemas_and_annotations(client: Client) -> None:
     tools = {t.name: t for t in (await client.list_tools()).tools}
-    assert set(tools) == {"run_code", "list_container_files", "download_file", "upload_file", "close_session"}
+    assert set(tools) == {
+        "run_code",
+        "get_run",
+        "cancel_run",
+        "list_container_files",
+        "download_file",
+        "upload_file",
+        "close_session",
+    }
     assert tools["run_code"].output_schema == RunResult.model_json_schema(by_alias=True) or (
         tools["run_code"].output_schema and "container" in tools["run_code"].output_schema["properties"]
     )

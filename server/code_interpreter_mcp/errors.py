@@ -92,6 +92,23 @@ class AuthFailed(CIError):
     default_hint = "Check OPENAI_API_KEY (or the Azure settings) in the server's environment."
 
 
+class SessionBusy(CIError):
+    code = "session_busy"
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+        super().__init__(
+            f"This session is still running {run_id}; a session runs one piece of code at a time.",
+            f"Call get_run(run_id={run_id!r}) to wait for it (waiting again is cheap), cancel_run to stop it, "
+            "or run it in another session.",
+        )
+
+
+class RunLost(CIError):
+    code = "run_lost"
+    default_hint = "Run the code again; files harvested before stay downloadable (list_container_files)."
+
+
 class ExecutionTimeout(CIError):
     code = "timeout"
     default_hint = "Raise timeout_s, or split the work into smaller runs."

@@ -49,7 +49,7 @@ def run_result(out: RunOutput) -> CallToolResult:
     content: list[ContentBlock] = [TextContent(text=run_summary(r))]
     content.extend(ImageContent(data=_b64(img.data), mime_type=img.mime_type) for img in out.images)
     content.extend(link(f) for f in r.files)
-    return CallToolResult(content=content, structured_content=dump(r), is_error=r.status != "ok")
+    return CallToolResult(content=content, structured_content=dump(r), is_error=r.status not in ("ok", "running"))
 
 
 def download_result(out: DownloadOutput) -> CallToolResult:
@@ -92,6 +92,8 @@ def run_summary(r: RunResult) -> str:
         f"status: {r.status} · {r.duration_ms:.0f} ms · session {r.session_id} · container {r.container_id}"
         + (f" (expires {r.container.expires_at:%Y-%m-%d %H:%M:%S}Z)" if r.container.expires_at else "")
     ]
+    if r.status == "running":
+        lines.append(f"run_id: {r.run_id} (still running after {r.elapsed_s or 0:.0f} s: call get_run to wait for it)")
     for w in r.warnings:
         lines.append(f"warning: {w}")
     if r.stdout:

@@ -20,7 +20,8 @@ from ..config import Settings
 from ..engine import Engine
 from ..models import CloseResult, DownloadResult, FileList, RunResult, UploadResult
 from ..sessions import Session
-from . import content
+from . import content, tasks
+from .auth import current_owner
 from .context import resolve_session
 
 RUN_CODE_DESCRIPTION = """\
@@ -39,7 +40,29 @@ expression (like a notebook cell), any error with its traceback, and every file 
 - Each result says when the container expires (idle expiry); after that a new container starts (state_lost:
   true), input files are uploaded again, and earlier files remain downloadable.
 - No network access inside the sandbox. timeout_s stops runaway code (interrupt first, then restart).
+- Long runs: the call waits up to wait_s (default 45 s) for the result. A run still going then returns
+  status "running" with a run_id and the output so far, and keeps running in the background. Then call get_run
+  with that run_id (it waits again, cheaply, and returns the full result, files included, once done); call
+  cancel_run to stop it. One run at a time per session: run_code meanwhile fails with session_busy naming the
+  run_id. wait_s=0 returns at once.
 """
+
+GET_RUN_DESCRIPTION = """\
+Get the result of a run that run_code (or an earlier get_run) returned with status "running": call it whenever
+a result says "running", with that run_id. It waits up to wait_s (default 45 s) for the run to end and returns
+the same result as run_code would have (stdout, stderr, result, error, json, files...). If the run is still
+going it returns status "running" again with the output so far: just call get_run again; waiting is cheap and
+the run is not affected. A finished run's result stays available for the session's lifetime.
+"""
+
+CANCEL_RUN_DESCRIPTION = """\
+Stop a run that is still going (status "running"), the way a timeout does: the code is interrupted
+(KeyboardInterrupt), so the session's variables and imports are kept; only code that ignores the interrupt is
+killed (the next result then says state_lost). Returns the run's result with status "cancelled", its output and
+the files it wrote so far.
+"""
+
+_WAIT_S = "Seconds to wait for the result before returning status 'running' (default 45; 0: at once)."
 
 ToolFn = Callable[..., Awaitable[Any]]
 F = TypeVar("F", bound=ToolFn)
@@ -113,9 +136,10 @@ async def run_code(
         Literal["two_pass_sentinel", "single_pass"] | None,
         Field(description="openai backend: how the JSON result is obtained."),
     ] = None,
+    wait_s: Annotated[float | None, Field(description=_WAIT_S, ge=0)] = None,
 ) -> Annotated[CallToolResult, RunResult]:
     async with _session(ctx, session_id) as (engine, session):
-        out = await engine.run_code(
+        out = await engine.start_run(
             session,
             code,
             files=files,
@@ -123,8 +147,39 @@ async def run_code(
             timeout_s=timeout_s,
             instructions=instructions,
             json_strategy=json_strategy,
+            wait_s=0 if tasks.task_requested() else wait_s,
             progress=ctx.report_progress,
         )
+    return content.run_result(out)
+
+
+@tool("Get a run's result", GET_RUN_DESCRIPTION, read_only=True, idempotent=True)
+async def get_run(
+    run_id: Annotated[str, Field(description="The run_id of a result whose status was 'running'.")],
+    ctx: Context[Engine],
+    session_id: Annotated[str | None, Field(description="The run's session (optional).")] = None,
+    wait_s: Annotated[float | None, Field(description=_WAIT_S, ge=0)] = None,
+) -> Annotated[CallToolResult, RunResult]:
+    engine: Engine = ctx.request_context.lifespan_context
+    wait = engine.settings.default_wait_s if wait_s is None else wait_s
+    try:
+        out = await engine.get_run(run_id, current_owner(), session_id, wait, ctx.report_progress)
+    except Exception as exc:
+        raise content.tool_error(exc) from None
+    return content.run_result(out)
+
+
+@tool("Cancel a run", CANCEL_RUN_DESCRIPTION, destructive=True, idempotent=True)
+async def cancel_run(
+    run_id: Annotated[str, Field(description="The run_id of a run that is still going.")],
+    ctx: Context[Engine],
+    session_id: Annotated[str | None, Field(description="The run's session (optional).")] = None,
+) -> Annotated[CallToolResult, RunResult]:
+    engine: Engine = ctx.request_context.lifespan_context
+    try:
+        out = await engine.cancel_run(run_id, current_owner(), session_id)
+    except Exception as exc:
+        raise content.tool_error(exc) from None
     return content.run_result(out)
 
 

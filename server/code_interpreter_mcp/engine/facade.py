@@ -27,6 +27,7 @@ from .files import Files
 from .inputs import Inputs
 from .progress import Relays
 from .run import Runner
+from .runs import Runs
 from .session_choice import SessionChooser
 
 logger = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ class Engine:
         self.relays = Relays()
         self.runner = Runner(self.ctx, self.containers, self.inputs, self.relays)
         self.sessions = SessionChooser(self.ctx)
+        self.runs = Runs(self.ctx, self.runner)
         self._started = False
         # The calls of the faces that one part answers alone are that part's own methods.
         self.ready = self.ctx.ready
@@ -51,6 +53,10 @@ class Engine:
         self.upload = self.inputs.upload
         self.read_resource = self.files.read_resource
         self.reap_expired = self.containers.reap_expired
+        # Runs in the background (the MCP face): run_code that returns 'running' after wait_s, and its handles.
+        self.start_run = self.runs.start
+        self.get_run = self.runs.get
+        self.cancel_run = self.runs.cancel
 
     @property
     def settings(self) -> Settings:
@@ -122,6 +128,7 @@ class Engine:
         await self.start(wait_for_backend=False)
         try:
             async with anyio.create_task_group() as tg:
+                self.runs.task_group = tg  # runs belong to the engine, not to the request that started them
                 tg.start_soon(self._start_backend)
                 tg.start_soon(self._housekeeping)
                 try:
@@ -149,6 +156,7 @@ class Engine:
 
     async def close_session(self, session: Session, delete_files: bool = False) -> CloseResult:
         await self.ctx.backend_settled()
+        await self.runs.stop_session(session)
         async with session.lock:
             stopped = await self.containers.retire_session(session)
             if delete_files:

@@ -50,6 +50,7 @@ from ..base import (
 )
 from . import files, protocol, sandbox
 from .process import WorkerGone, WorkerProcess, WorkerStartError, describe_exit
+from .streaming import CaptureTail
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +154,7 @@ class LocalBackend:
     """The `local` backend. Construct with `LocalBackend(settings)`, then `await start()`."""
 
     name = "local"
-    capabilities = Capabilities(model=False, signals_code_done=False)
+    capabilities = Capabilities(model=False, signals_code_done=False, streams_output=True)
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -570,7 +571,8 @@ class LocalBackend:
             rid = await worker.send(req)
             resp, reason = worker.poll_response(rid, SPIN_S), None
             if resp is None:
-                resp, reason = await self._wait_result(c, worker, rid, float(request.timeout_s), grace)
+                tail = CaptureTail({"stdout": worker.out_fd, "stderr": worker.err_fd}, request.on_output)
+                resp, reason = await self._wait_result(c, worker, rid, float(request.timeout_s), grace, tail)
         except WorkerGone as exc:
             logger.info("worker of %s died: %s", c.state.id, exc)
             return await self._worker_died(c, worker, str(exc), exc.eof)
@@ -603,7 +605,7 @@ class LocalBackend:
         return outcome
 
     async def _wait_result(
-        self, c: _Container, worker: WorkerProcess, rid: int, timeout_s: float, grace: float
+        self, c: _Container, worker: WorkerProcess, rid: int, timeout_s: float, grace: float, tail: CaptureTail
     ) -> tuple[dict[str, Any] | None, str | None]:
         """The run's answer, interrupting it at the time limit or on a quota breach. (None, reason) when it would
         not stop within the grace period."""
@@ -613,6 +615,7 @@ class LocalBackend:
         poll = 0.25
         while True:
             now = anyio.current_time()
+            tail.poll()
             if reason is None:
                 if c.quota_hit is not None:
                     reason = "quota"

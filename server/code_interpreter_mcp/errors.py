@@ -53,6 +53,11 @@ class SessionNotFound(NotFound):
     default_hint = "Omit session_id to start a new session, or pass the session_id a previous result returned."
 
 
+class RunNotFound(NotFound):
+    code = "not_found"
+    default_hint = "Pass the run_id a run_code result returned (with its session_id, if you passed one)."
+
+
 class FileNotFound(NotFound):
     code = "file_not_found"
 

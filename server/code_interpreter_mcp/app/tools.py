@@ -147,7 +147,7 @@ async def run_code(
             timeout_s=timeout_s,
             instructions=instructions,
             json_strategy=json_strategy,
-            wait_s=0 if tasks.task_requested() else wait_s,
+            wait_s=tasks.task_wait(wait_s),
             progress=ctx.report_progress,
         )
     return content.run_result(out)

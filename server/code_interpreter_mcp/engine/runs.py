@@ -26,7 +26,7 @@ import anyio
 from anyio.abc import TaskGroup
 
 from ..artifacts import record_to_info
-from ..errors import BadInput, CIError, NotFound, RunLost, SessionBusy, SessionNotFound
+from ..errors import BadInput, CIError, NotFound, RunLost, RunNotFound, SessionBusy, SessionNotFound
 from ..models import ContainerInfo, ErrorInfo, RunResult, dump
 from ..sessions import FileRecord, RunRow, Session, new_id
 from .containers import container_info
@@ -198,10 +198,7 @@ class Runs:
     async def _find(self, run_id: str, owner: str | None, session_id: str | None) -> Run | RunOutput:
         """The run if `owner` may see it (through `session_id` when given); a foreign run is 'not found'."""
         reg = self.ctx.reg
-        missing = NotFound(
-            f"No run {run_id!r} is known for this client.",
-            "Pass the run_id a run_code result returned (with its session_id, if you passed one).",
-        )
+        missing = RunNotFound(f"No run {run_id!r} is known for this client.")
         if not isinstance(run_id, str):
             raise missing
         run = self._runs.get(run_id)

@@ -3,63 +3,31 @@ session's harvested files are kept; a run that finished before the restart is st
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
-from typing import Any
 
-import anyio
 import pytest
 from mcp import Client
 
 from tests.test_e2e_stdio import params
+from tests.test_tasks import raw_server
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 
 async def test_a_run_in_flight_at_a_restart_is_reported_lost(tmp_path: Path) -> None:
     data = tmp_path / "d"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "code_interpreter_mcp", "serve", "--data-dir", str(data)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-    )
-    assert proc.stdin is not None and proc.stdout is not None
-
-    def send(msg: dict[str, Any]) -> None:
-        proc.stdin.write((json.dumps(msg) + "\n").encode())  # type: ignore[union-attr]
-        proc.stdin.flush()  # type: ignore[union-attr]
-
-    def recv() -> dict[str, Any]:
-        return json.loads(proc.stdout.readline())  # type: ignore[union-attr]
-
-    def call(rid: int, name: str, args: dict[str, Any]) -> dict[str, Any]:
-        send({"jsonrpc": "2.0", "id": rid, "method": "tools/call", "params": {"name": name, "arguments": args}})
-        return recv()["result"]["structuredContent"]  # type: ignore[no-any-return]
-
-    try:
+    with raw_server(data) as raw:
         info = {"name": "t", "version": "1"}
-        send(
-            {
-                "jsonrpc": "2.0",
-                "id": 1,
-                "method": "initialize",
-                "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": info},
-            }
-        )
-        recv()
-        send({"jsonrpc": "2.0", "method": "notifications/initialized"})
-        first = await anyio.to_thread.run_sync(call, 2, "run_code", {"code": "open('kept.txt','w').write('k')\n1"})
+        await raw.call("initialize", {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": info})
+        raw.notify("notifications/initialized")
+        code = "open('kept.txt','w').write('k')\n1"
+        first = (await raw.call("tools/call", {"name": "run_code", "arguments": {"code": code}}))["result"]
+        first = first["structuredContent"]
         assert first["status"] == "ok" and first["run_id"]
-        flight = await anyio.to_thread.run_sync(
-            call, 3, "run_code", {"code": "import time; time.sleep(60)", "wait_s": 1}
-        )
+        args = {"code": "import time; time.sleep(60)", "wait_s": 1}
+        flight = (await raw.call("tools/call", {"name": "run_code", "arguments": args}))["result"]["structuredContent"]
         assert flight["status"] == "running"
-    finally:
-        proc.kill()  # a crash: nothing gets to record the run's end
-        proc.wait()
+    # raw_server kills the process: a crash, nothing gets to record the run's end.
 
     sid = first["session_id"]
     async with Client(params(data)) as c:

@@ -136,9 +136,7 @@ class RunTasks(Extension):
             return {}
         return self._task_fields(params.task_id, await self._final(ctx, params.task_id, 0.0), modern)
 
-    async def _result(
-        self, ctx: ServerRequestContext[Any, Any], params: GetTaskPayloadRequestParams
-    ) -> dict[str, Any]:
+    async def _result(self, ctx: ServerRequestContext[Any, Any], params: GetTaskPayloadRequestParams) -> dict[str, Any]:
         wire = await self._final(ctx, params.task_id, None)
         assert wire is not None  # waited without a limit
         if "error" in wire:

@@ -153,33 +153,38 @@ async def run_code(
     return content.run_result(out)
 
 
-@tool("Get a run's result", GET_RUN_DESCRIPTION, read_only=True, idempotent=True)
-async def get_run(
-    run_id: Annotated[str, Field(description="The run_id of a result whose status was 'running'.")],
-    ctx: Context[Engine],
-    session_id: Annotated[str | None, Field(description="The run's session (optional).")] = None,
-    wait_s: Annotated[float | None, Field(description=_WAIT_S, ge=0)] = None,
-) -> Annotated[CallToolResult, RunResult]:
-    engine: Engine = ctx.request_context.lifespan_context
-    wait = engine.settings.default_wait_s if wait_s is None else wait_s
+RunId = Annotated[str, Field(description="The run_id of a result whose status was 'running'.")]
+RunSession = Annotated[str | None, Field(description="The run's session (optional).")]
+
+
+@asynccontextmanager
+async def _engine(ctx: Context[Engine]) -> AsyncIterator[Engine]:
+    """The call's engine, for calls that name a run rather than a session; failures become ToolErrors."""
     try:
-        out = await engine.get_run(run_id, current_owner(), session_id, wait, ctx.report_progress)
+        yield ctx.request_context.lifespan_context
     except Exception as exc:
         raise content.tool_error(exc) from None
+
+
+@tool("Get a run's result", GET_RUN_DESCRIPTION, read_only=True, idempotent=True)
+async def get_run(
+    run_id: RunId,
+    ctx: Context[Engine],
+    session_id: RunSession = None,
+    wait_s: Annotated[float | None, Field(description=_WAIT_S, ge=0)] = None,
+) -> Annotated[CallToolResult, RunResult]:
+    async with _engine(ctx) as engine:
+        wait = engine.settings.default_wait_s if wait_s is None else wait_s
+        out = await engine.get_run(run_id, current_owner(), session_id, wait, ctx.report_progress)
     return content.run_result(out)
 
 
 @tool("Cancel a run", CANCEL_RUN_DESCRIPTION, destructive=True, idempotent=True)
 async def cancel_run(
-    run_id: Annotated[str, Field(description="The run_id of a run that is still going.")],
-    ctx: Context[Engine],
-    session_id: Annotated[str | None, Field(description="The run's session (optional).")] = None,
+    run_id: RunId, ctx: Context[Engine], session_id: RunSession = None
 ) -> Annotated[CallToolResult, RunResult]:
-    engine: Engine = ctx.request_context.lifespan_context
-    try:
+    async with _engine(ctx) as engine:
         out = await engine.cancel_run(run_id, current_owner(), session_id)
-    except Exception as exc:
-        raise content.tool_error(exc) from None
     return content.run_result(out)
 
 

@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--timeout", type=float, dest="timeout_s", help="wall-clock limit in seconds")
     run.add_argument("--input", action="append", default=[], help="a host file to copy into /mnt/data first")
     run.add_argument("--json-strategy", choices=["two_pass_sentinel", "single_pass"])
+    run.add_argument("--quiet", action="store_true", help="do not echo the run's output live on stderr")
 
     doctor = sub.add_parser("doctor", help="print the detected isolation, backend, data folder and limits")
     _common(doctor)
@@ -137,6 +138,7 @@ async def _run_once(
     timeout_s: float | None,
     strategy: str | None,
     out_dir: Path | None,
+    live: bool = True,
 ) -> tuple[dict[str, Any], int]:
     from .engine import Engine
     from .models import dump
@@ -146,7 +148,13 @@ async def _run_once(
         session = await engine.session_for(None)
         result = (
             await engine.run_code(
-                session, code, files=inputs, output_schema=schema, timeout_s=timeout_s, json_strategy=strategy
+                session,
+                code,
+                files=inputs,
+                output_schema=schema,
+                timeout_s=timeout_s,
+                json_strategy=strategy,
+                on_output=_echo if live else None,
             )
         ).result
         payload = dump(result)
@@ -159,6 +167,12 @@ async def _run_once(
     return payload, 0 if result.status == "ok" and result.json_error is None else 1
 
 
+def _echo(stream: str, text: str) -> None:
+    """Live output on stderr as the code prints it (the run waits for completion; stdout gets the JSON)."""
+    sys.stderr.write(text)
+    sys.stderr.flush()
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     settings = _settings(args)
     _setup_logging(settings.log_level)
@@ -168,7 +182,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         schema = json.loads(Path(args.schema).read_text(encoding="utf-8"))
     out_dir = Path(args.out).resolve() if args.out else None
     inputs = [os.path.abspath(i) for i in args.input]
-    payload, rc = anyio.run(_run_once, settings, code, schema, inputs, args.timeout_s, args.json_strategy, out_dir)
+    payload, rc = anyio.run(
+        _run_once, settings, code, schema, inputs, args.timeout_s, args.json_strategy, out_dir, not args.quiet
+    )
     print(json.dumps(payload, indent=2, ensure_ascii=False))
     return rc
 

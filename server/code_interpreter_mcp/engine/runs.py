@@ -62,19 +62,25 @@ class Run:
     sinks: list[ProgressSink] = field(default_factory=list)
     last_value: float = 0.0
     total: float | None = None
+    stage: str = "running"
 
     @property
     def elapsed(self) -> float:
         return time.monotonic() - self.started_mono
 
-    async def emit(self, message: str, total: float | None = None) -> None:
-        """One progress notification to everyone waiting, its value increasing, its message the newest output."""
+    async def emit(self, message: str | None = None, total: float | None = None) -> None:
+        """One progress notification to everyone waiting, its value increasing: the run's stage, then the newest
+        lines it printed."""
         if not self.sinks:
             return
         value = max(round(self.elapsed, 3), self.last_value + 0.001)
         self.last_value = value
+        if message is not None:  # the relay's "<stage> (<n> s)": the stage is kept for the pump's messages
+            self.stage = message.rsplit(" (", 1)[0]
+        text = message if message is not None else f"{self.stage} ({value:.0f} s)"
         newest = self.live.newest()
-        text = f"[{value:.0f} s] {newest}" if newest else message
+        if newest:
+            text = f"{text}\n{newest}"
         for sink in list(self.sinks):
             try:
                 await sink(value, total if total is not None else self.total, text)
@@ -318,7 +324,7 @@ class Runs:
             await anyio.sleep(LIVE_INTERVAL_S)
             if run.live.version != seen:
                 seen = run.live.version
-                await run.emit("running")
+                await run.emit()
 
     def _forget(self, run: Run) -> None:
         self._runs.pop(run.id, None)

@@ -42,7 +42,7 @@ class OpenAIBackend:
     name = "openai"
     isolation = "remote"
     # repair_json makes a second structured pass; the stream says when the code_interpreter call completed
-    capabilities = Capabilities(model=True, signals_code_done=True)
+    capabilities = Capabilities(model=True, signals_code_done=True, streams_output=True)
 
     def __init__(
         self,
@@ -132,7 +132,7 @@ class OpenAIBackend:
         final: dict[str, Any] | None = None
         with anyio.move_on_after(deadline):
             final = await responses.stream_final(
-                self._api(), kwargs, progress, self._scrub, "running the code", request.code_done
+                self._api(), kwargs, progress, self._scrub, "running the code", request.code_done, request.on_output
             )
         if final is None:
             return ExecOutcome(

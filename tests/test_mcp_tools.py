@@ -251,14 +251,15 @@ async def test_progress_on_long_runs(client: Client) -> None:
     assert quick == []
 
 
-async def test_cancellation_stops_the_run(client: Client, settings: Settings) -> None:
+async def test_a_cancelled_request_leaves_the_run_going(client: Client, settings: Settings) -> None:
+    # Clients cancel the request on their own timeout too: the run is the server's, stopped only by cancel_run.
     first = await run(client, "import os; os.getcwd()")
     marker = "after.txt"
     with anyio.move_on_after(1.0):
         await client.call_tool("run_code", {"code": f"import time; time.sleep(3); open('{marker}','w').write('x')"})
     await anyio.sleep(3.0)
     after = await run(client, "import os; sorted(os.listdir('.'))", session_id=first["session_id"])
-    assert marker not in after["result"]
+    assert marker in after["result"]
 
 
 async def test_close_session_then_foreign(client: Client) -> None:
@@ -353,7 +354,7 @@ async def test_large_file_is_saved_not_inlined(tmp_path: Path) -> None:
 async def test_no_sandbox_means_no_code_unless_the_operator_opts_in(tmp_path: Path) -> None:
     refused = Settings(data_dir=tmp_path / "a", bwrap_path="/nonexistent/bwrap")
     async with Client(build_server(refused), raise_exceptions=True) as client:
-        assert len((await client.list_tools()).tools) == 5  # the server still starts and answers
+        assert len((await client.list_tools()).tools) == 7  # the server still starts and answers
         r = await client.call_tool("run_code", {"code": "open('/etc/hostname').read()"})
         assert r.is_error and "sandbox_unavailable" in text_of(r) and "Hint:" in text_of(r)
         assert "unsafe-no-sandbox" in text_of(r)

@@ -14,7 +14,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 
@@ -81,6 +81,26 @@ CANCELLED_MESSAGE = (
 )
 
 
+T = TypeVar("T")
+
+
+async def beside(main: Awaitable[T], side: Callable[[anyio.CancelScope], Awaitable[None]]) -> list[T]:
+    """`main` with `side` running alongside until it ends; `side` may cancel the scope it gets, and then the list
+    is empty. Errors of `main` come out as themselves (a task group would wrap them in an ExceptionGroup)."""
+    done: list[T] = []
+    failed: list[Exception] = []
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(side, tg.cancel_scope)
+        try:
+            done.append(await main)
+        except Exception as exc:
+            failed.append(exc)
+        tg.cancel_scope.cancel()
+    if failed:
+        raise failed[0]
+    return done
+
+
 async def stoppable(
     execute: Awaitable[tuple[ExecOutcome, ContainerRecord, bool]], stop: anyio.Event | None, rec: ContainerRecord
 ) -> tuple[ExecOutcome, ContainerRecord, bool]:
@@ -88,16 +108,12 @@ async def stoppable(
     run goes on to its harvest with a 'cancelled' outcome instead of ending with the request."""
     if stop is None:
         return await execute
-    done: list[tuple[ExecOutcome, ContainerRecord, bool]] = []
 
     async def watch(scope: anyio.CancelScope) -> None:
         await stop.wait()
         scope.cancel()
 
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(watch, tg.cancel_scope)
-        done.append(await execute)
-        tg.cancel_scope.cancel()
+    done = await beside(execute, watch)
     if done:
         return done[0]
     return ExecOutcome(status="cancelled", error=ExecError("Cancelled", CANCELLED_MESSAGE)), rec, False

@@ -33,7 +33,7 @@ from .containers import container_info
 from .context import EngineContext
 from .live import LiveOutput
 from .progress import ProgressSink
-from .run import Runner, check_run_args
+from .run import Runner, beside, check_run_args
 from .shaping import RunOutput
 
 logger = logging.getLogger(__name__)
@@ -281,12 +281,7 @@ class Runs:
     async def _main(self, run: Run, code: str, options: dict[str, Any]) -> None:
         status, stored = "failed", ""
         try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._pump, run)
-                out = await self.runner.run_code(
-                    run.session, code, progress=run.relay, on_output=run.live.feed, stop=run.stop, **options
-                )
-                tg.cancel_scope.cancel()
+            out = await self._execute(run, code, options)
             out.result.run_id = run.id
             if out.result.status == "cancelled" and not (out.result.stdout or out.result.stderr):
                 out.result.stdout, cut_out = run.live.text("stdout")
@@ -316,6 +311,13 @@ class Runs:
                     await self.ctx.reg.end_run(run.id, status, stored)
                 except Exception:
                     logger.exception("could not record the end of run %s", run.id)
+
+    async def _execute(self, run: Run, code: str, options: dict[str, Any]) -> RunOutput:
+        """The run itself, with its live output pumped alongside."""
+        main = self.runner.run_code(
+            run.session, code, progress=run.relay, on_output=run.live.feed, stop=run.stop, **options
+        )
+        return (await beside(main, lambda _scope: self._pump(run)))[0]
 
     async def _pump(self, run: Run) -> None:
         """New output reaches whoever waits within LIVE_INTERVAL_S; nothing is sent while nothing is printed."""

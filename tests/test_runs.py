@@ -92,12 +92,19 @@ async def test_cancel_run_keeps_the_sessions_variables(client: Client) -> None:
 async def test_session_busy_names_the_running_run(client: Client) -> None:
     r = await call(client, "run_code", code="import time; time.sleep(4)", wait_s=0)
     assert r["status"] == "running"
+    sid, run_id = r["session_id"], r["run_id"]
     busy = await client.call_tool("run_code", {"code": "1", "session_id": r["session_id"]})
     assert busy.is_error
     text = text_of(busy)
     assert "[session_busy]" in text and r["run_id"] in text and "get_run" in text
     closing = await client.call_tool("close_session", {"session_id": "s_" + "1" * 32})
     assert closing.is_error  # other calls are answered meanwhile
+    # Calls that need the session's container answer at once instead of waiting for the run's end.
+    started = time.monotonic()
+    for tool, args in (("list_container_files", {}), ("download_file", {"file": "x.txt"})):
+        refused = await client.call_tool(tool, {**args, "session_id": sid})
+        assert refused.is_error and "[session_busy]" in text_of(refused) and run_id in text_of(refused), tool
+    assert time.monotonic() - started < 2
     await call(client, "get_run", run_id=r["run_id"], wait_s=10)
     assert (await call(client, "run_code", code="3", session_id=r["session_id"]))["status"] == "ok"
 

@@ -100,12 +100,12 @@ class AuthFailed(CIError):
 class SessionBusy(CIError):
     code = "session_busy"
 
-    def __init__(self, run_id: str) -> None:
+    def __init__(self, run_id: str, what: str = "run more code") -> None:
         self.run_id = run_id
         super().__init__(
-            f"This session is still running {run_id}; a session runs one piece of code at a time.",
+            f"This session is still running {run_id}; it cannot {what} until that run ends (one run at a time).",
             f"Call get_run(run_id={run_id!r}) to wait for it (waiting again is cheap), cancel_run to stop it, "
-            "or run it in another session.",
+            "or use another session.",
         )
 
 

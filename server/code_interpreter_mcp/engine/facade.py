@@ -57,6 +57,9 @@ class Engine:
         self.start_run = self.runs.start
         self.get_run = self.runs.get
         self.cancel_run = self.runs.cancel
+        self.list_files = self.runs.guard(self.files.list_files, "list its container's files")
+        self.download = self.runs.guard(self.files.download, "download files")
+        self.upload = self.runs.guard(self.inputs.upload, "take uploads")
 
     @property
     def settings(self) -> Settings:

@@ -19,8 +19,9 @@ import logging
 import math
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 from anyio.abc import TaskGroup
@@ -37,6 +38,7 @@ from .run import Runner, beside, check_run_args
 from .shaping import RunOutput
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 KEPT_IN_MEMORY = 256  # finished runs whose full output (images too) stays in memory; older ones come from disk
 LIVE_INTERVAL_S = 0.3  # progress notifications with new output: at most about three a second
@@ -114,6 +116,18 @@ class Runs:
 
     def active(self, session: Session) -> Run | None:
         return self._active.get(session.id)
+
+    def guard(self, call: Callable[..., Awaitable[T]], what: str) -> Callable[..., Awaitable[T]]:
+        """`call(session, ...)`, refused with SessionBusy while the session runs code: it would otherwise wait for
+        the container until the run ends, past any client's timeout."""
+
+        async def guarded(session: Session, *args: Any, **kwargs: Any) -> T:
+            run = self._active.get(session.id)
+            if run is not None:
+                raise SessionBusy(run.id, what)
+            return await call(session, *args, **kwargs)
+
+        return guarded
 
     async def start(
         self,

@@ -159,11 +159,6 @@ class Runs:
         run.total = args.timeout_s
         self._active[session.id] = run
         self._runs[run.id] = run
-        try:
-            await self.ctx.reg.add_run(run.id, session, run.started_at)
-        except BaseException:
-            self._forget(run)
-            raise
         self.task_group.start_soon(self._main, run, code, options)
         return await self._wait(run, wait, progress)
 
@@ -293,7 +288,10 @@ class Runs:
         )
 
     async def _main(self, run: Run, code: str, options: dict[str, Any]) -> None:
-        status, stored = "failed", ""
+        recorded = anyio.Event()
+        if self.task_group is not None:  # the row is written while the code starts, not before
+            self.task_group.start_soon(self._record, run, recorded)
+        status = "failed"
         try:
             out = await self._execute(run, code, options)
             out.result.run_id = run.id
@@ -302,18 +300,16 @@ class Runs:
                 out.result.stderr, cut_err = run.live.text("stderr")
                 out.result.truncated = out.result.truncated or cut_out or cut_err
             run.output = out
-            status, stored = out.result.status, json.dumps(dump(out.result))
+            status = out.result.status
         except CIError as exc:
             run.failure = exc
-            stored = json.dumps(exc.as_dict())
         except anyio.get_cancelled_exc_class():
             run.failure = RunLost(SHUTDOWN_REASON)
-            status, stored = "lost", json.dumps(run.failure.as_dict())
+            status = "lost"
             raise
         except Exception:
             logger.exception("run %s failed", run.id)
             run.failure = RunLost("The run failed inside the server; details are in its log.")
-            stored = json.dumps(run.failure.as_dict())
         finally:
             self._active.pop(run.session.id, None)
             run.done.set()
@@ -321,10 +317,22 @@ class Runs:
             while len(self._finished) > KEPT_IN_MEMORY:
                 self._runs.pop(self._finished.popleft(), None)
             with anyio.CancelScope(shield=True):
+                await recorded.wait()
+                failure = run.failure or RunLost(SHUTDOWN_REASON)
+                stored = dump(run.output.result) if run.output is not None else failure.as_dict()
                 try:
-                    await self.ctx.reg.end_run(run.id, status, stored)
+                    await self.ctx.reg.end_run(run.id, status, json.dumps(stored))
                 except Exception:
                     logger.exception("could not record the end of run %s", run.id)
+
+    async def _record(self, run: Run, recorded: anyio.Event) -> None:
+        with anyio.CancelScope(shield=True):
+            try:
+                await self.ctx.reg.add_run(run.id, run.session, run.started_at)
+            except Exception:
+                logger.exception("could not record the start of run %s", run.id)
+            finally:
+                recorded.set()
 
     async def _execute(self, run: Run, code: str, options: dict[str, Any]) -> RunOutput:
         """The run itself, with its live output pumped alongside."""
@@ -341,8 +349,3 @@ class Runs:
             if run.live.version != seen:
                 seen = run.live.version
                 await run.emit()
-
-    def _forget(self, run: Run) -> None:
-        self._runs.pop(run.id, None)
-        if self._active.get(run.session.id) is run:
-            del self._active[run.session.id]

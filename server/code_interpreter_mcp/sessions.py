@@ -146,6 +146,7 @@ class Registry:
         self.sessions: dict[str, Session] = {}
         self.containers: dict[str, ContainerRecord] = {}
         self._dirty: dict[str, ContainerRecord] = {}
+        self._run_rows: list[tuple[str, tuple[Any, ...]]] = []  # run starts and ends, in order, for `flush`
         self._seq = int(self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM files").fetchone()[0])
 
     # ---- persistence helpers -------------------------------------------------------------------------------
@@ -296,9 +297,11 @@ class Registry:
         self._dirty[rec.state.id] = rec
 
     async def flush(self) -> None:
-        if self._dirty:
+        if self._dirty or self._run_rows:
             dirty, self._dirty = self._dirty, {}
-            await self._write(*(self._container_update(r) for r in dirty.values()))
+            runs, self._run_rows = self._run_rows, []
+            updates = [self._container_update(r) for r in dirty.values()]
+            await anyio.to_thread.run_sync(lambda: self._write_sync([*updates, *self._encoded(runs)]))
 
     def container_of(self, session: Session, container_id: str | None) -> ContainerRecord | None:
         """The named container if the session owns it, else the session's current one (None if it has none)."""
@@ -350,18 +353,19 @@ class Registry:
 
     # ---- runs ----------------------------------------------------------------------------------------------
 
-    async def add_run(self, run_id: str, session: Session, started_at: float) -> None:
-        await self._write(
-            (
-                "INSERT INTO runs (id, session_id, status, started_at, pid) VALUES (?, ?, 'running', ?, ?)",
-                (run_id, session.id, started_at, os.getpid()),
-            )
-        )
+    def add_run_later(self, run_id: str, session: Session, started_at: float) -> None:
+        """A run started; written by `flush` (housekeeping, a few times a second), off the run's hot path."""
+        sql = "INSERT INTO runs (id, session_id, status, started_at, pid) VALUES (?, ?, 'running', ?, ?)"
+        self._run_rows.append((sql, (run_id, session.id, started_at, os.getpid())))
 
-    async def end_run(self, run_id: str, status: str, result: str) -> None:
-        await self._write(
-            ("UPDATE runs SET status = ?, ended_at = ?, result = ? WHERE id = ?", (status, time.time(), result, run_id))
-        )
+    def end_run_later(self, run_id: str, status: str, result: dict[str, Any]) -> None:
+        """A run ended with `result` (its RunResult, or the error that ended it), JSON-encoded when flushed."""
+        sql = "UPDATE runs SET status = ?, ended_at = ?, result = ? WHERE id = ?"
+        self._run_rows.append((sql, (status, time.time(), result, run_id)))
+
+    @staticmethod
+    def _encoded(rows: list[tuple[str, tuple[Any, ...]]]) -> list[tuple[str, tuple[Any, ...]]]:
+        return [(sql, tuple(json.dumps(p) if isinstance(p, dict) else p for p in params)) for sql, params in rows]
 
     def _load_run_sync(self, run_id: str) -> RunRow | None:
         with self._db_lock:

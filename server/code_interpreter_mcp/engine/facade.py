@@ -147,6 +147,7 @@ class Engine:
         while True:
             await anyio.sleep(0.25)
             await self.relays.tick()
+            await self.runs.tick()
             try:
                 await self.reg.flush()
                 if time.monotonic() >= next_reap and self.ctx.backend_ok:

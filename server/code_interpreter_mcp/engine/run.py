@@ -14,7 +14,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import anyio
 
@@ -81,41 +81,34 @@ CANCELLED_MESSAGE = (
 )
 
 
-T = TypeVar("T")
+class Stop:
+    """Asks a run's execution to stop the way a timeout does; set from outside the run (`cancel_run`)."""
 
+    def __init__(self) -> None:
+        self.requested = False
+        self._scope: anyio.CancelScope | None = None
 
-async def beside(main: Awaitable[T], side: Callable[[anyio.CancelScope], Awaitable[None]]) -> list[T]:
-    """`main` with `side` running alongside until it ends; `side` may cancel the scope it gets, and then the list
-    is empty. Errors of `main` come out as themselves (a task group would wrap them in an ExceptionGroup)."""
-    done: list[T] = []
-    failed: list[Exception] = []
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(side, tg.cancel_scope)
-        try:
-            done.append(await main)
-        except Exception as exc:
-            failed.append(exc)
-        tg.cancel_scope.cancel()
-    if failed:
-        raise failed[0]
-    return done
+    def set(self) -> None:
+        self.requested = True
+        if self._scope is not None:
+            self._scope.cancel()
 
 
 async def stoppable(
-    execute: Awaitable[tuple[ExecOutcome, ContainerRecord, bool]], stop: anyio.Event | None, rec: ContainerRecord
+    execute: Awaitable[tuple[ExecOutcome, ContainerRecord, bool]], stop: Stop | None, rec: ContainerRecord
 ) -> tuple[ExecOutcome, ContainerRecord, bool]:
     """`execute`, cancelled when `stop` is set: a backend stops a cancelled run by interrupting it first, and the
     run goes on to its harvest with a 'cancelled' outcome instead of ending with the request."""
     if stop is None:
         return await execute
-
-    async def watch(scope: anyio.CancelScope) -> None:
-        await stop.wait()
-        scope.cancel()
-
-    done = await beside(execute, watch)
-    if done:
-        return done[0]
+    with anyio.CancelScope() as scope:
+        stop._scope = scope
+        if stop.requested:
+            scope.cancel()
+        try:
+            return await execute
+        finally:
+            stop._scope = None
     return ExecOutcome(status="cancelled", error=ExecError("Cancelled", CANCELLED_MESSAGE)), rec, False
 
 
@@ -139,7 +132,7 @@ class Runner:
         json_strategy: str | None = None,
         progress: ProgressSink | None = None,
         on_output: Callable[[str, str], None] | None = None,
-        stop: anyio.Event | None = None,
+        stop: Stop | None = None,
     ) -> RunOutput:
         """One run, start to result. `on_output` receives what the code prints as it runs (backends that stream
         it); `stop` set while it runs stops it the way a timeout does (interrupt first), and it ends 'cancelled'."""
@@ -186,7 +179,7 @@ class Runner:
         rec: ContainerRecord,
         request: ExecRequest,
         relay: ProgressRelay,
-        stop: anyio.Event | None = None,
+        stop: Stop | None = None,
     ) -> tuple[ExecOutcome, ContainerRecord, bool, Harvested]:
         """Run and harvest. A backend that says when the code finished gets the listing started right then (a
         model takes seconds more to write its answer), and each file its answer cites starts downloading at once."""

@@ -34,14 +34,13 @@ from .containers import container_info
 from .context import EngineContext
 from .live import LiveOutput
 from .progress import ProgressSink
-from .run import Runner, beside, check_run_args
+from .run import Runner, Stop, check_run_args
 from .shaping import RunOutput
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 KEPT_IN_MEMORY = 256  # finished runs whose full output (images too) stays in memory; older ones come from disk
-LIVE_INTERVAL_S = 0.3  # progress notifications with new output: at most about three a second
 CANCEL_WAIT_S = 5.0  # how long cancel_run waits for the stopped run's result beyond the interrupt grace
 LOST_REASON = (
     "The server stopped (restart or crash) while this run was going, so its result was never made. Variables "
@@ -58,7 +57,8 @@ class Run:
     live: LiveOutput
     started_mono: float = field(default_factory=time.monotonic)
     done: anyio.Event = field(default_factory=anyio.Event)
-    stop: anyio.Event = field(default_factory=anyio.Event)
+    stop: Stop = field(default_factory=Stop)
+    shown: int = 0  # the live output's version last sent in a progress message
     output: RunOutput | None = None
     failure: CIError | None = None  # the run could not start or went wrong outside the code (e.g. capacity)
     sinks: list[ProgressSink] = field(default_factory=list)
@@ -186,6 +186,13 @@ class Runs:
         run.stop.set()
         return await self._wait(run, self.ctx.settings.interrupt_grace_s + CANCEL_WAIT_S, None)
 
+    async def tick(self) -> None:
+        """From the engine's housekeeping, a few times a second: new output of a run reaches whoever waits."""
+        for run in list(self._active.values()):
+            if run.sinks and run.live.version != run.shown:
+                run.shown = run.live.version
+                await run.emit()
+
     async def stop_session(self, session: Session) -> None:
         """Before a session closes: its running run is stopped and awaited (its files harvested)."""
         run = self._active.get(session.id)
@@ -288,12 +295,13 @@ class Runs:
         )
 
     async def _main(self, run: Run, code: str, options: dict[str, Any]) -> None:
-        recorded = anyio.Event()
-        if self.task_group is not None:  # the row is written while the code starts, not before
-            self.task_group.start_soon(self._record, run, recorded)
+        reg = self.ctx.reg
+        reg.add_run_later(run.id, run.session, run.started_at)  # lost at a crash within the first flush interval
         status = "failed"
         try:
-            out = await self._execute(run, code, options)
+            out = await self.runner.run_code(
+                run.session, code, progress=run.relay, on_output=run.live.feed, stop=run.stop, **options
+            )
             out.result.run_id = run.id
             if out.result.status == "cancelled" and not (out.result.stdout or out.result.stderr):
                 out.result.stdout, cut_out = run.live.text("stdout")
@@ -316,36 +324,5 @@ class Runs:
             self._finished.append(run.id)
             while len(self._finished) > KEPT_IN_MEMORY:
                 self._runs.pop(self._finished.popleft(), None)
-            with anyio.CancelScope(shield=True):
-                await recorded.wait()
-                failure = run.failure or RunLost(SHUTDOWN_REASON)
-                stored = dump(run.output.result) if run.output is not None else failure.as_dict()
-                try:
-                    await self.ctx.reg.end_run(run.id, status, json.dumps(stored))
-                except Exception:
-                    logger.exception("could not record the end of run %s", run.id)
-
-    async def _record(self, run: Run, recorded: anyio.Event) -> None:
-        with anyio.CancelScope(shield=True):
-            try:
-                await self.ctx.reg.add_run(run.id, run.session, run.started_at)
-            except Exception:
-                logger.exception("could not record the start of run %s", run.id)
-            finally:
-                recorded.set()
-
-    async def _execute(self, run: Run, code: str, options: dict[str, Any]) -> RunOutput:
-        """The run itself, with its live output pumped alongside."""
-        main = self.runner.run_code(
-            run.session, code, progress=run.relay, on_output=run.live.feed, stop=run.stop, **options
-        )
-        return (await beside(main, lambda _scope: self._pump(run)))[0]
-
-    async def _pump(self, run: Run) -> None:
-        """New output reaches whoever waits within LIVE_INTERVAL_S; nothing is sent while nothing is printed."""
-        seen = run.live.version
-        while True:
-            await anyio.sleep(LIVE_INTERVAL_S)
-            if run.live.version != seen:
-                seen = run.live.version
-                await run.emit()
+            failure = run.failure or RunLost(SHUTDOWN_REASON)
+            reg.end_run_later(run.id, status, dump(run.output.result) if run.output is not None else failure.as_dict())

@@ -44,3 +44,22 @@ async def test_a_run_in_flight_at_a_restart_is_reported_lost(tmp_path: Path) -> 
         # The session runs again, in a new container.
         again = (await c.call_tool("run_code", {"code": "2", "session_id": sid})).structured_content
         assert again is not None and again["status"] == "ok" and again["container"]["state_lost"] is True
+
+
+async def test_a_run_stopped_by_a_shutdown_is_reported_lost(tmp_path: Path) -> None:
+    import signal
+
+    data = tmp_path / "d"
+    with raw_server(data) as raw:
+        info = {"name": "t", "version": "1"}
+        await raw.call("initialize", {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": info})
+        raw.notify("notifications/initialized")
+        args = {"code": "import time; time.sleep(60)", "wait_s": 1}
+        flight = (await raw.call("tools/call", {"name": "run_code", "arguments": args}))["result"]["structuredContent"]
+        assert flight["status"] == "running"
+        raw.proc.send_signal(signal.SIGTERM)
+        assert raw.proc.wait(timeout=20) == 0
+    async with Client(params(data)) as c:
+        args = {"run_id": flight["run_id"], "session_id": flight["session_id"]}
+        lost = (await c.call_tool("get_run", args)).structured_content
+        assert lost is not None and lost["status"] == "lost" and "shut down" in lost["error"]["message"]

@@ -116,6 +116,7 @@ class Engine:
         reg = self.reg
         with anyio.CancelScope(shield=True):
             try:
+                await self.runs.shutdown()
                 if self.ctx.backend_ok and (
                     self.settings.delete_containers_on_shutdown or self.backend.name == "local"
                 ):

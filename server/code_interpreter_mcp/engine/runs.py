@@ -113,6 +113,7 @@ class Runs:
         self._runs: dict[str, Run] = {}
         self._active: dict[str, Run] = {}  # session id -> its running run
         self._finished: deque[str] = deque()
+        self._closing = False
 
     def active(self, session: Session) -> Run | None:
         return self._active.get(session.id)
@@ -193,6 +194,17 @@ class Runs:
                 run.shown = run.live.version
                 await run.emit()
 
+    async def shutdown(self) -> None:
+        """Before the engine closes: running runs are interrupted, harvested and recorded as lost to the shutdown
+        (with their output and files so far), within the interrupt grace and a few seconds."""
+        self._closing = True
+        runs = list(self._active.values())
+        for run in runs:
+            run.stop.set()
+        with anyio.move_on_after(self.ctx.settings.interrupt_grace_s + CANCEL_WAIT_S):
+            for run in runs:
+                await run.done.wait()
+
     async def stop_session(self, session: Session) -> None:
         """Before a session closes: its running run is stopped and awaited (its files harvested)."""
         run = self._active.get(session.id)
@@ -249,10 +261,10 @@ class Runs:
                 "Ask the server that started it (the same client connection).",
             )
         data = json.loads(row.result) if row.result else None
+        if isinstance(data, dict) and "session_id" in data:  # a result (a run lost to a shutdown has one too)
+            return RunOutput(result=RunResult.model_validate(data))
         if row.status == "failed" and data is not None:
             raise RunLost(data.get("message", "The run failed."), data.get("hint") or None)
-        if row.status not in ("running", "lost") and data is not None:
-            return RunOutput(result=RunResult.model_validate(data))
         reason = data.get("message", LOST_REASON) if data else LOST_REASON
         return RunOutput(result=self._lost_result(row, session, reason))
 
@@ -307,17 +319,24 @@ class Runs:
                 out.result.stdout, cut_out = run.live.text("stdout")
                 out.result.stderr, cut_err = run.live.text("stderr")
                 out.result.truncated = out.result.truncated or cut_out or cut_err
+            if self._closing and out.result.status == "cancelled":
+                out.result.status = "lost"
+                out.result.error = ErrorInfo(type="RunLost", message=SHUTDOWN_REASON)
             run.output = out
             status = out.result.status
         except CIError as exc:
-            run.failure = exc
+            run.failure = RunLost(SHUTDOWN_REASON) if self._closing else exc
+            status = "lost" if self._closing else status
         except anyio.get_cancelled_exc_class():
             run.failure = RunLost(SHUTDOWN_REASON)
             status = "lost"
             raise
         except Exception:
-            logger.exception("run %s failed", run.id)
-            run.failure = RunLost("The run failed inside the server; details are in its log.")
+            if self._closing:
+                run.failure, status = RunLost(SHUTDOWN_REASON), "lost"
+            else:
+                logger.exception("run %s failed", run.id)
+                run.failure = RunLost("The run failed inside the server; details are in its log.")
         finally:
             self._active.pop(run.session.id, None)
             run.done.set()

@@ -91,8 +91,10 @@ async def test_legacy_era_task_augmented_run_code(tmp_path: Path) -> None:
         assert time.monotonic() - started < 1.5, "a task call answers at once"
         task = created["result"]["task"]
         assert task["status"] == "working" and task["taskId"].startswith("r_") and "createdAt" in task
+        await anyio.sleep(0.5)
         polled = (await raw.call("tasks/get", {"taskId": task["taskId"]}))["result"]
         assert polled["taskId"] == task["taskId"] and polled["status"] == "working"
+        assert polled["statusMessage"].endswith("last output: working"), polled
 
         result = (await raw.call("tasks/result", {"taskId": task["taskId"]}))["result"]
         assert result["_meta"]["io.modelcontextprotocol/related-task"] == {"taskId": task["taskId"]}

@@ -37,6 +37,7 @@ from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from ..engine import Engine, RunOutput
 from ..errors import CIError, RunNotFound
+from ..models import RunResult
 from ..sessions import new_id
 from . import content
 from .auth import current_owner
@@ -65,6 +66,11 @@ def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
 
 
+def _working_message(r: RunResult) -> str:
+    last = (r.stdout or r.stderr).rstrip().rsplit("\n", 1)[-1][-200:]
+    return f"Running for {r.elapsed_s or 0:.0f} s" + (f"; last output: {last}" if last else ".")
+
+
 def _declares_extension(params: Mapping[str, Any] | None) -> bool:
     meta = (params or {}).get("_meta")
     caps = meta.get(CAPABILITIES_KEY) if isinstance(meta, Mapping) else None
@@ -80,6 +86,8 @@ class RunTasks(Extension):
         self._created: dict[str, float] = {}
         # Legacy task calls answered without a run (refused arguments, a busy session): their final results.
         self._immediate: dict[str, dict[str, Any]] = {}
+        # The statusMessage of a working task as its last poll saw it (elapsed time, newest output line).
+        self._working: dict[str, str] = {}
 
     def methods(self) -> list[MethodBinding]:
         legacy = frozenset({LEGACY_TASKS_VERSION})
@@ -178,6 +186,7 @@ class RunTasks(Extension):
             result = CallToolResult(content=[TextContent(text=str(content.tool_error(exc)))], is_error=True)
         else:
             if out.result.status == "running":
+                self._working[task_id] = _working_message(out.result)
                 return None
             if out.result.status == "lost":
                 message = out.result.error.message if out.result.error else "The run was lost."
@@ -191,7 +200,7 @@ class RunTasks(Extension):
         created = self._created.setdefault(task_id, now)
         run = (wire or {}).get("structuredContent") or {}
         if wire is None:
-            status, message = "working", "The code is running."
+            status, message = "working", self._working.pop(task_id, "The code is running.")
         elif "error" in wire:
             status, message = "failed", wire["error"]["message"]
         elif run.get("status") == "cancelled":

@@ -3,10 +3,11 @@
 A run is started in the engine's own task group, not in the request that asked for it, so a client that times
 out or disconnects loses nothing: it waits `wait_s`, gets `running` with the run's handle and the output so far,
 and collects the result later, from any connection of the same owner. A session runs one piece of code at a time
-(`SessionBusy` names the running run). Finished results stay in memory for the process's life and on disk (the
-registry's `runs` rows) for the session's, so after a restart a finished run is still reported, and one that was
-in flight is reported lost, with the session's harvested files. While anyone waits for a run, progress
-notifications carry its newest printed lines, a few a second at most.
+(`SessionBusy` names the running run). Finished results stay in memory (the newest few hundred, images too) and
+on disk (the registry's `runs` rows) for the session's lifetime, so after a restart a finished run is still
+reported, and one that was in flight is reported lost, with the session's harvested files. While anyone waits
+for a run, progress notifications carry its newest printed lines, a few a second at most (the engine's
+housekeeping ticks them).
 
 It owns handles, waiting, cancelling, ownership of runs and their live output; how one run goes is `run`'s, and it
 knows no MCP types.
@@ -77,7 +78,7 @@ class Run:
             return
         value = max(round(self.elapsed, 3), self.last_value + 0.001)
         self.last_value = value
-        if message is not None:  # the relay's "<stage> (<n> s)": the stage is kept for the pump's messages
+        if message is not None:  # the relay's "<stage> (<n> s)": the stage is kept for the output ticks
             self.stage = message.rsplit(" (", 1)[0]
         text = message if message is not None else f"{self.stage} ({value:.0f} s)"
         newest = self.live.newest()

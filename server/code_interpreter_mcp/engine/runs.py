@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 KEPT_IN_MEMORY = 256  # finished runs whose full output (images too) stays in memory; older ones come from disk
+LIVE_INTERVAL_S = 0.3  # new output is sent at most about three times a second
 CANCEL_WAIT_S = 5.0  # how long cancel_run waits for the stopped run's result beyond the interrupt grace
 LOST_REASON = (
     "The server stopped (restart or crash) while this run was going, so its result was never made. Variables "
@@ -66,6 +67,7 @@ class Run:
     last_value: float = 0.0
     total: float | None = None
     stage: str = "running"
+    sent_at: float = 0.0  # monotonic time of the last progress notification
 
     @property
     def elapsed(self) -> float:
@@ -78,6 +80,7 @@ class Run:
             return
         value = max(round(self.elapsed, 3), self.last_value + 0.001)
         self.last_value = value
+        self.sent_at = time.monotonic()
         if message is not None:  # the relay's "<stage> (<n> s)": the stage is kept for the output ticks
             self.stage = message.rsplit(" (", 1)[0]
         text = message if message is not None else f"{self.stage} ({value:.0f} s)"
@@ -191,7 +194,7 @@ class Runs:
     async def tick(self) -> None:
         """From the engine's housekeeping, a few times a second: new output of a run reaches whoever waits."""
         for run in list(self._active.values()):
-            if run.sinks and run.live.version != run.shown:
+            if run.sinks and run.live.version != run.shown and time.monotonic() - run.sent_at >= LIVE_INTERVAL_S:
                 run.shown = run.live.version
                 await run.emit()
 

@@ -58,12 +58,9 @@ def mem_of(pid: int | None) -> dict[str, int]:
 
 
 def container_mem(backend: LocalBackend, cid: str) -> dict[str, dict[str, int]]:
-    worker = backend._containers[cid].worker
-    assert worker is not None
-    pids = {"bwrap": worker.popen.pid, "init": worker.init_pid, "worker": worker.worker_pid}
-    if pids["init"] == pids["worker"]:
-        pids.pop("init")
-    return {name: mem_of(pid) for name, pid in pids.items()}
+    c = backend._containers.get(cid)
+    assert c is not None and c.worker is not None
+    return {name: mem_of(pid) for name, pid in c.worker.process.pids().items()}
 
 
 async def bench(n: int, n_containers: int) -> dict[str, Any]:
@@ -129,17 +126,19 @@ async def bench(n: int, n_containers: int) -> dict[str, Any]:
             # First plot in a new container, with the prebuilt font cache (as configured) and without,
             # interleaved so page-cache warmth favours neither.
             plot = ExecRequest(code="import matplotlib.pyplot as plt\nplt.plot([1, 2, 3])\n'ok'", timeout_s=60)
-            saved = backend._mpl_cache
+            pool = backend._pool
+            assert pool is not None
+            saved = pool.mpl_cache
             timings: dict[bool, list[float]] = {True: [], False: []}
             for i in range(12):
                 cached = i % 2 == 0
-                backend._mpl_cache = saved if cached else None
+                pool.mpl_cache = saved if cached else None
                 c = await backend.create_container("bench", 3600)
                 t = time.perf_counter()
                 await backend.execute(c, plot, no_progress)
                 timings[cached].append(time.perf_counter() - t)
                 await backend.destroy(c)
-            backend._mpl_cache = saved
+            pool.mpl_cache = saved
             results["first_plot_prebuilt_font_cache"] = summary_ms(timings[True])
             results["first_plot_fresh_font_cache"] = summary_ms(timings[False])
 

@@ -24,8 +24,9 @@ from code_interpreter_mcp.backends.base import (
     StructuredRequest,
     no_progress,
 )
-from code_interpreter_mcp.backends.local import LocalBackend
+from code_interpreter_mcp.backends.local import LocalBackend, bubblewrap, uids
 from code_interpreter_mcp.backends.local import sandbox as sandbox_mod
+from code_interpreter_mcp.backends.local.process import WorkerProcess
 from code_interpreter_mcp.config import Settings
 from code_interpreter_mcp.errors import (
     BackendError,
@@ -61,6 +62,12 @@ async def run(
     sreq = StructuredRequest(schema={"type": "object"}, nonce="0" * 32) if structured else None
     request = ExecRequest(code=code, timeout_s=timeout, structured=sreq, run_number=run_number)
     return await backend.execute(container, request, no_progress)
+
+
+def worker_of(backend: LocalBackend, container_id: str) -> WorkerProcess | None:
+    c = backend._containers.get(container_id)
+    assert c is not None
+    return c.worker
 
 
 def pid_alive(pid: int) -> bool:
@@ -325,7 +332,7 @@ async def test_sigint_ignored_gets_killed_and_respawned(make_backend: MakeBacken
     backend = await make_backend(interrupt_grace_s=0.5)
     c = await backend.create_container("s", 600)
     await run(backend, c, "kept = 1")
-    old_pid = backend._containers[c.id].worker.worker_pid  # type: ignore[union-attr]
+    old_pid = worker_of(backend, c.id).worker_pid  # type: ignore[union-attr]
     code = "import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nprint('stubborn')\nwhile True:\n    pass"
     out = await run(backend, c, code, timeout=0.3)
     assert out.status == "timeout"
@@ -398,7 +405,7 @@ async def test_segfault_reported(backend: LocalBackend, container: ContainerStat
 
 async def test_worker_killed_between_runs_respawns(backend: LocalBackend, container: ContainerState) -> None:
     await run(backend, container, "kept = 1")
-    worker = backend._containers[container.id].worker
+    worker = worker_of(backend, container.id)
     assert worker is not None
     await worker.kill()
     out = await run(backend, container, "'kept' in dir()")
@@ -440,8 +447,13 @@ async def test_list_files(backend: LocalBackend, container: ContainerState) -> N
     )
     assert (await run(backend, container, code)).status == "ok"
     listing = await backend.list_files(container)
-    by_path = {f.path: f for f in listing}
+    by_path = {f.path: f for f in listing if not f.skipped}
     assert set(by_path) == {"a.txt", "sub/deeper/b.bin"}
+    assert {f.path: f.skipped for f in listing if f.skipped} == {
+        "link": "a symbolic link",
+        "dirlink": "a symbolic link",
+        "fifo": "not a regular file",
+    }
     a = by_path["a.txt"]
     assert a.bytes == 3 and a.source == "generated" and a.created_at > 0
     assert re.fullmatch(r"\d+:3:\d+", a.version)
@@ -589,9 +601,9 @@ async def test_last_active_and_expiry(backend: LocalBackend) -> None:
 
 async def test_destroy(backend: LocalBackend, container: ContainerState) -> None:
     await run(backend, container, "open('f.txt', 'w').write('x')")
-    worker = backend._containers[container.id].worker
+    worker = worker_of(backend, container.id)
     assert worker is not None and worker.worker_pid is not None
-    pids = [worker.popen.pid, worker.init_pid, worker.worker_pid]
+    pids = list(worker.process.pids().values())
     root = backend.settings.containers_dir / container.id
     await backend.destroy(container)
     assert not root.exists()
@@ -609,9 +621,9 @@ async def test_aclose_kills_every_worker(make_backend: MakeBackend) -> None:
     containers = [await backend.create_container("s", 600) for _ in range(3)]
     pids = []
     for c in containers:
-        w = backend._containers[c.id].worker
+        w = worker_of(backend, c.id)
         assert w is not None
-        pids += [w.popen.pid, w.init_pid, w.worker_pid]
+        pids += list(w.process.pids().values())
     await backend.aclose()
     assert not any(pid_alive(p) for p in pids if p is not None)
     for p in pids:  # reaped, not zombies
@@ -655,7 +667,7 @@ async def test_containers_run_concurrently_and_apart(backend: LocalBackend) -> N
 async def test_unsandboxed_only_when_allowed(
     make_backend: MakeBackend, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setattr(sandbox_mod, "find_bwrap", lambda explicit=None: None)
+    monkeypatch.setattr(bubblewrap, "find_bwrap", lambda explicit=None: None)
     with pytest.raises(SandboxUnavailable) as refused:
         await LocalBackend(Settings(data_dir=tmp_path / "refused")).start()
     assert "bwrap is not installed" in refused.value.message
@@ -683,7 +695,7 @@ def dataclass_copy(obj: Any, **changes: Any) -> Any:
 
 async def test_user_namespace_fallback(make_backend: MakeBackend, monkeypatch: pytest.MonkeyPatch) -> None:
     # Where dedicated uids are impossible (e.g. inside a rootless container), plain bwrap --unshare-user is used.
-    monkeypatch.setattr(sandbox_mod, "uid_range_mapped", lambda *a, **k: False)
+    monkeypatch.setattr(uids, "uid_range_mapped", lambda *a, **k: False)
     backend = await make_backend()
     assert backend.isolation == "bubblewrap"
     facts = backend.describe()
@@ -717,7 +729,7 @@ async def test_background_writer_over_quota_is_stopped(make_backend: MakeBackend
     assert (await run(backend, c, code)).status == "ok"
     data = backend.settings.containers_dir / c.id / "data"
     with anyio.fail_after(20):
-        while backend._containers[c.id].worker is not None:
+        while worker_of(backend, c.id) is not None:
             await anyio.sleep(0.1)
     used = sum(p.stat().st_size for p in data.iterdir())
     await anyio.sleep(0.3)

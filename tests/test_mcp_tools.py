@@ -107,7 +107,8 @@ async def test_files_images_resources_and_download(client: Client, tmp_path: Pat
     assert paths[pngs[0]]["mime_type"] == "image/png"
     assert any(isinstance(c, ImageContent) and c.mime_type == "image/png" for c in r.content)
     links = [c for c in r.content if isinstance(c, ResourceLink)]
-    assert {link.uri for link in links} == {f["uri"] for f in s["files"]}
+    # The inlined image is not linked as well (RESOURCE_LINKS=non_inline).
+    assert {link.uri for link in links} == {f["uri"] for f in s["files"] if not f["path"].endswith(".png")}
 
     csv = paths["table.csv"]
     read = await client.read_resource(csv["uri"])
@@ -339,7 +340,7 @@ async def test_api_key_not_visible_in_sandbox(settings: Settings, monkeypatch: p
 
 
 async def test_large_file_is_saved_not_inlined(tmp_path: Path) -> None:
-    settings = Settings(data_dir=tmp_path / "d", inline_file_max_bytes=1000, inline_image_max_bytes=0)
+    settings = Settings(data_dir=tmp_path / "d", inline_binary_max_bytes=1000, inline_image_max_bytes=0)
     async with Client(build_server(settings), raise_exceptions=True) as client:
         s = await run(client, "open('big.bin','wb').write(b'z' * 5000)", instructions="ignored here")
         assert any("instructions were ignored" in w for w in s["warnings"])

@@ -22,7 +22,7 @@ async def test_logs_arrive_in_progress_before_the_answer(emu: Emulator, tmp_path
         async def on_progress(progress: float, total: float | None, message: str | None) -> None:
             messages.append((time.monotonic(), message or ""))
 
-        emu.behaviour.answer_delay_s = 1.0  # the model takes a while to write its answer after the code ran
+        emu.behaviour.answer_delay_s = 1.5  # the model takes a while to write its answer after the code ran
         r = await client.call_tool(
             "run_code",
             {"code": "print('from the container')", "session_id": first["session_id"]},

@@ -156,6 +156,32 @@ def copy_with_hash(src: Path, dest: Path, max_bytes: int) -> tuple[int, str]:
     return total, digest.hexdigest()
 
 
+def image_preview(path: Path, max_bytes: int) -> tuple[bytes, str] | None:
+    """A downscaled copy of an image that fits in `max_bytes` (PNG when that fits, which keeps charts sharp, else
+    JPEG), or None when it cannot be read or made that small. Blocking: Pillow decodes the whole image."""
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(path) as src:
+            src.load()
+            image = src.convert("RGBA" if "A" in src.getbands() else "RGB")
+    except Exception:  # not an image Pillow reads, a decompression bomb, a truncated file...
+        return None
+    side = min(max(image.size), 1568)  # larger than most clients show an image anyway
+    while side >= 64:
+        thumb = image.copy()
+        thumb.thumbnail((side, side))
+        for fmt, mime in (("PNG", "image/png"), ("JPEG", "image/jpeg")):
+            buf = io.BytesIO()
+            (thumb.convert("RGB") if fmt == "JPEG" else thumb).save(buf, fmt, optimize=True, quality=80)
+            if buf.tell() <= max_bytes:
+                return buf.getvalue(), mime
+        side = side * 2 // 3
+    return None
+
+
 def write_bytes_with_hash(data: bytes, dest: Path) -> str:
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_bytes(data)

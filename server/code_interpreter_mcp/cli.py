@@ -6,6 +6,7 @@ Logs go to stderr only: on stdio, stdout belongs to the protocol.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
@@ -21,6 +22,8 @@ from pydantic import ValidationError
 from . import __version__
 from .config import Settings, load_settings
 from .errors import CIError
+
+ANALYSIS_MODULES = ("numpy", "pandas", "matplotlib", "openpyxl")  # the `analysis` extra
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -57,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--timeout", type=float, dest="timeout_s", help="wall-clock limit in seconds")
     run.add_argument("--input", action="append", default=[], help="a host file to copy into /mnt/data first")
     run.add_argument("--json-strategy", choices=["two_pass_sentinel", "single_pass"])
+    run.add_argument(
+        "--package", action="append", default=[], dest="packages", help="a requirement to install first (repeatable)"
+    )
     run.add_argument("--quiet", action="store_true", help="do not echo the run's output live on stderr")
 
     doctor = sub.add_parser("doctor", help="print the detected isolation, backend, data folder and limits")
@@ -138,6 +144,7 @@ async def _run_once(
     timeout_s: float | None,
     strategy: str | None,
     out_dir: Path | None,
+    packages: list[str] | None = None,
     live: bool = True,
 ) -> tuple[dict[str, Any], int]:
     from .engine import Engine
@@ -154,6 +161,7 @@ async def _run_once(
                 output_schema=schema,
                 timeout_s=timeout_s,
                 json_strategy=strategy,
+                packages=packages or None,
                 on_output=_echo if live else None,
             )
         ).result
@@ -183,7 +191,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     out_dir = Path(args.out).resolve() if args.out else None
     inputs = [os.path.abspath(i) for i in args.input]
     payload, rc = anyio.run(
-        _run_once, settings, code, schema, inputs, args.timeout_s, args.json_strategy, out_dir, not args.quiet
+        _run_once,
+        settings,
+        code,
+        schema,
+        inputs,
+        args.timeout_s,
+        args.json_strategy,
+        out_dir,
+        args.packages,
+        not args.quiet,
     )
     print(json.dumps(payload, indent=2, ensure_ascii=False))
     return rc
@@ -209,8 +226,28 @@ async def _doctor(settings: Settings) -> dict[str, Any]:
         report["details"] = backend.describe()
     finally:
         await backend.aclose()
+    report["packages"] = await _packages_report(settings, backend.capabilities)
     report["settings"] = settings.public_view()
+    missing = [m for m in ANALYSIS_MODULES if importlib.util.find_spec(m) is None]
+    if missing and settings.backend == "local":
+        report["warnings"] = [
+            f"The sandbox cannot import {', '.join(missing)}: it sees the server's own Python packages. "
+            "Install the analysis libraries with: pip install 'code-interpreter-mcp[analysis]'."
+        ]
     return report
+
+
+async def _packages_report(settings: Settings, capabilities: Any) -> dict[str, Any]:
+    """Policy, installer, index and cache of packages on demand (the backend's refusal when it has none)."""
+    if not capabilities.packages:
+        return {"policy": "unsupported", "backend": settings.backend, "preinstalled": capabilities.preinstalled}
+    from .packages import PackageManager
+
+    manager = PackageManager(settings)
+    try:
+        return await manager.describe()
+    finally:
+        await manager.aclose()
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ masks them.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -57,6 +58,15 @@ class Settings(BaseModel):
     max_inline_images: int = Field(default=4, ge=0)
     max_file_bytes: int = Field(default=100 * 1024 * 1024, gt=0, description="largest file harvested or uploaded")
     structured_strategy: Literal["two_pass_sentinel", "single_pass"] = "two_pass_sentinel"
+    inline_images_total_bytes: int = Field(default=1024 * 1024, ge=0, description="image bytes inlined per result")
+    inline_binary_max_bytes: int = Field(default=64 * 1024, ge=0, description="largest non-image binary inlined")
+    max_result_files: int = Field(default=50, ge=1, description="files a run result lists in full")
+    result_shape: Literal["auto", "both", "content_only"] = Field(
+        default="auto", description="auto: content_only for clients known to drop `content` (see app/clients.py)"
+    )
+    resource_links: Literal["all", "non_inline", "none"] = Field(
+        default="non_inline", description="which files get resource_link blocks (none: LangChain's adapters)"
+    )
 
     # Local sandbox
     unsafe_no_sandbox: bool = False
@@ -77,6 +87,26 @@ class Settings(BaseModel):
         default=None, description="where that cache lives (default: the user cache dir)"
     )
 
+    # Packages (run_code packages=..., PEP 723 blocks)
+    packages: Literal["any", "allowlist", "off"] | None = Field(
+        default=None, description="package policy (default: any on stdio, off on HTTP)"
+    )
+    package_allowlist: list[str] = Field(
+        default_factory=list, description="packages allowed under the allowlist policy (comma-separated in env)"
+    )
+    package_index_url: str | None = Field(
+        default=None, description="package index (default: the user's own uv/pip configuration)"
+    )
+    package_find_links: str | None = Field(
+        default=None, description="a local folder (or page) of wheels; alone, installs use no index (offline)"
+    )
+    package_allow_builds: bool = Field(default=False, description="build sdists (inside the installer sandbox)")
+    package_installer: Literal["auto", "uv", "pip"] = "auto"
+    package_install_timeout_s: float = Field(default=300.0, gt=0)
+    package_set_max_mb: int = Field(default=1024, ge=1, description="largest installed package set")
+    package_cache_quota_mb: int = Field(default=5120, ge=1, description="all package sets and the installer cache")
+    package_cache_dir: Path | None = Field(default=None, description="default: <data_dir>/packages")
+
     # OpenAI backend
     openai_model: str = "gpt-5.5"
     openai_api_key: SecretStr | None = None
@@ -94,9 +124,37 @@ class Settings(BaseModel):
     def _expand(cls, v: Any) -> Any:
         return Path(v).expanduser() if isinstance(v, str | Path) else v
 
+    @field_validator("package_cache_dir", mode="before")
+    @classmethod
+    def _expand_optional(cls, v: Any) -> Any:
+        return Path(v).expanduser() if isinstance(v, str | Path) else v
+
+    @field_validator("package_allowlist", mode="before")
+    @classmethod
+    def _split_list(cls, v: Any) -> Any:
+        # Environment variables arrive as one string: "numpy, pandas tabulate".
+        return [part for part in re.split(r"[,\s]+", v) if part] if isinstance(v, str) else v
+
     @property
     def host_paths_allowed(self) -> bool:
         return self.allow_host_paths if self.allow_host_paths is not None else self.transport == "stdio"
+
+    @property
+    def packages_policy(self) -> Literal["any", "allowlist", "off"]:
+        """The package policy in force: over HTTP the caller is not the host's user, so off unless set."""
+        if self.packages is not None:
+            return self.packages
+        return "any" if self.transport == "stdio" else "off"
+
+    @property
+    def package_cache_path(self) -> Path:
+        return self.package_cache_dir if self.package_cache_dir is not None else self.data_dir / "packages"
+
+    @property
+    def package_sets_path(self) -> Path:
+        """The store's folder of installed sets (packages/cache.py lays it out): public code, bound read-only
+        into every run's sandbox, so a set installed later is importable in a live worker."""
+        return self.package_cache_path / "sets"
 
     @property
     def db_path(self) -> Path:
@@ -115,6 +173,9 @@ class Settings(BaseModel):
         out = self.model_dump(mode="json")
         for key in ("openai_api_key", "auth_token"):
             out[key] = "set" if getattr(self, key) else None
+        if self.package_index_url:
+            # An index URL may carry credentials (https://user:token@host/simple).
+            out["package_index_url"] = re.sub(r"//[^/@]*@", "//***@", self.package_index_url)
         return out
 
 

@@ -145,3 +145,74 @@ class BackendError(CIError):
 class ResponseMalformed(CIError):
     code = "response_malformed"
     default_hint = "The model's response had an unexpected shape; try again."
+
+
+class BadRequirement(BadInput):
+    code = "bad_requirement"
+    default_hint = (
+        'Pass PEP 508 requirement strings naming packages on the index, e.g. "tabulate" or "scikit-learn>=1.5" '
+        "(no URLs, local paths or pip options)."
+    )
+
+
+class PackageError(CIError):
+    """Base of the errors of installing packages: the server and the session are left as they were."""
+
+    code = "package_error"
+    default_hint = "Check the package names and versions, or run without packages."
+
+
+class PackageNotFound(PackageError):
+    code = "package_not_found"
+    default_hint = "Check the spelling of the package name (and the version asked for) on the package index."
+
+
+class PackageNoWheel(PackageError):
+    code = "package_no_wheel"
+    default_hint = (
+        "Ask for a version that publishes a wheel for this platform, or another package; building from source "
+        "is off unless the operator sets CODE_INTERPRETER_PACKAGE_ALLOW_BUILDS=true."
+    )
+
+
+class PackageConflict(PackageError):
+    code = "package_conflict"
+    default_hint = "Loosen or change the version constraints so that one set of versions satisfies them all."
+
+
+class PackageIndexUnreachable(PackageError):
+    code = "package_index_unreachable"
+    default_hint = (
+        "The package index could not be reached. Offline, point CODE_INTERPRETER_PACKAGE_FIND_LINKS at a local "
+        "folder of wheels; otherwise check CODE_INTERPRETER_PACKAGE_INDEX_URL or the proxy settings."
+    )
+
+
+class PackageRefused(PackageError):
+    code = "package_refused"
+    default_hint = (
+        "The operator's policy (CODE_INTERPRETER_PACKAGES, CODE_INTERPRETER_PACKAGE_ALLOWLIST) does not allow "
+        "this; run without packages or ask the operator."
+    )
+
+
+class PackageTooLarge(PackageError):
+    code = "package_too_large"
+    default_hint = "Ask for fewer or smaller packages, or the operator can raise CODE_INTERPRETER_PACKAGE_SET_MAX_MB."
+
+
+class PackageInstallTimeout(PackageError):
+    code = "package_timeout"
+    default_hint = (
+        "Ask for fewer or smaller packages, or the operator can raise CODE_INTERPRETER_PACKAGE_INSTALL_TIMEOUT_S."
+    )
+
+
+class PackageInstallFailed(PackageError):
+    code = "package_install_failed"
+    default_hint = "See the installer's message; run `code-interpreter-mcp doctor` to check the package settings."
+
+
+class PackagesUnsupported(PackageError):
+    code = "packages_unsupported"
+    default_hint = "Run without packages: this backend cannot install them."

@@ -41,6 +41,15 @@ CREATE INDEX IF NOT EXISTS files_by_session ON files(session_id, seq);
 CREATE INDEX IF NOT EXISTS containers_by_session ON containers(session_id);
 """
 
+# Columns added after the first release, each (table, column, definition): a database made before gets them.
+ADDED_COLUMNS = [("sessions", "packages", "TEXT NOT NULL DEFAULT '[]'")]
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    for table, column, definition in ADDED_COLUMNS:
+        if column not in {row[1] for row in db.execute(f"PRAGMA table_info({table})")}:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+
 
 def new_id(prefix: str, nbytes: int = 16) -> str:
     return f"{prefix}{secrets.token_hex(nbytes)}"
@@ -114,6 +123,7 @@ class Session:
     current_container: str | None = None
     files: list[FileRecord] = field(default_factory=list)
     lock: anyio.Lock = field(default_factory=anyio.Lock)
+    packages: list[str] = field(default_factory=list)  # requirements installed for it, restored in a new container
 
     def latest_files(self, container_id: str | None = None) -> list[FileRecord]:
         """Newest version of each path (per container when given, else across the session)."""
@@ -142,6 +152,7 @@ class Registry:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        _migrate(self._db)
         self._db_lock = threading.Lock()
         self.sessions: dict[str, Session] = {}
         self.containers: dict[str, ContainerRecord] = {}
@@ -199,6 +210,9 @@ class Registry:
                 closed=bool(row[4]),
                 current_container=row[5],
             )
+            session.packages = json.loads(
+                self._db.execute("SELECT packages FROM sessions WHERE id = ?", (session_id,)).fetchone()[0]
+            )
             for c in self._db.execute(
                 "SELECT id, backend, created_at, last_active_at, expires_after_s, status, isolation, runs, extra "
                 "FROM containers WHERE session_id = ?",
@@ -243,6 +257,10 @@ class Registry:
         session.closed = True
         session.current_container = None
         await self._write(("UPDATE sessions SET closed = 1, current_container = NULL WHERE id = ?", (session.id,)))
+
+    async def save_packages(self, session: Session, requirements: list[str]) -> None:
+        session.packages = list(requirements)
+        await self._write(("UPDATE sessions SET packages = ? WHERE id = ?", (json.dumps(session.packages), session.id)))
 
     async def forget_files(self, session: Session) -> list[FileRecord]:
         removed, session.files = session.files, []

@@ -12,9 +12,18 @@ from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from typing import Any
 
+from mcp.server.context import ServerRequestContext
 from mcp.server.lowlevel.helper_types import ReadResourceContents
 from mcp.server.mcpserver import Context, MCPServer
-from mcp.types import InputRequiredResult, ServerCapabilities, ServerTasksCapability, ToolExecution
+from mcp.types import (
+    CallToolResult,
+    InputRequiredResult,
+    ListToolsResult,
+    PaginatedRequestParams,
+    ServerCapabilities,
+    ServerTasksCapability,
+    ToolExecution,
+)
 from mcp.types import Tool as MCPTool
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import AnyUrl
@@ -23,8 +32,10 @@ from .. import __version__
 from ..config import Settings
 from ..engine import Engine
 from .auth import auth_options
+from .clients import client_profile
+from .content import for_client
 from .resources import add_file_resources, read_file_resource
-from .schemas import publish_flat_schemas
+from .schemas import publish_flat_schemas, tools_for_client
 from .tasks import TASK_TOOLS, RunTasks, legacy_capabilities
 from .tools import add_tools
 
@@ -39,7 +50,25 @@ _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 class CodeInterpreterServer(MCPServer[Engine]):
-    """Serves our file URIs with each file's own mime type and owner check (a template has one fixed type)."""
+    """Serves our file URIs with each file's own mime type and owner check (a template has one fixed type), and
+    lists tools and shapes results for the client asking (see `clients`)."""
+
+    def __init__(self, settings: Settings, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.ci_settings = settings  # MCPServer has a `settings` of its own
+
+    async def _handle_list_tools(
+        self, ctx: ServerRequestContext[Engine], params: PaginatedRequestParams | None
+    ) -> ListToolsResult:
+        return tools_for_client(await super()._handle_list_tools(ctx, params), client_profile(ctx, self.ci_settings))
+
+    async def call_tool(
+        self, name: str, arguments: dict[str, Any], context: Context[Engine, Any] | None = None
+    ) -> CallToolResult | InputRequiredResult:
+        result = await super().call_tool(name, arguments, context)
+        if isinstance(result, CallToolResult) and context is not None:
+            return for_client(result, client_profile(context, self.ci_settings))
+        return result
 
     async def read_resource(
         self, uri: AnyUrl | str, context: Context | None = None
@@ -82,6 +111,7 @@ def build_server(settings: Settings, engine: Engine | None = None) -> CodeInterp
     level = settings.log_level.upper()
     tasks = RunTasks()
     mcp = CodeInterpreterServer(
+        settings,
         name="code-interpreter-mcp",
         title="Code Interpreter",
         version=__version__,

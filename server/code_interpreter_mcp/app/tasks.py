@@ -41,6 +41,7 @@ from ..models import RunResult
 from ..sessions import new_id
 from . import content
 from .auth import current_owner
+from .clients import client_profile
 
 EXTENSION_ID = "io.modelcontextprotocol/tasks"
 CAPABILITIES_KEY = "io.modelcontextprotocol/clientCapabilities"
@@ -191,7 +192,7 @@ class RunTasks(Extension):
             if out.result.status == "lost":
                 message = out.result.error.message if out.result.error else "The run was lost."
                 return {"error": {"code": INTERNAL_ERROR, "message": message}, "lost": True}
-            result = content.run_result(out)
+            result = content.run_result(out, client_profile(ctx, ctx.lifespan_context.settings))
         dumped = result.model_dump(by_alias=True, mode="json", exclude_none=True)
         return serialize_server_result("tools/call", ctx.protocol_version, dumped)
 

@@ -22,6 +22,7 @@ from ..models import CloseResult, DownloadResult, FileList, RunResult, UploadRes
 from ..sessions import Session
 from . import content, tasks
 from .auth import current_owner
+from .clients import client_profile
 from .context import resolve_session
 
 RUN_CODE_DESCRIPTION = """\
@@ -40,6 +41,12 @@ expression (like a notebook cell), any error with its traceback, and every file 
 - Each result says when the container expires (idle expiry); after that a new container starts (state_lost:
   true), input files are uploaded again, and earlier files remain downloadable.
 - No network access inside the sandbox. timeout_s stops runaway code (interrupt first, then restart).
+- packages: PEP 508 requirements to install first, e.g. ["tabulate", "scikit-learn>=1.5"] (a PEP 723
+  `# /// script` block with `dependencies = [...]` at the top of the code works too). They are installed outside
+  the sandbox (wheels from the server's configured index), cached and shared between sessions, so a set installed
+  once costs nothing the next time; the session keeps them for later runs and for a new container. Naming a
+  project again changes its constraint; variables survive adding packages. `packages` in the result lists each
+  installed distribution and version. The server's policy may allow only some packages, or none.
 - Long runs: the call waits up to wait_s (default 45 s) for the result. A run still going then returns
   status "running" with a run_id and the output so far, and keeps running in the background. Then call get_run
   with that run_id (it waits again, cheaply, and returns the full result, files included, once done); call
@@ -136,6 +143,10 @@ async def run_code(
         Literal["two_pass_sentinel", "single_pass"] | None,
         Field(description="openai backend: how the JSON result is obtained."),
     ] = None,
+    packages: Annotated[
+        list[str] | None,
+        Field(description='Requirements to install for this session first, e.g. ["tabulate", "scipy>=1.13"].'),
+    ] = None,
     wait_s: Annotated[float | None, Field(description=_WAIT_S, ge=0)] = None,
 ) -> Annotated[CallToolResult, RunResult]:
     async with _session(ctx, session_id) as (engine, session):
@@ -149,8 +160,9 @@ async def run_code(
             json_strategy=json_strategy,
             wait_s=tasks.task_wait(wait_s),
             progress=ctx.report_progress,
+            packages=packages,
         )
-    return content.run_result(out)
+    return content.run_result(out, client_profile(ctx, engine.settings))
 
 
 RunId = Annotated[str, Field(description="The run_id of a result whose status was 'running'.")]
@@ -176,7 +188,7 @@ async def get_run(
     async with _engine(ctx) as engine:
         wait = engine.settings.default_wait_s if wait_s is None else wait_s
         out = await engine.get_run(run_id, current_owner(), session_id, wait, ctx.report_progress)
-    return content.run_result(out)
+    return content.run_result(out, client_profile(ctx, engine.settings))
 
 
 @tool("Cancel a run", CANCEL_RUN_DESCRIPTION, destructive=True, idempotent=True)
@@ -185,14 +197,15 @@ async def cancel_run(
 ) -> Annotated[CallToolResult, RunResult]:
     async with _engine(ctx) as engine:
         out = await engine.cancel_run(run_id, current_owner(), session_id)
-    return content.run_result(out)
+    return content.run_result(out, client_profile(ctx, engine.settings))
 
 
 @tool(
     "List container files",
     "List the files in the session's container (/mnt/data) with their file_ids, sizes, types and "
-    "resource URIs. When the container has expired, lists the harvested copies, which stay downloadable. "
-    "all_containers=true lists every file the session ever produced or uploaded.",
+    "resource URIs, sorted by path, a page at a time (limit; pass next_cursor back as cursor for the next page), "
+    "optionally only those matching a glob pattern. When the container has expired, lists the harvested "
+    "copies, which stay downloadable. all_containers=true lists every file the session ever produced or uploaded.",
     read_only=True,
     idempotent=True,
 )
@@ -203,17 +216,26 @@ async def list_container_files(
         str | None, Field(description="One of this session's containers; default: the current one.")
     ] = None,
     all_containers: bool = False,
-) -> FileList:
+    pattern: Annotated[
+        str | None, Field(description="Glob on the path (a pattern without '/' also matches the name): '*.csv'.")
+    ] = None,
+    limit: Annotated[int, Field(description="Files per page.", ge=1, le=1000)] = 100,
+    cursor: Annotated[str | None, Field(description="next_cursor of the previous page.")] = None,
+) -> Annotated[CallToolResult, FileList]:
     async with _session(ctx, session_id) as (engine, session):
-        return await engine.list_files(session, container_id, all_containers)
+        out = await engine.list_files(session, container_id, all_containers, pattern, limit, cursor)
+    return content.file_list_result(out, client_profile(ctx, engine.settings))
 
 
 @tool(
     "Download a file",
-    "Get a file the code made (or an upload) by file_id, resource URI or path in /mnt/data. "
-    "Small files come back inline (images as images, text as text); larger ones, or when save_to is given, "
-    "are saved on the server's host (save_to: a directory or a file path) and the path is returned. Works "
-    "after the container expired. Symlinks and paths outside /mnt/data are refused.",
+    "Get a file the code made (or an upload) by file_id, resource URI or path in /mnt/data. Text comes back "
+    "inline as far as the result budget allows, from byte offset; the result says truncated and next_offset "
+    "(pass it as offset for the next part; null at the end). Images come back as images (a downscaled preview "
+    "when large, with the full file linked). Other binary files inline only when small (base64), else as a "
+    "link and, on stdio, the harvested copy's host path; offset/max_bytes fetch any part of them. save_to "
+    "copies the file to the server's host (a directory or a file path). Works after the container expired. "
+    "Symlinks and paths outside /mnt/data are refused.",
     idempotent=True,
 )
 async def download_file(
@@ -223,10 +245,14 @@ async def download_file(
     container_id: str | None = None,
     save_to: Annotated[str | None, Field(description="Absolute host directory or file path to save to.")] = None,
     overwrite: bool = False,
+    offset: Annotated[int, Field(description="First byte to return (next_offset of the previous part).", ge=0)] = 0,
+    max_bytes: Annotated[
+        int | None, Field(description="At most this many bytes (still within the budget).", ge=1)
+    ] = None,
 ) -> Annotated[CallToolResult, DownloadResult]:
     async with _session(ctx, session_id) as (engine, session):
-        out = await engine.download(session, file, container_id, save_to, overwrite)
-    return content.download_result(out)
+        out = await engine.download(session, file, container_id, save_to, overwrite, offset, max_bytes)
+    return content.download_result(out, client_profile(ctx, engine.settings))
 
 
 @tool(
@@ -242,9 +268,10 @@ async def upload_file(
     content_base64: Annotated[str | None, Field(description="The file's bytes, base64-encoded.")] = None,
     dest_path: Annotated[str | None, Field(description="Path inside /mnt/data.")] = None,
     session_id: str | None = None,
-) -> UploadResult:
+) -> Annotated[CallToolResult, UploadResult]:
     async with _session(ctx, session_id) as (engine, session):
-        return await engine.upload(session, path=path, name=name, content_base64=content_base64, dest_path=dest_path)
+        out = await engine.upload(session, path=path, name=name, content_base64=content_base64, dest_path=dest_path)
+    return content.upload_result(out, client_profile(ctx, engine.settings))
 
 
 @tool(
@@ -258,6 +285,7 @@ async def close_session(
     ctx: Context[Engine],
     session_id: str | None = None,
     delete_files: bool = False,
-) -> CloseResult:
+) -> Annotated[CallToolResult, CloseResult]:
     async with _session(ctx, session_id) as (engine, session):
-        return await engine.close_session(session, delete_files)
+        out = await engine.close_session(session, delete_files)
+    return content.close_result(out, client_profile(ctx, engine.settings))

@@ -55,6 +55,7 @@ class RemoteFile:
     source: Literal["user", "generated"] = "generated"
     created_at: float = 0.0
     remote_id: str | None = None  # the backend's own id (openai: cfile_...)
+    skipped: str | None = None  # why it is listed but never fetched or served, e.g. "a symbolic link"
 
 
 @dataclass
@@ -75,6 +76,10 @@ class Capabilities:
     signals_code_done: bool
     # `execute` calls `ExecRequest.on_output` with what the code prints while it runs (live output).
     streams_output: bool = False
+    # `ExecRequest.package_paths` are made importable (installed package sets); without it a run that asks for
+    # packages is refused, and `preinstalled` names what the backend's own image already has.
+    packages: bool = False
+    preinstalled: str = ""
 
 
 @dataclass
@@ -98,6 +103,9 @@ class ExecRequest:
     # Called with ("stdout" | "stderr", text) as the code prints, for a backend whose capabilities say
     # `streams_output`; the engine shows it live. It must not block: it only buffers.
     on_output: Callable[[str, str], None] | None = None
+    # Installed package sets (host folders) to put first on the run's sys.path, for a backend whose capabilities
+    # say `packages`. Every run names the session's sets; the worker adds new ones and drops the rest.
+    package_paths: list[Path] = field(default_factory=list)
 
 
 @dataclass

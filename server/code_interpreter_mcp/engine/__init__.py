@@ -13,9 +13,13 @@ schema, and shapes results to the result budget. It knows no MCP types. One modu
   (a run registry: handles, `get_run`, `cancel_run`) go next to it, in a module of their own.
 - `harvest`: one harvest of a container (listing diff, fetches, records).
 - `json_result`: the run's JSON: extraction, validation, repair, token usage.
-- `shaping`: results within the budget: clipping, link rewriting, inline images; per-tool budgets go here.
-- `files`: list, find, download, save copies, resources. `inputs`: upload and a run's input files.
+- `budget`: the result budget in numbers (characters, the summary's share, measuring, clipping), for every tool.
+- `shaping`: a run's result within the budget: the file-list cap, clipping, failure texts, link rewriting,
+  inline images and previews.
+- `files`: list (filter, pages), find, download (parts by offset, previews, the binary cap), save copies,
+  resources. `inputs`: upload and a run's input files.
 - `progress`: progress relays of runs.
+- `packages`: a run's package set (the session's requirements, the one PackageManager, leases per container).
 """
 
 from .facade import Engine

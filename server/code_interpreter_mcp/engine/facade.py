@@ -25,6 +25,7 @@ from .containers import Containers
 from .context import EngineContext
 from .files import Files
 from .inputs import Inputs
+from .packages import Packages
 from .progress import Relays
 from .run import Runner
 from .runs import Runs
@@ -40,7 +41,9 @@ class Engine:
         self.inputs = Inputs(self.ctx, self.containers)
         self.files = Files(self.ctx, self.containers)
         self.relays = Relays()
-        self.runner = Runner(self.ctx, self.containers, self.inputs, self.relays)
+        self.packages = Packages(self.ctx)
+        self.containers.retired.append(self.packages.container_gone)
+        self.runner = Runner(self.ctx, self.containers, self.inputs, self.relays, self.packages)
         self.sessions = SessionChooser(self.ctx)
         self.runs = Runs(self.ctx, self.runner)
         self._started = False
@@ -124,6 +127,7 @@ class Engine:
                 await reg.flush()
                 await self.backend.aclose()
             finally:
+                await self.packages.aclose()
                 reg.close()
 
     @asynccontextmanager
@@ -134,6 +138,7 @@ class Engine:
             async with anyio.create_task_group() as tg:
                 self.runs.task_group = tg  # runs belong to the engine, not to the request that started them
                 tg.start_soon(self._start_backend)
+                tg.start_soon(self.packages.start)
                 tg.start_soon(self._housekeeping)
                 try:
                     yield self
@@ -149,6 +154,7 @@ class Engine:
             await anyio.sleep(0.25)
             await self.relays.tick()
             await self.runs.tick()
+            self.packages.settle()
             try:
                 await self.reg.flush()
                 if time.monotonic() >= next_reap and self.ctx.backend_ok:

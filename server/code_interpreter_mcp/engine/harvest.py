@@ -129,10 +129,17 @@ class Harvest:
         ):
             return
         self._listing = listing
+        skipped: dict[str, list[str]] = {}
         for f in listing:
             prev = snap.get(f.path)
             if prev is None or prev.version != f.version:
-                self.start(f)
+                if f.skipped:
+                    skipped.setdefault(f.skipped, []).append(f.path)
+                else:
+                    self.start(f)
+        for why, paths in skipped.items():
+            shown = ", ".join(paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
+            self.warnings.append(f"Skipped (not harvested, never followed): {shown}: {why}.")
 
     async def _fetch(self, remote: RemoteFile) -> None:
         settings, state = self.ctx.settings, self.rec.state

@@ -27,6 +27,7 @@ from .context import EngineContext
 from .harvest import Harvest, Harvested
 from .inputs import Inputs
 from .json_result import resolve_json
+from .packages import Packages, RunPackages
 from .progress import ProgressRelay, ProgressSink, Relays
 from .shaping import RunOutput, Shaper
 
@@ -113,8 +114,11 @@ async def stoppable(
 
 
 class Runner:
-    def __init__(self, ctx: EngineContext, containers: Containers, inputs: Inputs, relays: Relays) -> None:
+    def __init__(
+        self, ctx: EngineContext, containers: Containers, inputs: Inputs, relays: Relays, packages: Packages
+    ) -> None:
         self.ctx = ctx
+        self.packages = packages
         self.containers = containers
         self.inputs = inputs
         self.relays = relays
@@ -131,6 +135,7 @@ class Runner:
         instructions: str | None = None,
         json_strategy: str | None = None,
         progress: ProgressSink | None = None,
+        packages: list[str] | None = None,
         on_output: Callable[[str, str], None] | None = None,
         stop: Stop | None = None,
     ) -> RunOutput:
@@ -138,6 +143,7 @@ class Runner:
         it); `stop` set while it runs stops it the way a timeout does (interrupt first), and it ends 'cancelled'."""
         started = time.monotonic()
         args = check_run_args(self.ctx.settings, code, timeout_s, output_schema, json_strategy, instructions)
+        wanted = self.packages.wanted(packages, args.code)
         await self.ctx.ready()
         relay = ProgressRelay(progress, args.timeout_s)
         async with session.lock:
@@ -147,12 +153,14 @@ class Runner:
             warnings: list[str] = []
             if files:
                 await self.inputs.add_run_inputs(session, rec, files)
+            pkgs = await self._packages(session, rec, wanted, relay)
             request = ExecRequest(
                 code=args.code,
                 timeout_s=args.timeout_s,
                 instructions=args.instructions,
                 structured=args.structured,
                 run_number=rec.runs + 1,
+                package_paths=pkgs.paths if pkgs is not None else [],
                 on_output=on_output if self.ctx.capabilities.streams_output else None,
             )
             self.relays.add(relay)
@@ -162,6 +170,9 @@ class Runner:
                 )
             finally:
                 self.relays.discard(relay)
+            if pkgs is not None:
+                self.packages.adopt(rec, pkgs)
+            self.packages.settle()
             state_lost = state_lost or lost_again or outcome.state_lost
             if instructions and not self.ctx.capabilities.model:
                 warnings.append("instructions were ignored: they guide the model of the openai backend only.")
@@ -170,8 +181,32 @@ class Runner:
             warnings.extend(harvest_warnings)
             reg.save_container_later(rec)  # activity times: written by housekeeping, not on the hot path
             resolved = await resolve_json(self.ctx.backend, outcome, args.structured, args.code)
-        result = self.shaper.run_result(session, rec, outcome, records, state_lost, warnings, resolved, started)
-        return RunOutput(result=result, images=await self.shaper.inline_images(records))
+        result = self.shaper.run_result(
+            session,
+            rec,
+            outcome,
+            records,
+            state_lost,
+            warnings,
+            resolved,
+            started,
+            code=args.code,
+            packages=pkgs.info if pkgs is not None else None,
+        )
+        return RunOutput(result=result, images=await self.shaper.inline_images(result, records))
+
+    async def _packages(
+        self, session: Session, rec: ContainerRecord, wanted: list[str], relay: ProgressRelay
+    ) -> RunPackages | None:
+        """The session's package set for this run; a long install sends progress (resolving, downloading,
+        installing) and the relay's ticks."""
+        if not wanted and not session.packages:
+            return None
+        self.relays.add(relay)
+        try:
+            return await self.packages.prepare(session, rec, wanted, relay.backend_progress)
+        finally:
+            self.relays.discard(relay)
 
     async def _execute_and_harvest(
         self,

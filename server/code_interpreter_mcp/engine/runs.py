@@ -65,7 +65,6 @@ class Run:
     failure: CIError | None = None  # the run could not start or went wrong outside the code (e.g. capacity)
     sinks: list[ProgressSink] = field(default_factory=list)
     last_value: float = 0.0
-    total: float | None = None
     stage: str = "running"
     sent_at: float = 0.0  # monotonic time of the last progress notification
 
@@ -89,7 +88,7 @@ class Run:
             text = f"{text}\n{newest}"
         for sink in list(self.sinks):
             try:
-                await sink(value, total if total is not None else self.total, text)
+                await sink(value, total, text)
             except Exception:  # a client that went away must not fail the run
                 logger.debug("progress notification failed", exc_info=True)
 
@@ -146,7 +145,7 @@ class Runs:
         """Start a run in the background and wait for it up to `wait_s` (the setting's default when None)."""
         settings = self.ctx.settings
         wait = check_wait(wait_s, settings.default_wait_s, settings.max_wait_s)
-        args = check_run_args(
+        check_run_args(  # bad arguments fail the call now, not the run later
             settings,
             code,
             options.get("timeout_s"),
@@ -161,7 +160,6 @@ class Runs:
         if self.task_group is None:
             raise RuntimeError("the engine is not running")
         run = Run(id=new_id("r_"), session=session, started_at=time.time(), live=LiveOutput(settings.output_cap_chars))
-        run.total = args.timeout_s
         self._active[session.id] = run
         self._runs[run.id] = run
         self.task_group.start_soon(self._main, run, code, options)

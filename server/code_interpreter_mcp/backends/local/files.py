@@ -5,7 +5,7 @@ root, so nothing here ever follows a link: listing uses `os.scandir` without fol
 walk the path one component at a time with `openat(O_NOFOLLOW)` relative to the folder's own fd, so a symlinked
 directory or file anywhere on the path is refused (no check-then-use race).
 
-All functions block; callers run them in a thread, except a listing of a small folder (see backend.py).
+All functions block; callers run them in a thread, except a listing of a small folder (see folder.py).
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ def version_of(st: os.stat_result) -> str:
 
 
 def scan(root: Path, user_versions: dict[str, str] | None = None, with_files: bool = True) -> Scan:
-    """Every regular file under `root` (symlinks, fifos, sockets and devices are skipped, never followed).
+    """Every regular file under `root`; symlinks, fifos, sockets and devices are never followed nor read, only
+    listed with `skipped` saying what they are.
 
     A file put there by `put_file` and unchanged since is reported with source "user". FileNotFoundError when
     `root` itself is gone."""
@@ -63,9 +64,14 @@ def scan(root: Path, user_versions: dict[str, str] | None = None, with_files: bo
                         usage += entry.stat(follow_symlinks=False).st_blocks * 512
                         stack.append((entry.path, rel + entry.name + "/"))
                         continue
-                    if not entry.is_file(follow_symlinks=False):
-                        continue
                     st = entry.stat(follow_symlinks=False)
+                    if not entry.is_file(follow_symlinks=False):
+                        name = rel + entry.name
+                        if with_files and name.isprintable() and _utf8(name):
+                            # Listed so the caller can say what was skipped; never followed nor fetched.
+                            why = "a symbolic link" if entry.is_symlink() else "not a regular file"
+                            files.append(RemoteFile(path=name, bytes=0, version="x" + version_of(st), skipped=why))
+                        continue
                 except OSError:
                     continue  # vanished while we looked
                 usage += st.st_blocks * 512
@@ -88,6 +94,14 @@ def scan(root: Path, user_versions: dict[str, str] | None = None, with_files: bo
                 )
     files.sort(key=lambda f: f.path)
     return Scan(files=files, usage_bytes=usage, seconds=time.perf_counter() - started)
+
+
+def _utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def clean_relative(path: str) -> list[str]:

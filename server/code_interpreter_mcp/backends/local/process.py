@@ -1,25 +1,18 @@
-"""The host side of one worker: spawn it (inside bwrap or bare), exchange frames, interrupt it, kill it, reap it.
+"""The host end of one worker: start it through a launcher, exchange protocol frames with it, interrupt it, kill it,
+and read what its last run printed.
 
 I/O is non-blocking on the event loop (`anyio.wait_readable` on the pipe fds): a thread hop per call would cost more
-than the whole round trip. The process is spawned from the event-loop thread on purpose: bwrap's
---die-with-parent (PR_SET_PDEATHSIG) fires when the *thread* that forked it exits, and anyio's worker threads exit
-when idle. Popen of bwrap takes ~0.3 ms.
-
-Signals go through pidfds, so a recycled pid can never be hit. The worker's pid on the host comes from bwrap's
---json-status-fd (the sandbox's pid 1) and that process's only child.
+than the whole round trip. Where and how the worker's process runs is the launcher's (launcher.py); which worker
+belongs to which container, and when one is replaced, is the pool's (pool.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import json
-import logging
 import os
 import signal
-import subprocess
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,8 +20,7 @@ from typing import Any
 import anyio
 
 from . import protocol
-
-logger = logging.getLogger(__name__)
+from .launcher import LaunchedWorker, Launcher, LaunchFailed, LaunchSpec, WorkerFds
 
 # Generous: stdout+stderr+repr are capped by the worker, but the last value's JSON may be large.
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024
@@ -47,18 +39,12 @@ class WorkerStartError(Exception):
 
 
 @dataclass
-class SpawnFds:
-    """fd numbers the child inherits (same numbers inside the sandbox)."""
+class Printed:
+    """What a run printed, clipped to the output cap."""
 
-    req_r: int
-    resp_w: int
-    out_fd: int
-    err_fd: int
-    status_w: int | None
-    seccomp_r: int | None
-
-
-Builder = Callable[[SpawnFds], tuple[list[str], dict[str, str], str]]
+    stdout: str = ""
+    stderr: str = ""
+    truncated: bool = False
 
 
 def _capture_file(directory: Path) -> int:
@@ -93,193 +79,78 @@ def _read_log(path: Path, limit: int = 4000) -> str:
     return data[-limit:].decode("utf-8", "replace").strip()
 
 
-def _child_pids(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as fh:
-            return [int(x) for x in fh.read().split()]
-    except OSError:
-        pass
-    found = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as fh:
-                stat = fh.read()
-        except OSError:
-            continue
-        rest = stat[stat.rfind(b")") + 2 :].split()
-        if len(rest) > 1 and int(rest[1]) == pid:
-            found.append(int(name))
-    return found
-
-
-def _pidfd(pid: int) -> int | None:
-    try:
-        return os.pidfd_open(pid)
-    except (AttributeError, OSError):
-        return None
-
-
-def describe_exit(returncode: int | None, sandboxed: bool) -> str:
-    """A human reason for a worker's exit status (bwrap reports a signal death as 128+signal)."""
-    if returncode is None:
-        return "the worker stopped responding"
-    sig = None
-    if returncode < 0:
-        sig = -returncode
-    elif sandboxed and returncode > 128:
-        sig = returncode - 128
-    if sig is not None:
-        try:
-            name = signal.Signals(sig).name
-        except ValueError:
-            name = f"signal {sig}"
-        if sig == signal.SIGXCPU:
-            return f"the worker used up its CPU-time budget ({name})"
-        if sig == signal.SIGKILL:
-            return f"the worker was killed ({name}; out of memory, or stopped by the server)"
-        if sig == signal.SIGSEGV:
-            return f"the worker crashed ({name}, segmentation fault)"
-        return f"the worker was terminated by {name}"
-    return f"the worker exited with code {returncode}"
-
-
-def _popen(argv: list[str], env: dict[str, str], cwd: str, log_fd: int, fds: list[int]) -> subprocess.Popen[bytes]:
-    # Deliberately on the event-loop thread (see the module docstring): vfork+exec, ~0.3 ms. A new session keeps
-    # a terminal's Ctrl-C (sent to the server's process group) away from the workers.
-    return subprocess.Popen(
-        argv,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=log_fd,
-        env=env,
-        cwd=cwd,
-        pass_fds=fds,
-        close_fds=True,
-        start_new_session=True,
-    )
+def _close_all(fds: tuple[int | None, ...] | list[int | None]) -> None:
+    for fd in fds:
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 class WorkerProcess:
     """One running worker. Not safe for concurrent requests: the backend holds a lock per container."""
 
     def __init__(
-        self,
-        popen: subprocess.Popen[bytes],
-        req_w: int,
-        resp_r: int,
-        out_fd: int,
-        err_fd: int,
-        status_r: int | None,
-        log_path: Path,
-        sandboxed: bool,
+        self, process: LaunchedWorker, req_w: int, resp_r: int, out_fd: int, err_fd: int, log_path: Path
     ) -> None:
-        self.popen = popen
+        self.process = process
         self.req_w = req_w
         self.resp_r = resp_r
         self.out_fd = out_fd
         self.err_fd = err_fd
-        self.status_r = status_r
         self.log_path = log_path
-        self.sandboxed = sandboxed
         self.decoder = protocol.FrameDecoder(MAX_RESPONSE_BYTES)
         self.ready: dict[str, Any] = {}
-        self.init_pid: int | None = None
-        self.worker_pid: int | None = None
-        self._init_pidfd: int | None = None
-        self._worker_pidfd: int | None = None
-        self._bwrap_pidfd: int | None = _pidfd(popen.pid)
-        self.returncode: int | None = None
-        self.started_at = time.time()
         self._next_id = 0
         self._closed = False
         self.dead = False
 
+    @property
+    def sandboxed(self) -> bool:
+        return self.process.sandboxed
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.returncode
+
+    @property
+    def worker_pid(self) -> int | None:
+        return self.process.worker_pid
+
     # ---- spawning
 
     @classmethod
-    async def spawn(
-        cls,
-        build: Builder,
-        container_dir: Path,
-        sandboxed: bool,
-        seccomp: bytes | None,
-        ready_timeout: float = 30.0,
-    ) -> WorkerProcess:
-        out_fd, err_fd, log_fd = await anyio.to_thread.run_sync(_prepare_files, container_dir)
+    async def spawn(cls, launcher: Launcher, spec: LaunchSpec, ready_timeout: float = 30.0) -> WorkerProcess:
+        out_fd, err_fd, log_fd = await anyio.to_thread.run_sync(_prepare_files, spec.root)
         req_r, req_w = os.pipe2(os.O_CLOEXEC)
         resp_r, resp_w = os.pipe2(os.O_CLOEXEC)
-        status_r = status_w = seccomp_r = None
-        if sandboxed:
-            status_r, status_w = os.pipe2(os.O_CLOEXEC)
-            if seccomp is not None:
-                seccomp_r, seccomp_w = os.pipe2(os.O_CLOEXEC)
-                protocol.write_all(seccomp_w, seccomp)  # a few hundred bytes: fits the pipe buffer
-                os.close(seccomp_w)
-        fds = SpawnFds(req_r, resp_w, out_fd, err_fd, status_w, seccomp_r)
-        child_fds = [fd for fd in (req_r, resp_w, out_fd, err_fd, status_w, seccomp_r) if fd is not None]
+        fds = WorkerFds(req_r, resp_w, out_fd, err_fd)
         try:
-            argv, env, cwd = build(fds)
-            popen = _popen(argv, env, cwd, log_fd, child_fds)
+            process = await launcher.launch(spec, fds, log_fd)
         except BaseException:
-            for fd in (*child_fds, req_w, resp_r, status_r, log_fd):
-                if fd is not None:
-                    with contextlib.suppress(OSError):
-                        os.close(fd)
+            _close_all((*fds.all(), req_w, resp_r, log_fd))
             raise
-        for fd in (req_r, resp_w, status_w, seccomp_r, log_fd):
-            if fd is not None:
-                os.close(fd)
+        _close_all((req_r, resp_w, log_fd))
         os.set_blocking(req_w, False)
         os.set_blocking(resp_r, False)
-        if status_r is not None:
-            os.set_blocking(status_r, False)
-        proc = cls(popen, req_w, resp_r, out_fd, err_fd, status_r, container_dir / "worker.log", sandboxed)
+        proc = cls(process, req_w, resp_r, out_fd, err_fd, spec.root / "worker.log")
         try:
             with anyio.fail_after(ready_timeout):
                 ready = await proc.receive()
             if ready.get("op") != "ready":
                 raise WorkerGone(f"unexpected first frame {ready.get('op')!r}")
             proc.ready = ready
-            await proc._find_pids()
+            await process.post_launch()
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
                 if isinstance(exc, WorkerGone) and exc.eof:
                     await proc.wait(1.0)  # bwrap or Python failed by itself: keep its own exit status
                 await proc.kill()
                 log = await anyio.to_thread.run_sync(_read_log, proc.log_path)
-            if isinstance(exc, WorkerGone | TimeoutError):
-                reason = describe_exit(proc.returncode, sandboxed) if proc.returncode is not None else str(exc)
+            if isinstance(exc, WorkerGone | LaunchFailed | TimeoutError):
+                reason = process.exit_reason() if proc.returncode is not None else str(exc)
                 raise WorkerStartError(f"{reason}. {log}".strip()) from None
             raise
         return proc
-
-    async def _find_pids(self) -> None:
-        if not self.sandboxed:
-            self.init_pid = self.worker_pid = self.popen.pid
-            self._worker_pidfd = _pidfd(self.popen.pid)
-            return
-        assert self.status_r is not None
-        line = b""
-        with anyio.fail_after(5):
-            while b"\n" not in line:
-                try:
-                    chunk = os.read(self.status_r, 4096)
-                except BlockingIOError:
-                    await anyio.wait_readable(self.status_r)
-                    continue
-                if not chunk:
-                    raise WorkerGone("bwrap closed its status pipe")
-                line += chunk
-        status = json.loads(line.split(b"\n", 1)[0])
-        self.init_pid = int(status["child-pid"])
-        self._init_pidfd = _pidfd(self.init_pid)
-        children = _child_pids(self.init_pid)
-        if len(children) != 1:
-            raise WorkerGone(f"expected one process under the sandbox's init, found {children}")
-        self.worker_pid = children[0]
-        self._worker_pidfd = _pidfd(self.worker_pid)
 
     # ---- frames
 
@@ -372,109 +243,45 @@ class WorkerProcess:
 
     def interrupt(self) -> None:
         """SIGINT to the worker: KeyboardInterrupt in the running cell, state kept."""
-        self._signal(self._worker_pidfd, self.worker_pid, signal.SIGINT)
-
-    def _signal(self, pidfd: int | None, pid: int | None, sig: int) -> None:
-        try:
-            if pidfd is not None:
-                signal.pidfd_send_signal(pidfd, sig)
-            elif pid is not None:
-                os.kill(pid, sig)
-        except (ProcessLookupError, OSError):
-            pass
+        self.process.send_signal(signal.SIGINT)
 
     async def kill(self, close: bool = True) -> None:
-        """SIGKILL the sandbox (its pid 1 takes the whole pid namespace with it) and reap bwrap. With
-        close=False the host's fds stay open (to read what a dead run printed); call close() after."""
-        if self.sandboxed and self._init_pidfd is not None:
-            self._signal(self._init_pidfd, self.init_pid, signal.SIGKILL)
-        if not self.sandboxed:
-            with contextlib.suppress(ProcessLookupError, PermissionError, OSError):
-                if self.popen.poll() is None:
-                    os.killpg(self.popen.pid, signal.SIGKILL)
-        # bwrap (outer) exits once its child died; kill it too if the sandbox's init was never identified.
-        if self._init_pidfd is None:
-            self._signal(self._bwrap_pidfd, self.popen.pid, signal.SIGKILL)
-        await self.wait(5.0)
-        if self.returncode is None:
-            self._signal(self._bwrap_pidfd, self.popen.pid, signal.SIGKILL)
-            await self.wait(5.0)
+        """Kill the worker with everything it started, and reap it. With close=False the host's fds stay open (to
+        read what a dead run printed); call close() after."""
+        await self.process.kill()
         self.dead = True
         if close:
             self.close()
 
     async def wait(self, within: float) -> int | None:
-        """Reap the bwrap/worker process, waiting up to `within` seconds."""
-        if self.returncode is not None:
-            return self.returncode
-        with anyio.move_on_after(within):
-            while True:
-                rc = self.popen.poll()
-                if rc is not None:
-                    self.returncode = rc
-                    break
-                if self._bwrap_pidfd is not None:
-                    with anyio.move_on_after(0.5):
-                        await anyio.wait_readable(self._bwrap_pidfd)
-                else:
-                    await anyio.sleep(0.005)
-        if self.returncode is None:
-            # Last resort so nothing is left as a zombie: block in a thread.
-            try:
-                self.returncode = await anyio.to_thread.run_sync(self.popen.wait, within)
-            except subprocess.TimeoutExpired:
-                return None
-        return self.returncode
+        """Reap the worker's process, waiting up to `within` seconds."""
+        return await self.process.wait(within)
 
     def alive(self) -> bool:
         if self.dead:
             return False
-        if self.popen.poll() is not None:
-            self.returncode = self.popen.returncode
+        if self.process.poll() is not None:
             self.dead = True
         return not self.dead
 
-    def read_capture_tail(self, limit: int) -> tuple[str, str]:
-        """What the dead worker's last run printed (blocking: call from a thread)."""
-        out = []
-        for fd in (self.out_fd, self.err_fd):
-            try:
-                size = os.fstat(fd).st_size
-                data = os.pread(fd, min(size, limit * 4), max(0, size - limit * 4))
-                out.append(data.decode("utf-8", "replace")[-limit:])
-            except OSError:
-                out.append("")
-        return out[0], out[1]
+    def exit_reason(self) -> str:
+        return self.process.exit_reason()
+
+    def read_output(self, cap: int) -> Printed:
+        """What the last run printed, read from the host's own fds of the capture files (blocking)."""
+        try:
+            out_size = os.fstat(self.out_fd).st_size
+            err_size = os.fstat(self.err_fd).st_size
+            ob, eb = protocol.split_budget(cap, out_size, err_size)
+            out, t1, _ = protocol.clip_capture(self.out_fd, ob, out_size)
+            err, t2, _ = protocol.clip_capture(self.err_fd, eb, err_size)
+        except OSError:
+            return Printed()
+        return Printed(out, err, t1 or t2)
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        for fd in (
-            self.req_w,
-            self.resp_r,
-            self.status_r,
-            self.out_fd,
-            self.err_fd,
-            self._init_pidfd,
-            self._worker_pidfd,
-            self._bwrap_pidfd,
-        ):
-            if fd is not None:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-
-    def rss_bytes(self) -> dict[str, int]:
-        """Resident set sizes of bwrap, the sandbox's init and the worker (for benchmarks and `describe`)."""
-        out = {}
-        for label, pid in (("bwrap", self.popen.pid), ("init", self.init_pid), ("worker", self.worker_pid)):
-            if pid is None or (label != "worker" and pid == self.worker_pid):
-                continue
-            try:
-                with open(f"/proc/{pid}/status") as fh:
-                    for line in fh:
-                        if line.startswith("VmRSS:"):
-                            out[label] = int(line.split()[1]) * 1024
-            except OSError:
-                continue
-        return out
+        _close_all((self.req_w, self.resp_r, self.out_fd, self.err_fd))
+        self.process.close()

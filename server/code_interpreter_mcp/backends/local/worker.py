@@ -1,49 +1,36 @@
 """The program that runs INSIDE the sandbox: one long-lived Python interpreter that executes cells on request.
 
 Started as `python -I -B worker.py '<config json>'` (inside bubblewrap, or bare in unsafe mode). It imports only the
-standard library at start-up. In order, before any user code runs it:
+standard library at start-up, and its siblings protocol.py (the wire format), cell.py (running one cell) and
+sitepaths.py (the run's package sets on sys.path) by file path under private names, never anything of the server's
+package. In order, before any user code runs it:
 1. lowers its rlimits (memory, CPU, file size, open files, processes, core);
 2. drops to the container's dedicated uid/gid (when the host asks: a root server runs bwrap without a user
    namespace and grants only CAP_SETUID/CAP_SETGID, which this switch clears), so RLIMIT_NPROC applies;
 3. points fds 0/1/2 at /dev/null and marks its protocol fds close-on-exec;
 4. answers a "ready" frame, then serves requests one at a time on its own pipe fds, never fd 1/2.
 
-A run executes in one persistent `__main__` namespace. stdout/stderr are captured at the file-descriptor level (fd 1/2
-are dup2'd onto capture files the host created), so C extensions and subprocesses are caught too. The last
-expression's repr is returned Jupyter-style, exceptions come back with worker frames trimmed, and open matplotlib
-figures are saved as PNG into the data folder after each run.
-
-SIGINT raises KeyboardInterrupt only while a run is in progress; between runs it is ignored.
+Between runs it keeps the sandbox's process table clean: orphaned zombies are reaped after each run, and on the
+host's request every stray process is killed.
 """
 
 from __future__ import annotations
 
-import _ast
-import builtins
 import json
-import linecache
 import os
 import signal
 import sys
 import types
 
-_THIS_FILE = os.path.abspath(__file__)
-_CO_COROUTINE = 0x0080
-_TOP_LEVEL_AWAIT = getattr(_ast, "PyCF_ALLOW_TOP_LEVEL_AWAIT", 0x2000)
-_ONLY_AST = _ast.PyCF_ONLY_AST
-_JSON_CAP_CHARS = 16 * 1024 * 1024
-
-# Plain aliases: `typing` costs ~9 ms at start-up and the annotations are never evaluated.
-Config = dict  # the JSON config from argv (fds, uid/gid, limits, paths)
-Frame = dict  # one protocol message
+_HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _load_protocol() -> types.ModuleType:
-    # A private name, so user code importing "protocol" never gets ours.
+def _load_sibling(filename: str, name: str) -> types.ModuleType:
+    # A private name, so user code importing "protocol" (or "cell") never gets ours.
     import importlib.util
 
-    path = os.path.join(os.path.dirname(_THIS_FILE), "protocol.py")
-    spec = importlib.util.spec_from_file_location("_ci_worker_protocol", path)
+    path = os.path.join(_HERE, filename)
+    spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
         raise ImportError(f"cannot load {path}")
     module = importlib.util.module_from_spec(spec)
@@ -51,19 +38,11 @@ def _load_protocol() -> types.ModuleType:
     return module
 
 
-_protocol = _load_protocol()
+_protocol = _load_sibling("protocol.py", "_ci_worker_protocol")
+_cell = _load_sibling("cell.py", "_ci_worker_cell")
+_sitepaths = _load_sibling("sitepaths.py", "_ci_worker_sitepaths")
 
-
-class _State:
-    running = False
-    interrupted = False
-    pid = 0
-
-
-def _on_sigint(signum: int, frame: types.FrameType | None) -> None:
-    if _State.running:
-        _State.interrupted = True
-        raise KeyboardInterrupt
+Config = dict  # the JSON config from argv (a plain alias: `typing` costs ~9 ms at start-up)
 
 
 # ------------------------------------------------------------------------------------------------ start-up
@@ -130,101 +109,16 @@ def _prepare_matplotlib(cfg: Config) -> None:
             continue
 
 
-# ------------------------------------------------------------------------------------------------ running code
+# ------------------------------------------------------------------------------------------------ process hygiene
 
 
-def _trim_traceback(tb: types.TracebackType | None) -> types.TracebackType | None:
-    """Start at the first frame of user code (a cell); failing that, drop this file's frames."""
-    probe = tb
-    while probe is not None:
-        if probe.tb_frame.f_code.co_filename.startswith("<cell"):
-            return probe
-        probe = probe.tb_next
-    while tb is not None and tb.tb_frame.f_code.co_filename == _THIS_FILE:
-        tb = tb.tb_next
-    return tb
+class _ZombieReaper:
+    """Remembers the zombies a live Popen/Process owns, so each is looked up once, not after every run."""
 
-
-def _format_error(exc: BaseException) -> dict[str, str | None]:
-    import traceback
-
-    message = _safe_str(exc)
-    if isinstance(exc, SyntaxError):
-        text = "".join(traceback.format_exception_only(type(exc), exc))
-    else:
-        tb = _trim_traceback(exc.__traceback__)
-        try:
-            text = "".join(traceback.format_exception(type(exc), exc, tb))
-        except Exception:
-            text = f"{type(exc).__name__}: {message}\n"
-    return {"type": type(exc).__name__, "message": message, "traceback": text}
-
-
-def _safe_str(obj: object) -> str:
-    try:
-        return str(obj)
-    except Exception as exc:
-        return f"<str() failed: {type(exc).__name__}>"
-
-
-class _Runner:
-    def __init__(self, cfg: Config) -> None:
-        self.cfg = cfg
-        self.workdir = cfg["workdir"]
-        self.out_fd = cfg["out_fd"]
-        self.err_fd = cfg["err_fd"]
-        self.null_fd = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-        module = types.ModuleType("__main__")
-        module.__dict__["__builtins__"] = builtins
-        self.module = module
-        self.ns = module.__dict__
-        self._loop = None
+    def __init__(self) -> None:
         self._owned_zombies: set[int] = set()
 
-    # --- capture
-
-    def _flush_std(self) -> None:
-        streams = [sys.stdout, sys.stderr]
-        # User code may have replaced sys.stdout/err; the originals still buffer for fd 1/2.
-        for extra in (sys.__stdout__, sys.__stderr__):
-            if extra is not streams[0] and extra is not streams[1]:
-                streams.append(extra)
-        for stream in streams:
-            try:
-                if stream is not None:
-                    stream.flush()
-            except Exception:
-                pass
-        if "ctypes" in sys.modules:  # C stdio buffers of extensions; ctypes is too costly to import just for this
-            try:
-                import ctypes
-
-                ctypes.CDLL(None).fflush(None)
-            except Exception:
-                pass
-
-    def _sentinel_block(self, fd: int, size: int) -> str | None:
-        """The last ===BEGIN_JSON ... ===END_JSON block of the whole stdout (used when the kept text lost it)."""
-        import mmap
-
-        if size == 0:
-            return None
-        with mmap.mmap(fd, size, prot=mmap.PROT_READ) as mm:
-            begin = mm.rfind(b"===BEGIN_JSON")
-            if begin < 0:
-                return None
-            end = mm.find(b"===END_JSON", begin)
-            if end < 0:
-                stop = size
-            else:
-                eol = mm.find(b"\n", end)
-                stop = size if eol < 0 else eol
-            stop = min(stop, begin + _JSON_CAP_CHARS)
-            return mm[begin:stop].decode("utf-8", "replace")
-
-    # --- zombies
-
-    def _reap_orphaned_zombies(self) -> None:
+    def reap(self) -> None:
         """Reap exited children nobody will wait for (e.g. what is left of a fork bomb): zombies count against
         RLIMIT_NPROC, so they would block every later fork. Children a live subprocess.Popen or
         multiprocessing.Process still owns are left for their owner."""
@@ -260,187 +154,6 @@ class _Runner:
             except ChildProcessError:
                 pass
         self._owned_zombies &= set(zombies)
-
-    # --- execution
-
-    def _compile(self, code: str, filename: str) -> tuple[types.CodeType | None, types.CodeType | None]:
-        linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
-        tree = compile(code, filename, "exec", _ONLY_AST | _TOP_LEVEL_AWAIT, dont_inherit=True)
-        last = None
-        if tree.body and isinstance(tree.body[-1], _ast.Expr) and not _ends_with_semicolon(code, tree.body[-1]):
-            last = _ast.Expression(tree.body.pop().value)
-        body_code = compile(tree, filename, "exec", _TOP_LEVEL_AWAIT, dont_inherit=True) if tree.body else None
-        last_code = compile(last, filename, "eval", _TOP_LEVEL_AWAIT, dont_inherit=True) if last else None
-        return body_code, last_code
-
-    def _eval(self, code: types.CodeType) -> object:
-        if code.co_flags & _CO_COROUTINE:
-            import asyncio
-
-            if self._loop is None or self._loop.is_closed():
-                self._loop = asyncio.new_event_loop()
-            return self._loop.run_until_complete(eval(code, self.ns))
-        return eval(code, self.ns)
-
-    def _save_figures(self, run: int, warnings: list[str]) -> list[str]:
-        plt = sys.modules.get("matplotlib.pyplot")
-        if plt is None:
-            return []
-        saved = []
-        try:
-            nums = list(plt.get_fignums())
-        except Exception as exc:
-            warnings.append(f"could not list matplotlib figures: {type(exc).__name__}: {_safe_str(exc)}")
-            return []
-        for k, num in enumerate(nums, 1):
-            name = f"figure_{run}_{k}.png"
-            try:
-                fig = plt.figure(num)
-                fig.savefig(os.path.join(self.workdir, name), format="png", bbox_inches="tight")
-                saved.append(name)
-            except Exception as exc:
-                warnings.append(f"could not save figure {num}: {type(exc).__name__}: {_safe_str(exc)}")
-        try:
-            plt.close("all")
-        except Exception:
-            pass
-        return saved
-
-    def execute(self, req: Frame) -> Frame:
-        code = req.get("code", "")
-        run = int(req.get("run", 1))
-        structured = bool(req.get("structured"))
-        cap = max(int(req.get("cap", 40_000)), 100)
-        out_fd, err_fd = self.out_fd, self.err_fd
-        warnings: list[str] = []
-        error = None
-        status = "ok"
-        has_value = False
-        value = None
-        result_repr = None
-        value_json = None
-        figures: list[str] = []
-
-        self._flush_std()
-        # Normally already empty (truncated after the last run); background writers may have added since.
-        if os.fstat(out_fd).st_size:
-            os.ftruncate(out_fd, 0)
-        if os.fstat(err_fd).st_size:
-            os.ftruncate(err_fd, 0)
-        os.dup2(out_fd, 1)
-        os.dup2(err_fd, 2)
-        _State.interrupted = False
-        _State.running = True
-        try:
-            try:
-                body_code, last_code = self._compile(code, f"<cell {run}>")
-                if body_code is not None:
-                    self._eval(body_code)
-                if last_code is not None:
-                    value = self._eval(last_code)
-                    has_value = True
-                if has_value and value is not None:
-                    self.ns["_"] = value
-                    result_repr = repr(value)
-                    if structured:
-                        value_json = _to_json(value, warnings)
-            finally:
-                try:
-                    if not _State.interrupted:
-                        figures = self._save_figures(run, warnings)
-                finally:
-                    _State.running = False
-        except SystemExit as exc:
-            if exc.code not in (None, 0):
-                status = "error"
-                error = {"type": "SystemExit", "message": _safe_str(exc.code), "traceback": None}
-        except BaseException as exc:
-            status = "error"
-            error = _format_error(exc)
-        finally:
-            _State.running = False
-            if os.getpid() != _State.pid:
-                # A fork of this worker made by user code must never answer the host or read its requests.
-                self._flush_std()
-                os._exit(0)
-        value = None
-        self._flush_std()
-        os.dup2(self.null_fd, 1)
-        os.dup2(self.null_fd, 2)
-        self._reap_orphaned_zombies()
-
-        out_size = os.fstat(out_fd).st_size
-        err_size = os.fstat(err_fd).st_size
-        out_budget, err_budget = _protocol.split_budget(cap, out_size, err_size)
-        stdout, out_trunc, _ = _protocol.clip_capture(out_fd, out_budget, out_size)
-        stderr, err_trunc, _ = _protocol.clip_capture(err_fd, err_budget, err_size)
-        truncated = out_trunc or err_trunc
-        fsize = self.cfg.get("limits", {}).get("fsize")
-        if isinstance(fsize, int) and max(out_size, err_size) >= fsize:
-            warnings.append(
-                f"the run printed more than the {fsize}-byte file size limit; later writes to stdout/stderr failed "
-                "with 'File too large'"
-            )
-        if result_repr is not None and len(result_repr) > cap:
-            result_repr = result_repr[: cap // 2] + f"\n[... repr truncated: {len(result_repr)} characters ...]\n"
-            truncated = True
-        sentinel = None
-        if structured and out_trunc:
-            try:
-                sentinel = self._sentinel_block(out_fd, out_size)
-            except (OSError, ValueError):
-                sentinel = None
-        # Keep the host's disk clean between runs (background writers may still append).
-        if out_size:
-            os.ftruncate(out_fd, 0)
-        if err_size:
-            os.ftruncate(err_fd, 0)
-        return {
-            "op": "result",
-            "status": status,
-            "stdout": stdout,
-            "stderr": stderr,
-            "truncated": truncated,
-            "result": result_repr,
-            "error": error,
-            "interrupted": _State.interrupted,
-            "last_value_json": value_json,
-            "sentinel": sentinel,
-            "warnings": warnings,
-            "figures": figures,
-        }
-
-
-def _json_default(obj: object) -> object:
-    # numpy scalars and arrays are the common non-JSON last values; convert them without importing numpy.
-    if type(obj).__module__.split(".")[0] == "numpy" and hasattr(obj, "tolist"):
-        return obj.tolist()  # type: ignore[attr-defined]
-    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
-
-
-def _to_json(value: object, warnings: list[str]) -> str | None:
-    try:
-        text = json.dumps(value, ensure_ascii=False, allow_nan=False, default=_json_default)
-    except (TypeError, ValueError, OverflowError, RecursionError):
-        return None
-    if len(text) > _JSON_CAP_CHARS:
-        warnings.append(
-            f"the last value's JSON ({len(text)} characters) is over the {_JSON_CAP_CHARS} cap: not returned"
-        )
-        return None
-    return text
-
-
-def _ends_with_semicolon(code: str, stmt: _ast.stmt) -> bool:
-    """Jupyter's convention: a trailing ';' on the last expression hides its value."""
-    end_line, end_col = stmt.end_lineno, stmt.end_col_offset
-    if end_line is None or end_col is None:
-        return False
-    lines = code.splitlines()
-    if end_line > len(lines):
-        return False
-    rest = lines[end_line - 1].encode("utf-8")[end_col:].lstrip()  # offsets count UTF-8 bytes
-    return rest.startswith(b";")
 
 
 def _owned_child_pids() -> set[int]:
@@ -505,10 +218,13 @@ def main() -> None:
     os.umask(0o022)
     os.chdir(cfg["workdir"])
     _prepare_matplotlib(cfg)
-    _State.pid = os.getpid()
-    signal.signal(signal.SIGINT, _on_sigint)
+    sys.meta_path.insert(0, _cell.SavedFigures())  # type: ignore[arg-type]
+    _cell.State.pid = os.getpid()
+    signal.signal(signal.SIGINT, _cell.on_sigint)
 
-    runner = _Runner(cfg)
+    runner = _cell.Runner(cfg, _protocol)
+    sets = _sitepaths.Sets(cfg.get("packages_dir"))
+    reaper = _ZombieReaper()
     os.dup2(runner.null_fd, 0)
     os.dup2(runner.null_fd, 1)
     os.dup2(runner.null_fd, 2)
@@ -538,7 +254,14 @@ def main() -> None:
                 break  # the host closed the pipe: shut down
             op = req.get("op")
             if op == "exec":
+                try:
+                    notes = sets.use(req.get("packages"))
+                except (OSError, ValueError, RuntimeError) as exc:
+                    notes = [f"the session's packages could not be made importable: {exc}"]
                 resp = runner.execute(req)
+                if notes:
+                    resp["warnings"] = notes + list(resp.get("warnings") or [])
+                reaper.reap()
             elif op == "ping":
                 resp = {"op": "pong"}
             elif op == "kill_strays":

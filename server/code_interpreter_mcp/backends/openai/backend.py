@@ -42,7 +42,15 @@ class OpenAIBackend:
     name = "openai"
     isolation = "remote"
     # repair_json makes a second structured pass; the stream says when the code_interpreter call completed
-    capabilities = Capabilities(model=True, signals_code_done=True, streams_output=True)
+    capabilities = Capabilities(
+        model=True,
+        signals_code_done=True,
+        streams_output=True,
+        packages=False,  # the hosted container has no network for an installer
+        preinstalled="OpenAI's hosted image, which already ships several hundred common packages (numpy, pandas, "
+        "matplotlib, scipy, scikit-learn, seaborn, statsmodels, sympy, openpyxl, tabulate and more): import them "
+        "directly",
+    )
 
     def __init__(
         self,

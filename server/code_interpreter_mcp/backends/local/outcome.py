@@ -1,0 +1,107 @@
+"""What a run on the local backend reports: a worker's answer, its death, or its kill, as an `ExecOutcome`.
+
+Pure mapping, no I/O: the worker's answer is untrusted (user code shares its process), so every field is checked
+and capped here. When a run is stopped, and what that does to the worker, is runs.py's and pool.py's.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from ..base import ExecError, ExecOutcome
+from .process import Printed
+
+LOST_SUFFIX = "Variables and imports are lost; files in /mnt/data are kept."
+UNSAFE_WARNING = (
+    "UNSANDBOXED: this run had no isolation (unsafe_no_sandbox): the code could read and write the server's files "
+    "and reach the network."
+)
+
+
+def text(value: Any, cap: int) -> str:
+    if not isinstance(value, str):
+        return "" if value is None else str(value)[:cap]
+    return value if len(value) <= cap else value[:cap]
+
+
+def from_answer(resp: dict[str, Any], structured: bool, cap: int) -> ExecOutcome:
+    """Turn the worker's answer into an ExecOutcome."""
+    stdout = text(resp.get("stdout"), cap)
+    stderr = text(resp.get("stderr"), cap)
+    status = resp.get("status") if resp.get("status") in ("ok", "error") else "error"
+    err = resp.get("error")
+    error = None
+    if isinstance(err, dict):
+        error = ExecError(
+            type=text(err.get("type"), 200) or "Error",
+            message=text(err.get("message"), cap),
+            traceback=text(err.get("traceback"), cap) if err.get("traceback") is not None else None,
+        )
+    elif status == "error":
+        error = ExecError("Error", "The run failed without details.")
+    result = resp.get("result")
+    last_json = resp.get("last_value_json") if structured else None
+    sentinel = resp.get("sentinel") if structured else None
+    raw_warnings = resp.get("warnings")
+    warnings = (
+        [text(w, 1000) for w in raw_warnings if isinstance(w, str)][:20] if isinstance(raw_warnings, list) else []
+    )
+    sources: list[str] = []
+    if structured:
+        sources = [sentinel] if isinstance(sentinel, str) and sentinel else [stdout]
+    return ExecOutcome(
+        status=status,  # type: ignore[arg-type]
+        stdout=stdout,
+        stderr=stderr,
+        result_repr=text(result, cap) if isinstance(result, str) else None,
+        error=error,
+        truncated=resp.get("truncated") is True,
+        last_value_json=last_json if isinstance(last_json, str) else None,
+        sentinel_sources=sources,
+        warnings=warnings,
+    )
+
+
+def timed_out(outcome: ExecOutcome, timeout_s: float) -> None:
+    """The run was interrupted at its time limit and stopped: its answer becomes a timeout, state kept."""
+    outcome.status = "timeout"
+    tb = outcome.error.traceback if outcome.error else None
+    outcome.error = ExecError(
+        "TimeoutError",
+        f"The run exceeded its {timeout_s:g} s time limit and was interrupted; variables and imports are kept.",
+        tb,
+    )
+
+
+def ignored_timeout(timeout_s: float) -> ExecError:
+    return ExecError(
+        "TimeoutError",
+        f"The run exceeded its {timeout_s:g} s time limit and did not stop when interrupted, so the worker "
+        f"was restarted. {LOST_SUFFIX}",
+    )
+
+
+def ignored_quota(error: ExecError) -> ExecError:
+    """A quota interrupt the code ignored."""
+    error.message += f" It ignored the interrupt, so the worker was restarted. {LOST_SUFFIX}"
+    return error
+
+
+def worker_died(printed: Printed, reason: str, *, cpu_seconds: int, destroyed: bool) -> ExecOutcome:
+    if "CPU-time" in reason:
+        reason += f" (cpu_seconds={cpu_seconds})"
+    if destroyed:
+        reason = "the container was deleted while the code ran"
+    return lost(printed, "error", ExecError("WorkerDied", f"The Python worker died: {reason}. {LOST_SUFFIX}"))
+
+
+def lost(printed: Printed, status: Literal["error", "timeout"], error: ExecError) -> ExecOutcome:
+    """A run that cost the worker its state."""
+    return ExecOutcome(
+        status=status,
+        stdout=printed.stdout,
+        stderr=printed.stderr,
+        truncated=printed.truncated,
+        error=error,
+        state_lost=True,
+    )

@@ -4,28 +4,35 @@ session's harvested files are kept; a run that finished before the restart is st
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from mcp import Client
 
 from tests.test_e2e_stdio import params
-from tests.test_tasks import raw_server
+from tests.test_tasks import Raw, raw_server
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+
+SLEEPING = {"code": "import time; time.sleep(60)", "wait_s": 1}
+
+
+async def start(raw: Raw, args: dict[str, Any]) -> dict[str, Any]:
+    """A 2025-11-25 handshake (once per process), then one run_code call; its structured result."""
+    if raw.next_id == 0:
+        info = {"name": "t", "version": "1"}
+        await raw.call("initialize", {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": info})
+        raw.notify("notifications/initialized")
+    reply = await raw.call("tools/call", {"name": "run_code", "arguments": args})
+    return reply["result"]["structuredContent"]  # type: ignore[no-any-return]
 
 
 async def test_a_run_in_flight_at_a_restart_is_reported_lost(tmp_path: Path) -> None:
     data = tmp_path / "d"
     with raw_server(data) as raw:
-        info = {"name": "t", "version": "1"}
-        await raw.call("initialize", {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": info})
-        raw.notify("notifications/initialized")
-        code = "open('kept.txt','w').write('k')\n1"
-        first = (await raw.call("tools/call", {"name": "run_code", "arguments": {"code": code}}))["result"]
-        first = first["structuredContent"]
+        first = await start(raw, {"code": "open('kept.txt','w').write('k')\n1"})
         assert first["status"] == "ok" and first["run_id"]
-        args = {"code": "import time; time.sleep(60)", "wait_s": 1}
-        flight = (await raw.call("tools/call", {"name": "run_code", "arguments": args}))["result"]["structuredContent"]
+        flight = await start(raw, SLEEPING)
         assert flight["status"] == "running"
     # raw_server kills the process: a crash, nothing gets to record the run's end.
 
@@ -51,11 +58,7 @@ async def test_a_run_stopped_by_a_shutdown_is_reported_lost(tmp_path: Path) -> N
 
     data = tmp_path / "d"
     with raw_server(data) as raw:
-        info = {"name": "t", "version": "1"}
-        await raw.call("initialize", {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": info})
-        raw.notify("notifications/initialized")
-        args = {"code": "import time; time.sleep(60)", "wait_s": 1}
-        flight = (await raw.call("tools/call", {"name": "run_code", "arguments": args}))["result"]["structuredContent"]
+        flight = await start(raw, SLEEPING)
         assert flight["status"] == "running"
         raw.proc.send_signal(signal.SIGTERM)
         assert raw.proc.wait(timeout=20) == 0

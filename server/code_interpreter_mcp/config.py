@@ -47,6 +47,8 @@ class Settings(BaseModel):
     # Runs
     default_timeout_s: float = Field(default=60.0, gt=0)
     max_timeout_s: float = Field(default=3600.0, gt=0)
+    default_wait_s: float = Field(default=45.0, ge=0, description="how long run_code waits before 'running'")
+    max_wait_s: float = Field(default=300.0, ge=0, description="the longest wait_s a call may ask for")
     interrupt_grace_s: float = Field(default=2.0, ge=0)
     output_cap_chars: int = Field(default=40_000, ge=1000, description="stdout+stderr kept per run")
     result_budget_tokens: int = Field(default=20_000, ge=1000)

@@ -8,6 +8,7 @@ restart. Ids are unguessable (128-bit random); a session is only visible to its 
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import sqlite3
 import threading
@@ -33,6 +34,9 @@ CREATE TABLE IF NOT EXISTS files (
     file_id TEXT PRIMARY KEY, session_id TEXT NOT NULL, container_id TEXT NOT NULL, path TEXT NOT NULL,
     name TEXT NOT NULL, bytes INTEGER NOT NULL, mime_type TEXT NOT NULL, sha256 TEXT, source TEXT NOT NULL,
     created_at REAL NOT NULL, local_path TEXT, remote_id TEXT, version TEXT NOT NULL, seq INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY, session_id TEXT NOT NULL, status TEXT NOT NULL, started_at REAL NOT NULL,
+    ended_at REAL, pid INTEGER NOT NULL, result TEXT);
 CREATE INDEX IF NOT EXISTS files_by_session ON files(session_id, seq);
 CREATE INDEX IF NOT EXISTS containers_by_session ON containers(session_id);
 """
@@ -67,6 +71,35 @@ class FileRecord:
     remote_id: str | None
     version: str
     seq: int = 0
+
+
+@dataclass
+class RunRow:
+    """A run as persisted: 'running' until it ends; then its status and its result (the RunResult as JSON, or
+    the error that ended it), so it can be reported after a restart."""
+
+    id: str
+    session_id: str
+    status: str
+    started_at: float
+    ended_at: float | None
+    pid: int
+    result: str | None
+
+    def orphaned(self) -> bool:
+        """Still 'running' on disk, but no live process runs it: the registry in memory has no such run (a
+        restart, even under the same pid) or the process that started it is gone."""
+        if self.status != "running":
+            return False
+        if self.pid == os.getpid():
+            return True
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except OSError:  # alive, under another uid
+            return False
+        return False
 
 
 @dataclass
@@ -124,6 +157,7 @@ class Registry:
         self.sessions: dict[str, Session] = {}
         self.containers: dict[str, ContainerRecord] = {}
         self._dirty: dict[str, ContainerRecord] = {}
+        self._run_rows: list[tuple[str, tuple[Any, ...]]] = []  # run starts and ends, in order, for `flush`
         self._seq = int(self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM files").fetchone()[0])
 
     # ---- persistence helpers -------------------------------------------------------------------------------
@@ -281,9 +315,11 @@ class Registry:
         self._dirty[rec.state.id] = rec
 
     async def flush(self) -> None:
-        if self._dirty:
+        if self._dirty or self._run_rows:
             dirty, self._dirty = self._dirty, {}
-            await self._write(*(self._container_update(r) for r in dirty.values()))
+            runs, self._run_rows = self._run_rows, []
+            updates = [self._container_update(r) for r in dirty.values()]
+            await anyio.to_thread.run_sync(lambda: self._write_sync([*updates, *self._encoded(runs)]))
 
     def container_of(self, session: Session, container_id: str | None) -> ContainerRecord | None:
         """The named container if the session owns it, else the session's current one (None if it has none)."""
@@ -332,3 +368,31 @@ class Registry:
                 )
             )
         await self._write(*rows)
+
+    # ---- runs ----------------------------------------------------------------------------------------------
+
+    def add_run_later(self, run_id: str, session: Session, started_at: float) -> None:
+        """A run started; written by `flush` (housekeeping, a few times a second), off the run's hot path."""
+        sql = "INSERT INTO runs (id, session_id, status, started_at, pid) VALUES (?, ?, 'running', ?, ?)"
+        self._run_rows.append((sql, (run_id, session.id, started_at, os.getpid())))
+
+    def end_run_later(self, run_id: str, status: str, result: dict[str, Any]) -> None:
+        """A run ended with `result` (its RunResult, or the error that ended it), JSON-encoded when flushed."""
+        sql = "UPDATE runs SET status = ?, ended_at = ?, result = ? WHERE id = ?"
+        self._run_rows.append((sql, (status, time.time(), result, run_id)))
+
+    @staticmethod
+    def _encoded(rows: list[tuple[str, tuple[Any, ...]]]) -> list[tuple[str, tuple[Any, ...]]]:
+        return [(sql, tuple(json.dumps(p) if isinstance(p, dict) else p for p in params)) for sql, params in rows]
+
+    def _load_run_sync(self, run_id: str) -> RunRow | None:
+        with self._db_lock:
+            row = self._db.execute(
+                "SELECT id, session_id, status, started_at, ended_at, pid, result FROM runs WHERE id = ?", (run_id,)
+            ).fetchone()
+        return RunRow(*row) if row is not None else None
+
+    async def load_run(self, run_id: str) -> RunRow | None:
+        if not (isinstance(run_id, str) and run_id.startswith("r_") and len(run_id) < 80):
+            return None
+        return await anyio.to_thread.run_sync(self._load_run_sync, run_id)

@@ -6,7 +6,7 @@ Modules, one responsibility each (layered top to bottom):
 - `containers`: the record of each container, its folder on the host, the registry (create, resume, delete);
   `uids`: the dedicated uid range and who holds which uid.
 - `runs`: one run: send, wait, interrupt at the time limit or on a quota breach. `outcome`: what a run reports
-  (a worker's answer, death or kill as an `ExecOutcome`).
+  (a worker's answer, death or kill as an `ExecOutcome`). `streaming`: live output read from the capture files.
 - `pool`: the containers' workers: spawn, respawn after death, interrupt-then-kill, stray-process clean-up, and
   the registry of launchers by isolation mode.
 - `quota`: the disk quota: the watch thread and what a breach does. `folder`: a container's data folder (listing,

@@ -53,7 +53,7 @@ class LocalBackend:
     """The `local` backend. Construct with `LocalBackend(settings)`, then `await start()`."""
 
     name = "local"
-    capabilities = Capabilities(model=False, signals_code_done=False, packages=True)
+    capabilities = Capabilities(model=False, signals_code_done=False, packages=True, streams_output=True)
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings

@@ -23,6 +23,7 @@ from .containers import Container
 from .pool import WorkerPool
 from .process import WorkerGone, WorkerProcess
 from .quota import QuotaGuard
+from .streaming import CaptureTail
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +76,8 @@ class Runner:
             rid = await worker.send(req)
             resp, reason = worker.poll_response(rid, SPIN_S), None
             if resp is None:
-                resp, reason = await self._wait_result(c, worker, rid, float(request.timeout_s), grace)
+                tail = CaptureTail({"stdout": worker.out_fd, "stderr": worker.err_fd}, request.on_output)
+                resp, reason = await self._wait_result(c, worker, rid, float(request.timeout_s), grace, tail)
         except WorkerGone as exc:
             logger.info("worker of %s died: %s", c.state.id, exc)
             return await self._died(c, worker, str(exc), exc.eof)
@@ -111,7 +113,7 @@ class Runner:
             raise BackendError(f"A package set must lie in {root}; got {paths}.") from None
 
     async def _wait_result(
-        self, c: Container, worker: WorkerProcess, rid: int, timeout_s: float, grace: float
+        self, c: Container, worker: WorkerProcess, rid: int, timeout_s: float, grace: float, tail: CaptureTail
     ) -> tuple[dict[str, Any] | None, str | None]:
         """The run's answer, interrupting it at the time limit or on a quota breach. (None, reason) when it would
         not stop within the grace period."""
@@ -121,6 +123,7 @@ class Runner:
         poll = 0.25
         while True:
             now = anyio.current_time()
+            tail.poll()
             if reason is None:
                 if c.quota_hit is not None:
                     reason = "quota"

@@ -189,3 +189,11 @@ class PackageInstallTimeout(PackageError):
 class PackageInstallFailed(PackageError):
     code = "package_install_failed"
     default_hint = "See the installer's message; run `code-interpreter-mcp doctor` to check the package settings."
+
+
+class CapacityError(CIError):
+    code = "capacity"
+    default_hint = (
+        "Every sandbox worker is busy running code: retry in a moment, close sessions you no longer need "
+        "(close_session), or raise CODE_INTERPRETER_MAX_LIVE_CONTAINERS (or ..._PER_OWNER)."
+    )

@@ -53,6 +53,7 @@ class LaunchSpec:
     limits: dict[str, Any]  # rlimits, applied by the worker itself before any user code runs
     tmp_bytes: int  # size of the sandbox's private /tmp
     mpl_cache: Path | None  # the prebuilt matplotlib font list (fonts.py)
+    threads: int = 1  # BLAS/OpenMP threads (the CPUs the sandbox may use)
 
 
 def worker_config(

@@ -21,7 +21,7 @@ from . import outcome
 from .containers import Container
 from .pool import WorkerPool
 from .process import WorkerGone, WorkerProcess
-from .quota import QuotaGuard
+from .quota import HARD_MARGIN, QuotaGuard
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,13 @@ class Runner:
             c.state_lost_pending = False
             c.quota_hit = None
             worker, restarted = await self.pool.ensure(c)
-            result = await self._run(c, worker, request, progress)
+            c.running = True
+            try:
+                result = await self._run(c, worker, request, progress)
+            finally:
+                c.folder.pump()  # a breach by the run's last writes is the run's, not a background writer's
+                c.running = False
+                c.quota_killed = False
             result.state_lost = result.state_lost or state_lost or restarted
             over = self.quota.over_quota_warning(c)
             if over is not None:
@@ -75,6 +81,10 @@ class Runner:
                 resp, reason = await self._wait_result(c, worker, rid, float(request.timeout_s), grace)
         except WorkerGone as exc:
             logger.info("worker of %s died: %s", c.state.id, exc)
+            if c.quota_killed:
+                printed = await self.pool.retire(c, worker)
+                error = outcome.kept_writing(self.quota.error(c, interrupted=True), HARD_MARGIN // 2**20)
+                return outcome.lost(printed, "error", error)
             return await self._died(c, worker, str(exc), exc.eof)
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True):
@@ -119,8 +129,12 @@ class Runner:
             if kill_at is not None and now >= kill_at:
                 return None, reason
             wake = kill_at if kill_at is not None else min(deadline, now + poll)
-            with anyio.move_on_after(max(wake - now, 0)):
-                return await worker.response(rid), reason
+            with anyio.move_on_after(max(wake - now, 0)) as scope:
+                c.wake = scope
+                try:
+                    return await worker.response(rid), reason
+                finally:
+                    c.wake = None
 
     async def _died(self, c: Container, worker: WorkerProcess, detail: str, eof: bool) -> ExecOutcome:
         if eof:

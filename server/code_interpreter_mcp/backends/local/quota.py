@@ -11,7 +11,7 @@ nothing (no thread, no timer, no scan). What a breach does:
   `state_lost` and why, in a warning.
 A folder over quota stays usable, so code can delete files; uploads that would not fit are refused (folder.py).
 
-The margin, what a folder can exceed the quota by: `HARD_MARGIN` (8 MiB) plus, for each process writing at the
+The margin, what a folder can exceed the quota by: `HARD_MARGIN` (4 MiB) plus, for each process writing at the
 moment of the breach, the write call in flight (its event comes when the call returns; one call is bounded by
 RLIMIT_FSIZE, `max_file_bytes`) and what it writes in the reaction time (0.1 to 0.4 ms measured). `fallocate`
 is refused in the sandbox (seccomp.py: EOPNOTSUPP), so glibc's posix_fallocate writes a byte per block and is seen
@@ -37,7 +37,7 @@ from .service import Service
 logger = logging.getLogger(__name__)
 
 _MIB = 1024 * 1024
-HARD_MARGIN = 8 * _MIB
+HARD_MARGIN = 4 * _MIB
 
 
 class QuotaGuard:

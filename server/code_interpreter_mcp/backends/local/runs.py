@@ -123,6 +123,8 @@ class Runner:
                     reason = "quota"
                 elif now >= deadline:
                     reason = "timeout"
+                elif self.pool.memory.over_rss(worker.process.pids().get("init", worker.worker_pid)):
+                    return None, "memory"  # the no-cgroup fallback: no interrupt frees memory reliably
                 if reason is not None:
                     worker.interrupt()
                     kill_at = now + grace
@@ -140,14 +142,22 @@ class Runner:
         if eof:
             # Let it finish dying first, so its own exit status (signal, code) is what gets reported.
             await worker.wait(1.0)
+        oom = self.pool.memory.oom_kills(c.state.id) > 0
         printed = await self.pool.retire(c, worker)
         reason = worker.exit_reason() if eof else detail
+        if oom:
+            reason = (
+                f"out of memory: the container's processes together reached memory_mb={self.settings.memory_mb} "
+                f"MiB and the kernel stopped the worker ({reason})"
+            )
         return outcome.worker_died(printed, reason, cpu_seconds=self.settings.cpu_seconds, destroyed=c.destroyed)
 
     async def _ignored_interrupt(
         self, c: Container, worker: WorkerProcess, reason: str | None, timeout_s: float
     ) -> ExecOutcome:
         printed = await self.pool.retire(c, worker)
+        if reason == "memory":
+            return outcome.lost(printed, "error", outcome.over_memory(int(self.settings.memory_mb)))
         if reason == "quota":
             return outcome.lost(printed, "error", outcome.ignored_quota(self.quota.error(c, interrupted=True)))
         return outcome.lost(printed, "timeout", outcome.ignored_timeout(timeout_s))

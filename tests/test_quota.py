@@ -103,7 +103,8 @@ async def test_many_writers_in_one_run(make_backend: MakeBackend) -> None:
     assert (await run(backend, c, "kept = 1")).status == "ok"
     code = (
         "import subprocess, sys\n"
-        "w = \"import itertools\\nfor i in itertools.count():\\n    open(f'w{}_%d.bin' % i, 'wb').write(b'x' * (1 << 20))\"\n"
+        'w = "import itertools\\nfor i in itertools.count():\\n"\n'
+        "w += \"    open(f'w{}_%d.bin' % i, 'wb').write(b'x' * (1 << 20))\"\n"
         "ps = [subprocess.Popen([sys.executable, '-c', w.format(n)]) for n in range(4)]\n"
         "[p.wait() for p in ps]"
     )
@@ -122,7 +123,7 @@ async def test_a_background_process_left_writing_is_stopped(make_backend: MakeBa
     c = await backend.create_container("s", 600)
     code = (
         "import subprocess, sys\n"
-        "w = \"import itertools, time\\nfor i in itertools.count():\\n"
+        'w = "import itertools, time\\nfor i in itertools.count():\\n'
         "    open('bg%d.bin' % i, 'wb').write(b'x' * (1 << 20))\\n    time.sleep(0.01)\"\n"
         "subprocess.Popen([sys.executable, '-c', w], start_new_session=True)\n"
         "kept = 1"
@@ -150,7 +151,8 @@ async def test_idle_quota_costs_no_thread(make_backend: MakeBackend) -> None:
 async def test_listing_follows_changes_without_rescans(make_backend: MakeBackend) -> None:
     backend = await make_backend(warm_workers=0)
     c = await backend.create_container("s", 600)
-    made = "import os\nos.makedirs('d/e', exist_ok=True)\nfor i in range(300):\n    open(f'd/e/f{i}.txt', 'w').write(str(i))"
+    made = "import os\nos.makedirs('d/e', exist_ok=True)\n"
+    made += "for i in range(300):\n    open(f'd/e/f{i}.txt', 'w').write(str(i))"
     await run(backend, c, made)
     tracker = backend._containers.get(c.id).folder.tracker  # type: ignore[union-attr]
     assert tracker is not None

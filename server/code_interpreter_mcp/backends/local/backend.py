@@ -123,6 +123,7 @@ class LocalBackend:
                     c.folder.close()
                 if live.hub is not None:
                     live.hub.close()
+                live.pool.memory.sweep()
 
     def _require_started(self) -> _Started:
         if self._live is None:
@@ -157,6 +158,8 @@ class LocalBackend:
             with anyio.CancelScope(shield=True):
                 await self.destroy(c.state)
             raise
+        finally:
+            live.capacity.refill()  # the spare is counted as this container's worker now
         return c.snapshot()
 
     async def _lookup(self, container: ContainerState) -> Container:

@@ -145,14 +145,12 @@ class Capacity:
     # ------------------------------------------------------------------------------------------ spares
 
     def claim(self) -> Spare | None:
-        """A ready spare for a new container (it is no longer a spare), and a refill in the background."""
+        """A ready spare for a new container (it is no longer a spare). Call `refill` once it is adopted."""
         while self.spares:
             spare = self.spares.pop(0)
             if spare.worker.alive():
-                self.refill()
                 return spare
             self.service.spawn("drop-spare", lambda s=spare: self._drop_spare(s))  # type: ignore[misc]
-        self.refill()
         return None
 
     def refill(self) -> None:

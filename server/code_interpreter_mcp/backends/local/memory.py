@@ -182,5 +182,16 @@ class MemoryLimiter:
         """Delete the container's group once its processes are gone (they are: called after a kill)."""
         group = self._group(cid)
         if group is not None and group.is_dir():
-            with contextlib.suppress(OSError):
+            try:
                 group.rmdir()
+            except OSError as exc:
+                logger.debug("memory group %s not removed yet: %s", group, exc)
+
+    def sweep(self) -> None:
+        """At shutdown: remove the empty container groups left (the kernel refuses to remove one in use)."""
+        if self.base is None:
+            return
+        with contextlib.suppress(OSError):
+            for group in self.base.glob("ci-lc_*"):
+                with contextlib.suppress(OSError):
+                    group.rmdir()

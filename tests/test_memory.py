@@ -26,13 +26,11 @@ async def test_two_processes_together_stay_under_memory_mb(make_backend: MakeBac
     mechanism = backend.describe()["memory"]["mechanism"]
     assert mechanism in ("cgroup2", "cgroup1", "rlimit")
     c = await backend.create_container("s", 600)
-    one = await backend.execute(
-        c, ExecRequest(code=CODE.replace("range(2)", "range(1)"), timeout_s=30), no_progress
-    )
+    one = await backend.execute(c, ExecRequest(code=CODE.replace("range(2)", "range(1)"), timeout_s=30), no_progress)
     assert one.status == "ok" and one.result_repr == "[(0, 'survived')]", one  # one alone fits
     both = await backend.execute(c, ExecRequest(code=CODE, timeout_s=30), no_progress)
     if both.status == "ok":
-        results = eval(both.result_repr or "[]")  # noqa: S307 - our own repr of a list of tuples
+        results = eval(both.result_repr or "[]")  # our own repr of a list of tuples
         assert sum(1 for rc, out in results if rc == 0 and out == "survived") <= 1, results
         assert any(rc == -9 for rc, _ in results), results  # the kernel's OOM killer, inside the group
     else:

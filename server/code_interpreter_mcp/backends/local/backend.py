@@ -159,7 +159,7 @@ class LocalBackend:
                 await self.destroy(c.state)
             raise
         finally:
-            live.capacity.refill()  # the spare is counted as this container's worker now
+            live.capacity.adopted(spare)  # the spare counts as this container's worker now
         return c.snapshot()
 
     async def _lookup(self, container: ContainerState) -> Container:

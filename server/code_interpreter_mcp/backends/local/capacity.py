@@ -73,6 +73,7 @@ class Capacity:
         self.service = service
         self.spares: list[Spare] = []
         self._filling = 0
+        self._claimed = 0  # spares taken by containers not yet holding them
         self.evictions = 0
         self._lock = anyio.Lock()  # one decision about room at a time
         self._closed = False
@@ -109,7 +110,7 @@ class Capacity:
                 if len(mine) >= self.max_per_owner:
                     await self._evict(mine, c, f"CODE_INTERPRETER_MAX_LIVE_CONTAINERS_PER_OWNER={self.max_per_owner}")
             others = [x for x in self.live() if x is not c]
-            if len(others) + len(self.spares) + self._filling < self.max_live:
+            if len(others) + len(self.spares) + self._filling + self._claimed < self.max_live:
                 return
             if c is None:
                 raise CapacityError("No room for a spare worker.")
@@ -145,13 +146,20 @@ class Capacity:
     # ------------------------------------------------------------------------------------------ spares
 
     def claim(self) -> Spare | None:
-        """A ready spare for a new container (it is no longer a spare). Call `refill` once it is adopted."""
+        """A ready spare for a new container (no longer a spare, still counted until `adopted()`)."""
         while self.spares:
             spare = self.spares.pop(0)
             if spare.worker.alive():
+                self._claimed += 1
                 return spare
             self.service.spawn("drop-spare", lambda s=spare: self._drop_spare(s))  # type: ignore[misc]
         return None
+
+    def adopted(self, spare: Spare | None) -> None:
+        """The container that claimed `spare` holds its worker now (or failed): refill the pool."""
+        if spare is not None:
+            self._claimed -= 1
+        self.refill()
 
     def refill(self) -> None:
         if not self._closed and len(self.spares) + self._filling < self.warm_target:
@@ -160,7 +168,7 @@ class Capacity:
     async def _refill(self) -> None:
         while not self._closed and len(self.spares) + self._filling < self.warm_target:
             async with self._lock:
-                if len(self.live()) + len(self.spares) + self._filling >= self.max_live:
+                if len(self.live()) + len(self.spares) + self._filling + self._claimed >= self.max_live:
                     return  # no room: live workers come first
                 self._filling += 1
             try:

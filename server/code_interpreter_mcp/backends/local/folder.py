@@ -81,7 +81,7 @@ class DataFolder:
             self._set(path, index.get(path))
         if self._listing is None:
             self._listing = sorted(self._files.values(), key=lambda f: f.path)
-        return list(self._listing)
+        return self._listing  # the same list while nothing changes (the engine's O(1) unchanged test): read only
 
     def _set(self, path: str, entry: Entry | None) -> None:
         self._listing = None

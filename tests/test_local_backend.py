@@ -750,7 +750,8 @@ async def test_large_code_and_unencodable_text(backend: LocalBackend, container:
     assert odd.stdout.startswith("bad ")
 
 
-async def test_worker_start_failure_is_reported(backend: LocalBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_worker_start_failure_is_reported(make_backend: MakeBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    backend = await make_backend(warm_workers=0)  # no spare: the container's own start must fail
     real = sandbox_mod.worker_command
     monkeypatch.setattr(sandbox_mod, "worker_command", lambda path, cfg: real(path + ".missing", cfg))
     with pytest.raises(BackendError) as failed:

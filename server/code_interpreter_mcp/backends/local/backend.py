@@ -103,7 +103,7 @@ class LocalBackend:
             logger.warning("no inotify instance (%s): container folders are rescanned instead", exc)
             hub = None
         quota = QuotaGuard(s, pool, service)
-        capacity = Capacity(s, self._containers, pool, profile, service)
+        capacity = Capacity(s, self._containers, pool, profile, service, hub)
         self._pool, self._capacity = pool, capacity
         self._live = _Started(pool, quota, Runner(s, pool, quota), capacity, service, hub)
         if hub is not None:
@@ -149,10 +149,13 @@ class LocalBackend:
             session_id, expires_after_s, live.pool.profile, spare.folder if spare else None, owner
         )
         try:
-            await self._watch(c)
+            if spare is not None:
+                c.folder.attach(spare.tracker)
+                live.quota.watch(c)
+                c.worker, c.had_worker = spare.worker, True
+            else:
+                await self._watch(c)
             async with c.lock:
-                if spare is not None:
-                    c.worker, c.had_worker = spare.worker, True
                 await live.pool.ensure(c)
         except BaseException:
             with anyio.CancelScope(shield=True):

@@ -21,7 +21,9 @@ import anyio
 
 from ...config import Settings
 from ...errors import CapacityError
+from .changes import ChangeTracker, Inotify
 from .containers import Container, ContainerRegistry, NewFolder
+from .folder import open_tracker
 from .outcome import LOST_SUFFIX
 from .pool import WorkerPool
 from .process import WorkerProcess
@@ -51,19 +53,27 @@ def default_max_live(memory_mb: int) -> int:
 
 
 class Spare:
-    """A worker with a folder and no container yet."""
+    """A worker with a folder (already tracked) and no container yet."""
 
-    def __init__(self, folder: NewFolder, worker: WorkerProcess) -> None:
+    def __init__(self, folder: NewFolder, worker: WorkerProcess, tracker: ChangeTracker) -> None:
         self.folder = folder
         self.worker = worker
+        self.tracker = tracker
 
 
 class Capacity:
     """The caps on live workers of `containers` and the warm spares of `pool`."""
 
     def __init__(
-        self, settings: Settings, containers: ContainerRegistry, pool: WorkerPool, profile: Profile, service: Service
+        self,
+        settings: Settings,
+        containers: ContainerRegistry,
+        pool: WorkerPool,
+        profile: Profile,
+        service: Service,
+        hub: Inotify | None = None,
     ) -> None:
+        self.hub = hub
         self.max_live = settings.max_live_containers or default_max_live(settings.memory_mb)
         self.max_per_owner = settings.max_live_containers_per_owner
         self.warm_target = min(int(settings.warm_workers), self.max_live)
@@ -174,19 +184,26 @@ class Capacity:
             try:
                 folder = await self.containers.new_folder(self.profile)
                 try:
-                    worker = await self.pool.spawn(folder.root, folder.uid, folder.gid, group=folder.cid)
+                    tracker = await open_tracker(folder.root / "data", self.hub)
+                    try:
+                        worker = await self.pool.spawn(folder.root, folder.uid, folder.gid, group=folder.cid)
+                    except BaseException:
+                        tracker.close()
+                        raise
                 except BaseException:
                     with anyio.CancelScope(shield=True):
                         await self.containers.drop_folder(folder)
                     raise
             finally:
                 self._filling -= 1
+            spare = Spare(folder, worker, tracker)
             if self._closed:
-                await self._drop_spare(Spare(folder, worker))
+                await self._drop_spare(spare)
                 return
-            self.spares.append(Spare(folder, worker))
+            self.spares.append(spare)
 
     async def _drop_spare(self, spare: Spare) -> None:
+        spare.tracker.close()
         with anyio.CancelScope(shield=True):
             await spare.worker.kill()
             self.pool.memory.remove(spare.folder.cid)

@@ -19,6 +19,17 @@ from . import files
 from .changes import ChangeTracker, Entry, Inotify
 
 
+async def open_tracker(path: Path, hub: Inotify | None, max_watches: int = 10_000) -> ChangeTracker:
+    """A started tracker of the folder `path` (its first walk in a thread). OSError when it is gone."""
+    tracker = ChangeTracker(path, hub=hub, max_watches=max_watches)
+    try:
+        await anyio.to_thread.run_sync(tracker.start)
+    except BaseException:
+        tracker.close()
+        raise
+    return tracker
+
+
 class DataFolder:
     """The data folder of container `cid`, owned by the sandbox's uid/gid (None: the server's own)."""
 
@@ -32,14 +43,16 @@ class DataFolder:
         self._files: dict[str, RemoteFile] = {}
         self._listing: list[RemoteFile] | None = None  # sorted, None when it must be rebuilt
 
-    async def open(self, hub: Inotify | None, max_watches: int = 10_000) -> None:
+    async def open(self, hub: Inotify | None) -> None:
         """Watch the folder and index what it holds (a walk: in a thread, a resumed folder may be big)."""
-        tracker = ChangeTracker(self.path, hub=hub, max_watches=max_watches)
         try:
-            await anyio.to_thread.run_sync(tracker.start)
+            tracker = await open_tracker(self.path, hub)
         except OSError:
-            tracker.close()
             raise ContainerExpired(f"Container {self.cid} no longer exists.") from None
+        self.attach(tracker)
+
+    def attach(self, tracker: ChangeTracker) -> None:
+        """Take over a tracker already started on this folder (a warm spare's)."""
         self.tracker = tracker
         self._files = {}
         for path, entry in tracker.files.items():

@@ -225,7 +225,12 @@ class LocalBackend:
                 "max_processes": s.max_processes,
                 "disk_quota_mb": s.box_size_mb,
                 "disk_quota_margin": f"{HARD_MARGIN // 2**20} MiB plus one write call in flight per writing process "
-                "(at most max_file_bytes); fallocate refused (EOPNOTSUPP)",
+                "(at most max_file_bytes); "
+                + (
+                    "fallocate refused (EOPNOTSUPP)"
+                    if self.profile is not None and self.profile.seccomp
+                    else "fallocate NOT bounded (no seccomp filter)"
+                ),
                 "output_cap_chars": s.output_cap_chars,
                 "interrupt_grace_s": s.interrupt_grace_s,
             },

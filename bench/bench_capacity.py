@@ -34,6 +34,9 @@ from mcp import Client, StdioServerParameters
 from code_interpreter_mcp.config import Settings
 from code_interpreter_mcp.engine import Engine
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_mcp import tree_rss_kib
+
 HERE = Path(__file__).resolve().parent
 MiB = 1024 * 1024
 
@@ -43,25 +46,7 @@ def med(xs: list[float]) -> float:
 
 
 def tree_rss_mib(root: int) -> float:
-    children: dict[int, list[int]] = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                ppid = int(Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(d))
-    total, stack = 0, [root]
-    while stack:
-        pid = stack.pop()
-        stack.extend(children.get(pid, []))
-        try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-        except OSError:
-            continue
-    return total / 1024
+    return tree_rss_kib(root)[0] / 1024
 
 
 def cpu_seconds_of_tree(root: int) -> float:

@@ -37,6 +37,14 @@ def blocks_used(folder: Path) -> int:
     return total
 
 
+def writer(prefix: str, pause_s: float = 0.0) -> str:
+    """The source of a process that writes 1 MiB files named prefix0, prefix1, ... until it is stopped."""
+    return (
+        "import itertools, time\nfor i in itertools.count():\n"
+        f"    open('{prefix}%d' % i, 'wb').write(b'x' * (1 << 20))\n    time.sleep({pause_s})\n"
+    )
+
+
 def data_of(backend: LocalBackend, c: ContainerState) -> Path:
     return backend.settings.containers_dir / c.id / "data"
 
@@ -101,11 +109,9 @@ async def test_many_writers_in_one_run(make_backend: MakeBackend) -> None:
     backend = await make_backend(box_size_mb=QUOTA_MB, warm_workers=0)
     c = await backend.create_container("s", 600)
     assert (await run(backend, c, "kept = 1")).status == "ok"
+    sources = [writer(f"w{n}_") for n in range(4)]
     code = (
-        "import subprocess, sys\n"
-        'w = "import itertools\\nfor i in itertools.count():\\n"\n'
-        "w += \"    open(f'w{}_%d.bin' % i, 'wb').write(b'x' * (1 << 20))\"\n"
-        "ps = [subprocess.Popen([sys.executable, '-c', w.format(n)]) for n in range(4)]\n"
+        f"import subprocess, sys\nps = [subprocess.Popen([sys.executable, '-c', w]) for w in {sources!r}]\n"
         "[p.wait() for p in ps]"
     )
     out = await run(backend, c, code)
@@ -122,11 +128,8 @@ async def test_a_background_process_left_writing_is_stopped(make_backend: MakeBa
     backend = await make_backend(box_size_mb=QUOTA_MB, warm_workers=0)
     c = await backend.create_container("s", 600)
     code = (
-        "import subprocess, sys\n"
-        'w = "import itertools, time\\nfor i in itertools.count():\\n'
-        "    open('bg%d.bin' % i, 'wb').write(b'x' * (1 << 20))\\n    time.sleep(0.01)\"\n"
-        "subprocess.Popen([sys.executable, '-c', w], start_new_session=True)\n"
-        "kept = 1"
+        f"import subprocess, sys\nsubprocess.Popen([sys.executable, '-c', {writer('bg', 0.01)!r}], "
+        "start_new_session=True)\nkept = 1"
     )
     assert (await run(backend, c, code)).status == "ok"
     with anyio.fail_after(20):

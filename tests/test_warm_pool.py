@@ -101,3 +101,11 @@ async def test_blas_threads_follow_the_cpus(make_backend: MakeBackend) -> None:
     c1 = await pinned.create_container("s", 600)
     assert (await run(pinned, c1, "import os\nos.environ['OPENBLAS_NUM_THREADS']")).result_repr == "'1'"
     assert pinned.describe()["blas_threads"] == 1
+
+
+async def test_the_first_container_after_start_waits_for_the_spare_being_started(make_backend: MakeBackend) -> None:
+    backend = await make_backend(warm_workers=1)
+    calls = count_spawns(backend)
+    c = await backend.create_container("s", 600)  # the spare is still starting: finishing it beats a second start
+    assert c.id not in calls
+    assert (await run(backend, c, "1+1")).result_repr == "2"

@@ -144,7 +144,7 @@ class LocalBackend:
         self, session_id: str, expires_after_s: float, owner: str | None = None
     ) -> ContainerState:
         live = self._require_started()
-        spare = live.capacity.claim()
+        spare = await live.capacity.take()
         c = await self._containers.create(
             session_id, expires_after_s, live.pool.profile, spare.folder if spare else None, owner
         )

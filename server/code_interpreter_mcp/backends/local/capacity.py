@@ -84,6 +84,7 @@ class Capacity:
         self.spares: list[Spare] = []
         self._filling = 0
         self._claimed = 0  # spares taken by containers not yet holding them
+        self._spare_ready = anyio.Event()  # set when a spare start ends (either way)
         self.evictions = 0
         self._lock = anyio.Lock()  # one decision about room at a time
         self._closed = False
@@ -111,19 +112,17 @@ class Capacity:
 
     # ------------------------------------------------------------------------------------------ room
 
-    async def make_room(self, c: Container | None) -> None:
-        """Before a worker starts for `c` (None: a spare): stop a spare or the LRU idle worker if a cap is
-        reached. CapacityError when every candidate is busy."""
+    async def make_room(self, c: Container) -> None:
+        """Before a worker starts for `c`: stop a spare or the LRU idle worker if a cap is reached.
+        CapacityError when every candidate is busy."""
         async with self._lock:
-            if c is not None and self.max_per_owner is not None:
+            if self.max_per_owner is not None:
                 mine = [x for x in self.live() if x is not c and x.owner == c.owner]
                 if len(mine) >= self.max_per_owner:
                     await self._evict(mine, c, f"CODE_INTERPRETER_MAX_LIVE_CONTAINERS_PER_OWNER={self.max_per_owner}")
             others = [x for x in self.live() if x is not c]
             if len(others) + len(self.spares) + self._filling + self._claimed < self.max_live:
                 return
-            if c is None:
-                raise CapacityError("No room for a spare worker.")
             if self.spares:
                 await self._drop_spare(self.spares.pop(0))
                 return
@@ -154,6 +153,16 @@ class Capacity:
         raise CapacityError(f"All {busy} sandbox workers are busy running code ({cap}); no idle one can make room.")
 
     # ------------------------------------------------------------------------------------------ spares
+
+    async def take(self, wait_s: float = 5.0) -> Spare | None:
+        """`claim`, first waiting for a spare being started when none is ready (the first call after start-up):
+        finishing that start is quicker than a second one beside it."""
+        if not self.spares and self._filling:
+            with anyio.move_on_after(wait_s):
+                while not self.spares and self._filling:
+                    self._spare_ready = anyio.Event()
+                    await self._spare_ready.wait()
+        return self.claim()
 
     def claim(self) -> Spare | None:
         """A ready spare for a new container (no longer a spare, still counted until `adopted()`)."""
@@ -196,6 +205,7 @@ class Capacity:
                     raise
             finally:
                 self._filling -= 1
+                self._spare_ready.set()
             spare = Spare(folder, worker, tracker)
             if self._closed:
                 await self._drop_spare(spare)

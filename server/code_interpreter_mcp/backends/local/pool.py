@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 
 import anyio
@@ -74,7 +74,7 @@ class WorkerPool:
         self.memory = memory or MemoryLimiter(int(settings.memory_mb) * 1024 * 1024)
         self.threads = blas_threads(settings)
         # Asked before each worker start for room under the caps (capacity.py sets it); raises CapacityError.
-        self.make_room: Callable[[Container | None], object] | None = None
+        self.make_room: Callable[[Container], Awaitable[None]] | None = None
 
     @property
     def sandboxed(self) -> bool:
@@ -111,7 +111,7 @@ class WorkerPool:
         c.starting = True  # counted as live from here, so concurrent starts see it
         try:
             if self.make_room is not None:
-                await self.make_room(c)  # type: ignore[misc]
+                await self.make_room(c)
             worker = await self.spawn(c.root, c.uid, c.gid, group=c.state.id)
         except WorkerStartError as exc:
             raise BackendError(f"The sandboxed Python worker did not start: {exc}") from None

@@ -20,9 +20,10 @@ pytestmark = pytest.mark.anyio
 
 MIB = 2**20
 QUOTA_MB = 16
-# The stated margin, plus one call per writer (1 MiB here) and what is written in the reaction time, which
-# grows under CPU contention (8 MiB of slack: the unbounded behaviour this replaces took 2.8 GiB in 2 ms).
-CEILING = QUOTA_MB * MIB + HARD_MARGIN + 8 * MIB
+# The stated margin, plus one call per writer (1 MiB here) and what is written in the reaction time, which grows
+# when the event loop waits for a CPU (2 cores shared with the suite: 12 MiB of slack; quiet, the folder ends 1 to
+# 5 MiB past a quota, bench/bench_capacity.py; the polling watch this replaces let fallocate take 2.8 GiB in 2 ms).
+CEILING = QUOTA_MB * MIB + HARD_MARGIN + 12 * MIB
 
 
 async def run(backend: LocalBackend, container: ContainerState, code: str, timeout: float = 30.0) -> ExecOutcome:

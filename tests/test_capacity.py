@@ -17,7 +17,7 @@ from code_interpreter_mcp.backends.local.capacity import default_max_live
 from code_interpreter_mcp.config import Settings
 from code_interpreter_mcp.engine import Engine
 from code_interpreter_mcp.errors import CapacityError
-from tests.helpers import MakeBackend, structured
+from tests.helpers import MakeBackend, structured, text_of
 
 pytestmark = pytest.mark.anyio
 
@@ -117,3 +117,21 @@ async def test_eviction_through_mcp_client(tmp_path: Path) -> None:
         assert any("make room" in w for w in back["warnings"])
         listed = structured(await client.call_tool("list_container_files", {"session_id": sid_a}))
         assert [f["path"] for f in listed["files"]] == ["a.txt"]
+
+
+async def test_capacity_error_through_mcp_client(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path / "data", max_live_containers=1, warm_workers=0, interrupt_grace_s=1.0)
+    engine = Engine(settings)
+    async with Client(build_server(settings, engine)) as client:
+        busy = structured(await client.call_tool("run_code", {"code": "1"}))
+        sid_b = (await engine.reg.create_session(None)).id
+        async with anyio.create_task_group() as tg:
+            args = {"code": "import time; time.sleep(2)", "session_id": busy["session_id"]}
+            tg.start_soon(client.call_tool, "run_code", args)
+            await anyio.sleep(0.6)
+            refused = await client.call_tool("run_code", {"code": "2", "session_id": sid_b})
+            assert refused.is_error
+            text = text_of(refused)
+            assert "[capacity]" in text and "busy" in text and "MAX_LIVE_CONTAINERS" in text
+        again = structured(await client.call_tool("run_code", {"code": "2", "session_id": sid_b}))
+        assert again["status"] == "ok" and again["result"] == "2"  # the idle worker made room

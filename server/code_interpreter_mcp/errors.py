@@ -216,3 +216,11 @@ class PackageInstallFailed(PackageError):
 class PackagesUnsupported(PackageError):
     code = "packages_unsupported"
     default_hint = "Run without packages: this backend cannot install them."
+
+
+class CapacityError(CIError):
+    code = "capacity"
+    default_hint = (
+        "Every sandbox worker is busy running code: retry in a moment, close sessions you no longer need "
+        "(close_session), or raise CODE_INTERPRETER_MAX_LIVE_CONTAINERS (or ..._PER_OWNER)."
+    )

@@ -111,6 +111,9 @@ class ContainerRecord:
     snapshot: dict[str, RemoteFile] = field(default_factory=dict)
     # True once this process has seen the container alive; rows loaded from disk must be re-checked.
     verified: bool = False
+    # The backend's listing the snapshot was made from: a backend that hands back the same list object while
+    # nothing changed (local: kept from inotify) lets an unchanged container be recognised without a compare.
+    listed: list[RemoteFile] | None = None
 
 
 @dataclass

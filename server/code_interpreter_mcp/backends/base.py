@@ -167,7 +167,12 @@ class Backend(Protocol):
     async def aclose(self) -> None:
         """Stop everything this backend started (workers; containers it created, if configured)."""
 
-    async def create_container(self, session_id: str, expires_after_s: float) -> ContainerState: ...
+    async def create_container(
+        self, session_id: str, expires_after_s: float, owner: str | None = None
+    ) -> ContainerState:
+        """A new container for the session; `owner` (the auth subject) is for per-owner caps on live workers.
+        CapacityError when no worker can be had now."""
+        ...
 
     async def refresh(self, container: ContainerState) -> ContainerState:
         """Current status and activity times (openai: from the API). Never raises for an expired container:

@@ -124,9 +124,12 @@ class Harvest:
             self.expired = True
             return
         snap = self.rec.snapshot
+        if listing is self.rec.listed and len(listing) == len(snap):
+            return  # the very listing the snapshot was made from: nothing changed (no compare of N files)
         if len(listing) == len(snap) and all(
             (p := snap.get(f.path)) is not None and p.version == f.version for f in listing
         ):
+            self.rec.listed = listing
             return
         self._listing = listing
         skipped: dict[str, list[str]] = {}
@@ -189,6 +192,7 @@ class Harvest:
                 record.path, record.version = listed.path, listed.version
             records.append(record)
         rec.snapshot = {f.path: f for f in listing}
+        rec.listed = self._listing
         records.sort(key=lambda r: r.path)
         await self.ctx.reg.add_files(self.session, records)
         if self.expired:

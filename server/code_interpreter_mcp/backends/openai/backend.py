@@ -118,7 +118,9 @@ class OpenAIBackend:
 
     # ----- containers ---------------------------------------------------------------------------------------
 
-    async def create_container(self, session_id: str, expires_after_s: float) -> ContainerState:
+    async def create_container(
+        self, session_id: str, expires_after_s: float, owner: str | None = None
+    ) -> ContainerState:
         state = await containers.create(
             self._api(), session_id, expires_after_s, self.settings.openai_memory_limit, self._scrub
         )

@@ -98,7 +98,7 @@ class DataFolder:
 
     def _set(self, path: str, entry: Entry | None) -> None:
         self._listing = None
-        if entry is None or entry.kind != "file":
+        if entry is None or entry.kind == "dir":
             self._files.pop(path, None)
             return
         try:
@@ -106,6 +106,11 @@ class DataFolder:
         except UnicodeEncodeError:
             return  # not representable in a tool result
         version = entry.version
+        if entry.kind != "file":
+            # Listed so the caller can say what was skipped; never followed nor fetched.
+            why = "a symbolic link" if entry.kind == "symlink" else "not a regular file"
+            self._files[path] = RemoteFile(path=path, bytes=0, version="x" + version, skipped=why)
+            return
         self._files[path] = RemoteFile(
             path=path,
             bytes=entry.size,

@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--package", action="append", default=[], dest="packages", help="a requirement to install first (repeatable)"
     )
+    run.add_argument("--quiet", action="store_true", help="do not echo the run's output live on stderr")
 
     doctor = sub.add_parser("doctor", help="print the detected isolation, backend, data folder and limits")
     _common(doctor)
@@ -144,6 +145,7 @@ async def _run_once(
     strategy: str | None,
     out_dir: Path | None,
     packages: list[str] | None = None,
+    live: bool = True,
 ) -> tuple[dict[str, Any], int]:
     from .engine import Engine
     from .models import dump
@@ -160,6 +162,7 @@ async def _run_once(
                 timeout_s=timeout_s,
                 json_strategy=strategy,
                 packages=packages or None,
+                on_output=_echo if live else None,
             )
         ).result
         payload = dump(result)
@@ -172,6 +175,12 @@ async def _run_once(
     return payload, 0 if result.status == "ok" and result.json_error is None else 1
 
 
+def _echo(stream: str, text: str) -> None:
+    """Live output on stderr as the code prints it (the run waits for completion; stdout gets the JSON)."""
+    sys.stderr.write(text)
+    sys.stderr.flush()
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     settings = _settings(args)
     _setup_logging(settings.log_level)
@@ -182,7 +191,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     out_dir = Path(args.out).resolve() if args.out else None
     inputs = [os.path.abspath(i) for i in args.input]
     payload, rc = anyio.run(
-        _run_once, settings, code, schema, inputs, args.timeout_s, args.json_strategy, out_dir, args.packages
+        _run_once,
+        settings,
+        code,
+        schema,
+        inputs,
+        args.timeout_s,
+        args.json_strategy,
+        out_dir,
+        args.packages,
+        not args.quiet,
     )
     print(json.dumps(payload, indent=2, ensure_ascii=False))
     return rc

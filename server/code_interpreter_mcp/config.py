@@ -47,6 +47,8 @@ class Settings(BaseModel):
     # Runs
     default_timeout_s: float = Field(default=60.0, gt=0)
     max_timeout_s: float = Field(default=3600.0, gt=0)
+    default_wait_s: float = Field(default=45.0, ge=0, description="how long run_code waits before 'running'")
+    max_wait_s: float = Field(default=300.0, ge=0, description="the longest wait_s a call may ask for")
     interrupt_grace_s: float = Field(default=2.0, ge=0)
     output_cap_chars: int = Field(default=40_000, ge=1000, description="stdout+stderr kept per run")
     result_budget_tokens: int = Field(default=20_000, ge=1000)
@@ -81,12 +83,24 @@ class Settings(BaseModel):
         default=None, ge=8, description="size of the sandbox's /tmp (default: min(box_size_mb, 512))"
     )
     quota_check_interval_s: float | None = Field(
-        default=None, gt=0, description="disk quota check period (default 0.5 s)"
+        default=None, gt=0, description="rescan period of folders inotify cannot watch (default 2 s)"
     )
     bwrap_path: str | None = Field(default=None, description="bubblewrap binary (default: found on PATH)")
     local_font_cache: bool = Field(default=True, description="prebuild matplotlib's font cache once per host")
     local_cache_dir: Path | None = Field(
         default=None, description="where that cache lives (default: the user cache dir)"
+    )
+
+    # Capacity of the local backend (live workers, warm spares, threads)
+    max_live_containers: int | None = Field(
+        default=None, ge=1, description="live sandbox workers at most (default: from available memory)"
+    )
+    max_live_containers_per_owner: int | None = Field(
+        default=None, ge=1, description="live workers of one owner (auth subject) at most (default: no own cap)"
+    )
+    warm_workers: int = Field(default=1, ge=0, le=64, description="spare workers started ahead of need")
+    blas_threads: int | None = Field(
+        default=None, ge=1, description="BLAS/OpenMP threads in the sandbox (default: the CPUs it may use)"
     )
 
     # Packages (run_code packages=..., PEP 723 blocks)

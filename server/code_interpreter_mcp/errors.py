@@ -53,6 +53,11 @@ class SessionNotFound(NotFound):
     default_hint = "Omit session_id to start a new session, or pass the session_id a previous result returned."
 
 
+class RunNotFound(NotFound):
+    code = "not_found"
+    default_hint = "Pass the run_id a run_code result returned (with its session_id, if you passed one)."
+
+
 class FileNotFound(NotFound):
     code = "file_not_found"
 
@@ -90,6 +95,23 @@ class UpstreamUnavailable(CIError):
 class AuthFailed(CIError):
     code = "auth_failed"
     default_hint = "Check OPENAI_API_KEY (or the Azure settings) in the server's environment."
+
+
+class SessionBusy(CIError):
+    code = "session_busy"
+
+    def __init__(self, run_id: str, what: str = "run more code") -> None:
+        self.run_id = run_id
+        super().__init__(
+            f"This session is still running {run_id}; it cannot {what} until that run ends (one run at a time).",
+            f"Call get_run(run_id={run_id!r}) to wait for it (waiting again is cheap), cancel_run to stop it, "
+            "or use another session.",
+        )
+
+
+class RunLost(CIError):
+    code = "run_lost"
+    default_hint = "Run the code again; files harvested before stay downloadable (list_container_files)."
 
 
 class ExecutionTimeout(CIError):
@@ -216,3 +238,11 @@ class PackageInstallFailed(PackageError):
 class PackagesUnsupported(PackageError):
     code = "packages_unsupported"
     default_hint = "Run without packages: this backend cannot install them."
+
+
+class CapacityError(CIError):
+    code = "capacity"
+    default_hint = (
+        "Every sandbox worker is busy running code: retry in a moment, close sessions you no longer need "
+        "(close_session), or raise CODE_INTERPRETER_MAX_LIVE_CONTAINERS (or ..._PER_OWNER)."
+    )

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-RunStatus = Literal["ok", "error", "timeout"]
+RunStatus = Literal["ok", "error", "timeout", "running", "cancelled", "lost"]
 FileSource = Literal["user", "generated"]
 Isolation = Literal["bubblewrap", "none", "remote"]
 Strategy = Literal["two_pass_sentinel", "single_pass"]
@@ -123,6 +123,10 @@ class RunResult(_Model):
     usage: TokenUsage | None = Field(default=None, description="Model tokens used by this run (openai backend).")
     model_calls: int = 0
     duration_ms: float = 0.0
+    run_id: str | None = Field(
+        default=None, description="The run's handle: while status is 'running', pass it to get_run or cancel_run."
+    )
+    elapsed_s: float | None = Field(default=None, description="Seconds since the run started (while running).")
     packages: PackagesInfo | None = Field(
         default=None, description="The session's installed packages, first on sys.path (when it asked for any)."
     )

@@ -21,6 +21,7 @@ import anyio
 
 from .backends.base import ContainerState, RemoteFile
 from .errors import SessionNotFound
+from .storage.catalog import StoredCopies, measure_legacy_copies, stored_copies
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -34,6 +35,9 @@ CREATE TABLE IF NOT EXISTS files (
     file_id TEXT PRIMARY KEY, session_id TEXT NOT NULL, container_id TEXT NOT NULL, path TEXT NOT NULL,
     name TEXT NOT NULL, bytes INTEGER NOT NULL, mime_type TEXT NOT NULL, sha256 TEXT, source TEXT NOT NULL,
     created_at REAL NOT NULL, local_path TEXT, remote_id TEXT, version TEXT NOT NULL, seq INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY, session_id TEXT NOT NULL, status TEXT NOT NULL, started_at REAL NOT NULL,
+    ended_at REAL, pid INTEGER NOT NULL, result TEXT);
 CREATE INDEX IF NOT EXISTS files_by_session ON files(session_id, seq);
 CREATE INDEX IF NOT EXISTS containers_by_session ON containers(session_id);
 """
@@ -61,22 +65,8 @@ def _migrate(db: sqlite3.Connection) -> None:
             db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
             added_file_columns = added_file_columns or table == "files"
     if added_file_columns:
-        _measure_legacy_copies(db)
+        measure_legacy_copies(db)
     db.execute("CREATE INDEX IF NOT EXISTS files_by_blob ON files(blob)")
-
-
-def _measure_legacy_copies(db: sqlite3.Connection) -> None:
-    """Once, on the upgrade: what each copy of the earlier layout really costs on disk (for the server quota)."""
-    db.execute("BEGIN")
-    for file_id, local_path in db.execute(
-        "SELECT file_id, local_path FROM files WHERE local_path IS NOT NULL AND disk_bytes IS NULL"
-    ).fetchall():
-        try:
-            cost = os.stat(local_path, follow_symlinks=False).st_blocks * 512
-        except OSError:
-            cost = 0
-        db.execute("UPDATE files SET disk_bytes = ? WHERE file_id = ?", (cost, file_id))
-    db.execute("COMMIT")
 
 
 def new_id(prefix: str, nbytes: int = 16) -> str:
@@ -105,6 +95,35 @@ class FileRecord:
 
 
 @dataclass
+class RunRow:
+    """A run as persisted: 'running' until it ends; then its status and its result (the RunResult as JSON, or
+    the error that ended it), so it can be reported after a restart."""
+
+    id: str
+    session_id: str
+    status: str
+    started_at: float
+    ended_at: float | None
+    pid: int
+    result: str | None
+
+    def orphaned(self) -> bool:
+        """Still 'running' on disk, but no live process runs it: the registry in memory has no such run (a
+        restart, even under the same pid) or the process that started it is gone."""
+        if self.status != "running":
+            return False
+        if self.pid == os.getpid():
+            return True
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except OSError:  # alive, under another uid
+            return False
+        return False
+
+
+@dataclass
 class ContainerRecord:
     state: ContainerState
     session_id: str
@@ -113,6 +132,9 @@ class ContainerRecord:
     snapshot: dict[str, RemoteFile] = field(default_factory=dict)
     # True once this process has seen the container alive; rows loaded from disk must be re-checked.
     verified: bool = False
+    # The backend's listing the snapshot was made from: a backend that hands back the same list object while
+    # nothing changed (local: kept from inotify) lets an unchanged container be recognised without a compare.
+    listed: list[RemoteFile] | None = None
 
 
 @dataclass
@@ -159,6 +181,7 @@ class Registry:
         self.sessions: dict[str, Session] = {}
         self.containers: dict[str, ContainerRecord] = {}
         self._dirty: dict[str, ContainerRecord] = {}
+        self._run_rows: list[tuple[str, tuple[Any, ...]]] = []  # run starts and ends, in order, for `flush`
         self._seq = int(self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM files").fetchone()[0])
 
     # ---- persistence helpers -------------------------------------------------------------------------------
@@ -314,9 +337,11 @@ class Registry:
         self._dirty[rec.state.id] = rec
 
     async def flush(self) -> None:
-        if self._dirty:
+        if self._dirty or self._run_rows:
             dirty, self._dirty = self._dirty, {}
-            await self._write(*(self._container_update(r) for r in dirty.values()))
+            runs, self._run_rows = self._run_rows, []
+            updates = [self._container_update(r) for r in dirty.values()]
+            await anyio.to_thread.run_sync(lambda: self._write_sync([*updates, *self._encoded(runs)]))
 
     def container_of(self, session: Session, container_id: str | None) -> ContainerRecord | None:
         """The named container if the session owns it, else the session's current one (None if it has none)."""
@@ -376,17 +401,35 @@ class Registry:
     def _drop_row(rec: FileRecord) -> tuple[str, tuple[Any, ...]]:
         return ("UPDATE files SET dropped = 1, local_path = NULL WHERE file_id = ?", (rec.file_id,))
 
-    def stored_copies_sync(self) -> tuple[list[tuple[str | None, str, int, int]], int]:
-        """For the blob store at start: (owner, sha256, records holding it, its disk bytes) of every blob, and
-        the disk bytes of legacy copies. Blocks: call it from a thread."""
+    def stored_copies_sync(self) -> StoredCopies:
+        """For the blob store at start (`storage.catalog.stored_copies`). Blocks: call it from a thread."""
         with self._db_lock:
-            blobs = self._db.execute(
-                "SELECT s.owner, f.blob, COUNT(*), MAX(COALESCE(f.disk_bytes, f.bytes)) FROM files f "
-                "JOIN sessions s ON s.id = f.session_id WHERE f.blob IS NOT NULL AND f.dropped = 0 "
-                "GROUP BY s.owner, f.blob"
-            ).fetchall()
-            direct = self._db.execute(
-                "SELECT COALESCE(SUM(disk_bytes), 0) FROM files WHERE blob IS NULL AND dropped = 0 "
-                "AND local_path IS NOT NULL AND source = 'generated'"
-            ).fetchone()[0]
-        return [(o, b, int(n), int(d)) for o, b, n, d in blobs], int(direct)
+            return stored_copies(self._db)
+
+    # ---- runs ----------------------------------------------------------------------------------------------
+
+    def add_run_later(self, run_id: str, session: Session, started_at: float) -> None:
+        """A run started; written by `flush` (housekeeping, a few times a second), off the run's hot path."""
+        sql = "INSERT INTO runs (id, session_id, status, started_at, pid) VALUES (?, ?, 'running', ?, ?)"
+        self._run_rows.append((sql, (run_id, session.id, started_at, os.getpid())))
+
+    def end_run_later(self, run_id: str, status: str, result: dict[str, Any]) -> None:
+        """A run ended with `result` (its RunResult, or the error that ended it), JSON-encoded when flushed."""
+        sql = "UPDATE runs SET status = ?, ended_at = ?, result = ? WHERE id = ?"
+        self._run_rows.append((sql, (status, time.time(), result, run_id)))
+
+    @staticmethod
+    def _encoded(rows: list[tuple[str, tuple[Any, ...]]]) -> list[tuple[str, tuple[Any, ...]]]:
+        return [(sql, tuple(json.dumps(p) if isinstance(p, dict) else p for p in params)) for sql, params in rows]
+
+    def _load_run_sync(self, run_id: str) -> RunRow | None:
+        with self._db_lock:
+            row = self._db.execute(
+                "SELECT id, session_id, status, started_at, ended_at, pid, result FROM runs WHERE id = ?", (run_id,)
+            ).fetchone()
+        return RunRow(*row) if row is not None else None
+
+    async def load_run(self, run_id: str) -> RunRow | None:
+        if not (isinstance(run_id, str) and run_id.startswith("r_") and len(run_id) < 80):
+            return None
+        return await anyio.to_thread.run_sync(self._load_run_sync, run_id)

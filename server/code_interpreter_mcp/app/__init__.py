@@ -11,6 +11,7 @@ Modules, one responsibility each:
 - `context`: the engine and the session a call uses, from the MCP connection;
 - `auth`: the static bearer-token verifier and the owner each token stands for;
 - `schemas`: the flat output schemas every tool publishes (none to clients that read only `content`).
+- `tasks`: MCP tasks (the 2025-11-25 capability, the 2026-07-28 extension) over the engine's runs.
 
 Where coming features go: a new tool (`get_run`, `cancel_run`) is one `@tool` function in `tools`, returning
 `content.<x>_result(out, client_profile(ctx, settings))`; another client quirk is an entry in `clients`; MCP

@@ -61,7 +61,7 @@ def run_result(out: RunOutput, p: ClientProfile) -> CallToolResult:
     links = [link(f) for f in r.files if p.link_for(f.file_id in whole)]
     images = [ImageContent(data=_b64(img.data), mime_type=img.mime_type) for img in out.images]
     text = full_run_text(r) if p.content_only else run_summary(r)
-    return _result(p, text, [*images, *links], dump(r), is_error=r.status != "ok")
+    return _result(p, text, [*images, *links], dump(r), is_error=r.status not in ("ok", "running"))
 
 
 def download_result(out: DownloadOutput, p: ClientProfile) -> CallToolResult:
@@ -170,6 +170,8 @@ def _error_text(r: RunResult, limit: int | None) -> list[str]:
 def run_summary(r: RunResult) -> str:
     """The short human summary next to structuredContent: leads with what happened; the rest is in the JSON."""
     lines = [_status_line(r), *_error_text(r, 2000)]
+    if r.status == "running":
+        lines.append(f"run_id: {r.run_id} (still running after {r.elapsed_s or 0:.0f} s: call get_run to wait for it)")
     lines.extend(f"warning: {w}" for w in r.warnings[:5])
     if r.packages is not None:
         lines.append(packages_line(r))

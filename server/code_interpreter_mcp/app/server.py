@@ -15,7 +15,17 @@ from typing import Any
 from mcp.server.context import ServerRequestContext
 from mcp.server.lowlevel.helper_types import ReadResourceContents
 from mcp.server.mcpserver import Context, MCPServer
-from mcp.types import CallToolResult, InputRequiredResult, ListToolsResult, PaginatedRequestParams
+from mcp.types import (
+    CallToolResult,
+    InputRequiredResult,
+    ListToolsResult,
+    PaginatedRequestParams,
+    ServerCapabilities,
+    ServerTasksCapability,
+    ToolExecution,
+)
+from mcp.types import Tool as MCPTool
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import AnyUrl
 
 from .. import __version__
@@ -26,6 +36,7 @@ from .clients import client_profile
 from .content import for_client
 from .resources import add_file_resources, read_file_resource
 from .schemas import publish_flat_schemas, tools_for_client
+from .tasks import TASK_TOOLS, RunTasks, legacy_capabilities
 from .tools import add_tools
 
 INSTRUCTIONS = """\
@@ -65,6 +76,28 @@ class CodeInterpreterServer(MCPServer[Engine]):
         ours = await read_file_resource(str(uri), context)
         return ours if ours is not None else await super().read_resource(uri, context)
 
+    async def list_tools(self) -> list[MCPTool]:
+        tools = await super().list_tools()
+        for t in tools:
+            if t.name in TASK_TOOLS:  # 2025-11-25 clients read it; the later era drops the field
+                t.execution = ToolExecution(task_support="optional")
+        return tools
+
+
+def _advertise_legacy_tasks(mcp: MCPServer[Engine]) -> None:
+    """Add the 2025-11-25 `tasks` capability to the handshake's capabilities (the SDK derives them from its
+    handlers, and tasks are an extension there); the modern era advertises the extension instead."""
+    low = mcp._lowlevel_server
+    derive = low.get_capabilities
+
+    def get_capabilities(*args: Any, **kwargs: Any) -> ServerCapabilities:
+        caps = derive(*args, **kwargs)
+        if kwargs.get("protocol_version") not in MODERN_PROTOCOL_VERSIONS:
+            caps.tasks = ServerTasksCapability.model_validate(legacy_capabilities())
+        return caps
+
+    low.get_capabilities = get_capabilities  # type: ignore[method-assign]
+
 
 def build_server(settings: Settings, engine: Engine | None = None) -> CodeInterpreterServer:
     """The MCPServer for these settings. `engine` may be passed by tests; it is started by the lifespan."""
@@ -76,6 +109,7 @@ def build_server(settings: Settings, engine: Engine | None = None) -> CodeInterp
             yield eng
 
     level = settings.log_level.upper()
+    tasks = RunTasks()
     mcp = CodeInterpreterServer(
         settings,
         name="code-interpreter-mcp",
@@ -84,8 +118,11 @@ def build_server(settings: Settings, engine: Engine | None = None) -> CodeInterp
         instructions=INSTRUCTIONS,
         lifespan=lifespan,
         log_level=level if level in _LOG_LEVELS else "WARNING",  # type: ignore[arg-type]
+        extensions=[tasks],
+        middleware=[tasks.middleware],
         **auth_options(settings),
     )
+    _advertise_legacy_tasks(mcp)
     add_tools(mcp, settings)
     add_file_resources(mcp)
     publish_flat_schemas(mcp)

@@ -20,7 +20,8 @@ from ..config import Settings
 from ..engine import Engine
 from ..models import CloseResult, DownloadResult, FileList, RunResult, UploadResult
 from ..sessions import Session
-from . import content
+from . import content, tasks
+from .auth import current_owner
 from .clients import client_profile
 from .context import resolve_session
 
@@ -46,7 +47,29 @@ expression (like a notebook cell), any error with its traceback, and every file 
   once costs nothing the next time; the session keeps them for later runs and for a new container. Naming a
   project again changes its constraint; variables survive adding packages. `packages` in the result lists each
   installed distribution and version. The server's policy may allow only some packages, or none.
+- Long runs: the call waits up to wait_s (default 45 s) for the result. A run still going then returns
+  status "running" with a run_id and the output so far, and keeps running in the background. Then call get_run
+  with that run_id (it waits again, cheaply, and returns the full result, files included, once done); call
+  cancel_run to stop it. One run at a time per session: run_code meanwhile fails with session_busy naming the
+  run_id. wait_s=0 returns at once.
 """
+
+GET_RUN_DESCRIPTION = """\
+Get the result of a run that run_code (or an earlier get_run) returned with status "running": call it whenever
+a result says "running", with that run_id. It waits up to wait_s (default 45 s) for the run to end and returns
+the same result as run_code would have (stdout, stderr, result, error, json, files...). If the run is still
+going it returns status "running" again with the output so far: just call get_run again; waiting is cheap and
+the run is not affected. A finished run's result stays available for the session's lifetime.
+"""
+
+CANCEL_RUN_DESCRIPTION = """\
+Stop a run that is still going (status "running"), the way a timeout does: the code is interrupted
+(KeyboardInterrupt), so the session's variables and imports are kept; only code that ignores the interrupt is
+killed (the next result then says state_lost). Returns the run's result with status "cancelled", its output and
+the files it wrote so far.
+"""
+
+_WAIT_S = "Seconds to wait for the result before returning status 'running' (default 45; 0: at once)."
 
 ToolFn = Callable[..., Awaitable[Any]]
 F = TypeVar("F", bound=ToolFn)
@@ -124,9 +147,10 @@ async def run_code(
         list[str] | None,
         Field(description='Requirements to install for this session first, e.g. ["tabulate", "scipy>=1.13"].'),
     ] = None,
+    wait_s: Annotated[float | None, Field(description=_WAIT_S, ge=0)] = None,
 ) -> Annotated[CallToolResult, RunResult]:
     async with _session(ctx, session_id) as (engine, session):
-        out = await engine.run_code(
+        out = await engine.start_run(
             session,
             code,
             files=files,
@@ -134,9 +158,45 @@ async def run_code(
             timeout_s=timeout_s,
             instructions=instructions,
             json_strategy=json_strategy,
+            wait_s=tasks.task_wait(wait_s),
             progress=ctx.report_progress,
             packages=packages,
         )
+    return content.run_result(out, client_profile(ctx, engine.settings))
+
+
+RunId = Annotated[str, Field(description="The run_id of a result whose status was 'running'.")]
+RunSession = Annotated[str | None, Field(description="The run's session (optional).")]
+
+
+@asynccontextmanager
+async def _engine(ctx: Context[Engine]) -> AsyncIterator[Engine]:
+    """The call's engine, for calls that name a run rather than a session; failures become ToolErrors."""
+    try:
+        yield ctx.request_context.lifespan_context
+    except Exception as exc:
+        raise content.tool_error(exc) from None
+
+
+@tool("Get a run's result", GET_RUN_DESCRIPTION, read_only=True, idempotent=True)
+async def get_run(
+    run_id: RunId,
+    ctx: Context[Engine],
+    session_id: RunSession = None,
+    wait_s: Annotated[float | None, Field(description=_WAIT_S, ge=0)] = None,
+) -> Annotated[CallToolResult, RunResult]:
+    async with _engine(ctx) as engine:
+        wait = engine.settings.default_wait_s if wait_s is None else wait_s
+        out = await engine.get_run(run_id, current_owner(), session_id, wait, ctx.report_progress)
+    return content.run_result(out, client_profile(ctx, engine.settings))
+
+
+@tool("Cancel a run", CANCEL_RUN_DESCRIPTION, destructive=True, idempotent=True)
+async def cancel_run(
+    run_id: RunId, ctx: Context[Engine], session_id: RunSession = None
+) -> Annotated[CallToolResult, RunResult]:
+    async with _engine(ctx) as engine:
+        out = await engine.cancel_run(run_id, current_owner(), session_id)
     return content.run_result(out, client_profile(ctx, engine.settings))
 
 

@@ -77,6 +77,8 @@ class Capabilities:
     # `execute` calls `ExecRequest.code_done` when the code finished but the answer is still being written, so
     # the container can be listed (and its files fetched) before `execute` returns.
     signals_code_done: bool
+    # `execute` calls `ExecRequest.on_output` with what the code prints while it runs (live output).
+    streams_output: bool = False
     # `ExecRequest.package_paths` are made importable (installed package sets); without it a run that asks for
     # packages is refused, and `preinstalled` names what the backend's own image already has.
     packages: bool = False
@@ -101,6 +103,9 @@ class ExecRequest:
     # still writes its reply), so the engine can list and fetch files meanwhile. Set only for a backend whose
     # capabilities say `signals_code_done`.
     code_done: Callable[[], None] | None = None
+    # Called with ("stdout" | "stderr", text) as the code prints, for a backend whose capabilities say
+    # `streams_output`; the engine shows it live. It must not block: it only buffers.
+    on_output: Callable[[str, str], None] | None = None
     # Installed package sets (host folders) to put first on the run's sys.path, for a backend whose capabilities
     # say `packages`. Every run names the session's sets; the worker adds new ones and drops the rest.
     package_paths: list[Path] = field(default_factory=list)
@@ -128,7 +133,7 @@ class Usage:
 
 @dataclass
 class ExecOutcome:
-    status: Literal["ok", "error", "timeout"]
+    status: Literal["ok", "error", "timeout", "cancelled"]
     stdout: str = ""
     stderr: str = ""
     result_repr: str | None = None  # repr() of the last expression (local), Jupyter-like
@@ -165,7 +170,12 @@ class Backend(Protocol):
     async def aclose(self) -> None:
         """Stop everything this backend started (workers; containers it created, if configured)."""
 
-    async def create_container(self, session_id: str, expires_after_s: float) -> ContainerState: ...
+    async def create_container(
+        self, session_id: str, expires_after_s: float, owner: str | None = None
+    ) -> ContainerState:
+        """A new container for the session; `owner` (the auth subject) is for per-owner caps on live workers.
+        CapacityError when no worker can be had now."""
+        ...
 
     async def refresh(self, container: ContainerState) -> ContainerState:
         """Current status and activity times (openai: from the API). Never raises for an expired container:

@@ -9,8 +9,9 @@ schema, and shapes results to the result budget. It knows no MCP types. One modu
 - `session_choice`: which session a call uses.
 - `containers`: container lifecycle: acquire, replace on expiry, retire, restore inputs, the reaper; capacity
   limits go here.
-- `run`: one run: arguments, execute (one flow for every backend), harvest, JSON, shaping; runs in the background
-  (a run registry: handles, `get_run`, `cancel_run`) go next to it, in a module of their own.
+- `run`: one run: arguments, execute (one flow for every backend, stoppable), harvest, JSON, shaping.
+- `runs`: runs in the background: the run registry (handles, `wait_s`, `get_run`, `cancel_run`, one run per
+  session, ownership, results kept and persisted, lost runs after a restart). `live`: a run's output so far.
 - `harvest`: one harvest of a container (listing diff, fetches in batches, blobs placed, records and the history
   quota in one transaction).
 - `json_result`: the run's JSON: extraction, validation, repair, token usage.

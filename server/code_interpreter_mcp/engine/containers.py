@@ -70,7 +70,8 @@ class Containers:
         return await self._new(session)
 
     async def _new(self, session: Session) -> ContainerRecord:
-        state = await self.ctx.backend.create_container(session.id, self.ctx.settings.expiry_minutes * 60)
+        expires_after_s = self.ctx.settings.expiry_minutes * 60
+        state = await self.ctx.backend.create_container(session.id, expires_after_s, owner=session.owner)
         rec = await self.ctx.reg.add_container(session, state)
         await self._restore_inputs(session, rec)
         return rec

@@ -135,9 +135,12 @@ class Harvest:
             self.expired = True
             return
         snap = self.rec.snapshot
+        if listing is self.rec.listed and len(listing) == len(snap):
+            return  # the very listing the snapshot was made from: nothing changed (no compare of N files)
         if len(listing) == len(snap) and all(
             (p := snap.get(f.path)) is not None and p.version == f.version for f in listing
         ):
+            self.rec.listed = listing
             return
         self._listing = listing
         skipped: dict[str, list[str]] = {}
@@ -219,6 +222,7 @@ class Harvest:
         if records or unchanged:
             records = await anyio.to_thread.run_sync(self._place, records, unchanged)
         rec.snapshot = {f.path: f for f in listing if f.path not in self.refused}
+        rec.listed = self._listing
         records.sort(key=lambda r: r.path)
         await record_with_history(self.ctx, self.session, records)
         if self.expired:

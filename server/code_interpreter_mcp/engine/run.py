@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..backends.base import ExecOutcome, ExecRequest, StructuredRequest
+import anyio
+
+from ..backends.base import ExecError, ExecOutcome, ExecRequest, StructuredRequest
 from ..config import Settings
 from ..errors import BadInput, ContainerExpired
 from ..sessions import ContainerRecord, Session
@@ -73,6 +76,43 @@ def check_run_args(
     return RunArgs(code=code, timeout_s=timeout, structured=sreq, instructions=instructions)
 
 
+CANCELLED_MESSAGE = (
+    "The run was stopped by cancel_run: interrupted like a timeout, so variables and imports are kept (only code "
+    "that ignores the interrupt is killed, and then the next result says state_lost)."
+)
+
+
+class Stop:
+    """Asks a run's execution to stop the way a timeout does; set from outside the run (`cancel_run`)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._scope: anyio.CancelScope | None = None
+
+    def set(self) -> None:
+        self.requested = True
+        if self._scope is not None:
+            self._scope.cancel()
+
+
+async def stoppable(
+    execute: Awaitable[tuple[ExecOutcome, ContainerRecord, bool]], stop: Stop | None, rec: ContainerRecord
+) -> tuple[ExecOutcome, ContainerRecord, bool]:
+    """`execute`, cancelled when `stop` is set: a backend stops a cancelled run by interrupting it first, and the
+    run goes on to its harvest with a 'cancelled' outcome instead of ending with the request."""
+    if stop is None:
+        return await execute
+    with anyio.CancelScope() as scope:
+        stop._scope = scope
+        if stop.requested:
+            scope.cancel()
+        try:
+            return await execute
+        finally:
+            stop._scope = None
+    return ExecOutcome(status="cancelled", error=ExecError("Cancelled", CANCELLED_MESSAGE)), rec, False
+
+
 class Runner:
     def __init__(
         self, ctx: EngineContext, containers: Containers, inputs: Inputs, relays: Relays, packages: Packages
@@ -96,7 +136,11 @@ class Runner:
         json_strategy: str | None = None,
         progress: ProgressSink | None = None,
         packages: list[str] | None = None,
+        on_output: Callable[[str, str], None] | None = None,
+        stop: Stop | None = None,
     ) -> RunOutput:
+        """One run, start to result. `on_output` receives what the code prints as it runs (backends that stream
+        it); `stop` set while it runs stops it the way a timeout does (interrupt first), and it ends 'cancelled'."""
         started = time.monotonic()
         args = check_run_args(self.ctx.settings, code, timeout_s, output_schema, json_strategy, instructions)
         wanted = self.packages.wanted(packages, args.code)
@@ -117,11 +161,12 @@ class Runner:
                 structured=args.structured,
                 run_number=rec.runs + 1,
                 package_paths=pkgs.paths if pkgs is not None else [],
+                on_output=on_output if self.ctx.capabilities.streams_output else None,
             )
             self.relays.add(relay)
             try:
                 outcome, rec, lost_again, (records, harvest_warnings) = await self._execute_and_harvest(
-                    session, rec, request, relay
+                    session, rec, request, relay, stop
                 )
             finally:
                 self.relays.discard(relay)
@@ -164,7 +209,12 @@ class Runner:
             self.relays.discard(relay)
 
     async def _execute_and_harvest(
-        self, session: Session, rec: ContainerRecord, request: ExecRequest, relay: ProgressRelay
+        self,
+        session: Session,
+        rec: ContainerRecord,
+        request: ExecRequest,
+        relay: ProgressRelay,
+        stop: Stop | None = None,
     ) -> tuple[ExecOutcome, ContainerRecord, bool, Harvested]:
         """Run and harvest. A backend that says when the code finished gets the listing started right then (a
         model takes seconds more to write its answer), and each file its answer cites starts downloading at once."""
@@ -173,7 +223,7 @@ class Runner:
         async with harvest.fetching(alongside=early):
             if early:
                 request.code_done = harvest.code_done
-            outcome, rec, lost = await self._execute(session, rec, request, relay)
+            outcome, rec, lost = await stoppable(self._execute(session, rec, request, relay), stop, rec)
             await harvest.run_ended(rec, outcome)
         return outcome, rec, lost, await harvest.finish()
 

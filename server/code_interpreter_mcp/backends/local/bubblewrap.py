@@ -231,7 +231,9 @@ class BubblewrapLauncher:
                 packages=spec.packages,
             )
             worker_argv = sandbox.worker_command(f"{sandbox.WORKER_DIR_IN}/worker.py", cfg)
-            env = sandbox.sandbox_env(home="/tmp", tmp="/tmp", mplconfigdir=sandbox.MPLCONFIGDIR_IN)
+            env = sandbox.sandbox_env(
+                home="/tmp", tmp="/tmp", mplconfigdir=sandbox.MPLCONFIGDIR_IN, threads=spec.threads
+            )
             child_fds = [*fds.all(), status_w] + ([seccomp_r] if seccomp_r is not None else [])
             process = popen(bwrap_argv(self.profile, layout, worker_argv), env, "/", log_fd, child_fds)
         except BaseException:

@@ -54,6 +54,7 @@ class LaunchSpec:
     tmp_bytes: int  # size of the sandbox's private /tmp
     mpl_cache: Path | None  # the prebuilt matplotlib font list (fonts.py)
     packages: Path | None = None  # the folder of installed package sets, readable (never writable) by the worker
+    threads: int = 1  # BLAS/OpenMP threads (the CPUs the sandbox may use)
 
 
 def worker_config(

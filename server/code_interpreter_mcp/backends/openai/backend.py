@@ -45,6 +45,7 @@ class OpenAIBackend:
     capabilities = Capabilities(
         model=True,
         signals_code_done=True,
+        streams_output=True,
         packages=False,  # the hosted container has no network for an installer
         preinstalled="OpenAI's hosted image, which already ships several hundred common packages (numpy, pandas, "
         "matplotlib, scipy, scikit-learn, seaborn, statsmodels, sympy, openpyxl, tabulate and more): import them "
@@ -117,7 +118,9 @@ class OpenAIBackend:
 
     # ----- containers ---------------------------------------------------------------------------------------
 
-    async def create_container(self, session_id: str, expires_after_s: float) -> ContainerState:
+    async def create_container(
+        self, session_id: str, expires_after_s: float, owner: str | None = None
+    ) -> ContainerState:
         state = await containers.create(
             self._api(), session_id, expires_after_s, self.settings.openai_memory_limit, self._scrub
         )
@@ -139,7 +142,7 @@ class OpenAIBackend:
         final: dict[str, Any] | None = None
         with anyio.move_on_after(deadline):
             final = await responses.stream_final(
-                self._api(), kwargs, progress, self._scrub, "running the code", request.code_done
+                self._api(), kwargs, progress, self._scrub, "running the code", request.code_done, request.on_output
             )
         if final is None:
             return ExecOutcome(

@@ -58,6 +58,10 @@ class Settings(BaseModel):
     max_inline_images: int = Field(default=4, ge=0)
     max_file_bytes: int = Field(default=100 * 1024 * 1024, gt=0, description="largest file harvested or uploaded")
     structured_strategy: Literal["two_pass_sentinel", "single_pass"] = "two_pass_sentinel"
+    file_history_mb: float = Field(
+        default=64, ge=0, description="per session: earlier versions of rewritten files kept, newest first"
+    )
+    max_stored_mb: float = Field(default=10240, gt=0, description="harvested files kept on the host, all sessions")
     inline_images_total_bytes: int = Field(default=1024 * 1024, ge=0, description="image bytes inlined per result")
     inline_binary_max_bytes: int = Field(default=64 * 1024, ge=0, description="largest non-image binary inlined")
     max_result_files: int = Field(default=50, ge=1, description="files a run result lists in full")

@@ -147,6 +147,28 @@ class ResponseMalformed(CIError):
     default_hint = "The model's response had an unexpected shape; try again."
 
 
+class FileSuperseded(CIError):
+    """A version past the session's history quota: its copy was dropped; `current_file_id` names the latest."""
+
+    code = "file_superseded"
+
+    def __init__(self, message: str, current_file_id: str | None, hint: str | None = None) -> None:
+        self.current_file_id = current_file_id
+        if hint is None:
+            hint = "Raise CODE_INTERPRETER_FILE_HISTORY_MB to keep more earlier versions."
+            if current_file_id is not None:
+                hint = f"download_file({current_file_id!r}) returns the current version. " + hint
+        super().__init__(message, hint)
+
+
+class StorageQuota(CIError):
+    code = "storage_quota"
+    default_hint = (
+        "Close sessions whose files are no longer needed with close_session(delete_files=true), or ask the "
+        "operator to raise CODE_INTERPRETER_MAX_STORED_MB."
+    )
+
+
 class BadRequirement(BadInput):
     code = "bad_requirement"
     default_hint = (

@@ -21,6 +21,7 @@ import anyio
 
 from .backends.base import ContainerState, RemoteFile
 from .errors import SessionNotFound
+from .storage.catalog import StoredCopies, measure_legacy_copies, stored_copies
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -42,13 +43,30 @@ CREATE INDEX IF NOT EXISTS containers_by_session ON containers(session_id);
 """
 
 # Columns added after the first release, each (table, column, definition): a database made before gets them.
-ADDED_COLUMNS = [("sessions", "packages", "TEXT NOT NULL DEFAULT '[]'")]
+# `files.blob` is the sha256 of the copy in the owner's blob store (NULL: the copy lies at `local_path` in the
+# one-folder-per-file layout of earlier versions, read where it is), `disk_bytes` what that copy costs on disk,
+# `dropped` a superseded version whose copy was let go (its record stays, so a download can name the current one).
+ADDED_COLUMNS = [
+    ("sessions", "packages", "TEXT NOT NULL DEFAULT '[]'"),
+    ("files", "blob", "TEXT"),
+    ("files", "disk_bytes", "INTEGER"),
+    ("files", "dropped", "INTEGER NOT NULL DEFAULT 0"),
+]
+FILE_FIELDS = (
+    "file_id, session_id, container_id, path, name, bytes, mime_type, sha256, source, created_at, local_path, "
+    "remote_id, version, seq, blob, disk_bytes, dropped"
+)
 
 
 def _migrate(db: sqlite3.Connection) -> None:
+    added_file_columns = False
     for table, column, definition in ADDED_COLUMNS:
         if column not in {row[1] for row in db.execute(f"PRAGMA table_info({table})")}:
             db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+            added_file_columns = added_file_columns or table == "files"
+    if added_file_columns:
+        measure_legacy_copies(db)
+    db.execute("CREATE INDEX IF NOT EXISTS files_by_blob ON files(blob)")
 
 
 def new_id(prefix: str, nbytes: int = 16) -> str:
@@ -71,6 +89,9 @@ class FileRecord:
     remote_id: str | None
     version: str
     seq: int = 0
+    blob: str | None = None  # sha256 of the copy in the owner's blob store; None: a copy of the legacy layout
+    disk_bytes: int | None = None  # what the copy costs on the host (allocated blocks)
+    dropped: bool = False  # a superseded version whose copy was let go past the history quota
 
 
 @dataclass
@@ -233,11 +254,9 @@ class Registry:
                 )
                 self.containers.setdefault(c[0], ContainerRecord(state=state, session_id=session_id, runs=c[7]))
             session.files = [
-                FileRecord(*r)
+                FileRecord(*r[:-1], dropped=bool(r[-1]))
                 for r in self._db.execute(
-                    "SELECT file_id, session_id, container_id, path, name, bytes, mime_type, sha256, source, "
-                    "created_at, local_path, remote_id, version, seq FROM files WHERE session_id = ? ORDER BY seq",
-                    (session_id,),
+                    f"SELECT {FILE_FIELDS} FROM files WHERE session_id = ? ORDER BY seq", (session_id,)
                 )
             ]
             return session
@@ -339,19 +358,20 @@ class Registry:
 
     # ---- files ---------------------------------------------------------------------------------------------
 
-    async def add_files(self, session: Session, records: list[FileRecord]) -> None:
-        if not records:
+    async def add_files(
+        self, session: Session, records: list[FileRecord], dropped: list[FileRecord] | None = None
+    ) -> None:
+        """Record a harvest's new versions and the superseded ones it drops: one transaction."""
+        if not records and not dropped:
             return
-        rows = []
+        rows = [self._drop_row(rec) for rec in dropped or ()]
         for rec in records:
             self._seq += 1
             rec.seq = self._seq
             session.files.append(rec)
             rows.append(
                 (
-                    "INSERT INTO files (file_id, session_id, container_id, path, name, bytes, mime_type, sha256, "
-                    "source, created_at, local_path, remote_id, version, seq) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    f"INSERT INTO files ({FILE_FIELDS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         rec.file_id,
                         rec.session_id,
@@ -367,10 +387,24 @@ class Registry:
                         rec.remote_id,
                         rec.version,
                         rec.seq,
+                        rec.blob,
+                        rec.disk_bytes,
+                        int(rec.dropped),
                     ),
                 )
             )
         await self._write(*rows)
+        for rec in dropped or ():
+            rec.dropped = True  # its copy is released by the caller, which then clears local_path
+
+    @staticmethod
+    def _drop_row(rec: FileRecord) -> tuple[str, tuple[Any, ...]]:
+        return ("UPDATE files SET dropped = 1, local_path = NULL WHERE file_id = ?", (rec.file_id,))
+
+    def stored_copies_sync(self) -> StoredCopies:
+        """For the blob store at start (`storage.catalog.stored_copies`). Blocks: call it from a thread."""
+        with self._db_lock:
+            return stored_copies(self._db)
 
     # ---- runs ----------------------------------------------------------------------------------------------
 

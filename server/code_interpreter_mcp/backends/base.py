@@ -14,7 +14,10 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from ..errors import CIError
 
 Progress = Callable[[float, float | None, str], Awaitable[None]]
 """progress(done, total, message): the engine forwards it to the client as a progress notification."""
@@ -191,6 +194,13 @@ class Backend(Protocol):
     async def fetch_file(self, container: ContainerState, file: RemoteFile, dest: Path, max_bytes: int) -> FetchResult:
         """Stream one file to `dest` on the host (constant memory). FileTooLarge over max_bytes,
         PathRefused for symlinks/escapes, DownloadFailed after retries."""
+        ...
+
+    async def fetch_files(
+        self, container: ContainerState, items: list[tuple[RemoteFile, Path]], max_bytes: int
+    ) -> list[FetchResult | CIError]:
+        """`fetch_file` of several files (a harvest's batch): each one's result or its error, in order, so one
+        refused file never costs the others. Many small files are cheap here (local: one worker thread)."""
         ...
 
     async def put_file(self, container: ContainerState, src: Path, dest_path: str) -> RemoteFile:

@@ -12,7 +12,8 @@ schema, and shapes results to the result budget. It knows no MCP types. One modu
 - `run`: one run: arguments, execute (one flow for every backend, stoppable), harvest, JSON, shaping.
 - `runs`: runs in the background: the run registry (handles, `wait_s`, `get_run`, `cancel_run`, one run per
   session, ownership, results kept and persisted, lost runs after a restart). `live`: a run's output so far.
-- `harvest`: one harvest of a container (listing diff, fetches, records).
+- `harvest`: one harvest of a container (listing diff, fetches in batches, blobs placed, records and the history
+  quota in one transaction).
 - `json_result`: the run's JSON: extraction, validation, repair, token usage.
 - `budget`: the result budget in numbers (characters, the summary's share, measuring, clipping), for every tool.
 - `shaping`: a run's result within the budget: the file-list cap, clipping, failure texts, link rewriting,

@@ -91,6 +91,7 @@ class Engine:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         settings.files_dir.mkdir(parents=True, exist_ok=True)
         self.ctx.registry = await anyio.to_thread.run_sync(Registry, settings.db_path)
+        self.ctx.blobs.load(*await anyio.to_thread.run_sync(self.ctx.registry.stored_copies_sync))
         self._started = True
         if wait_for_backend:
             await self._start_backend()
@@ -138,6 +139,7 @@ class Engine:
             async with anyio.create_task_group() as tg:
                 self.runs.task_group = tg  # runs belong to the engine, not to the request that started them
                 tg.start_soon(self._start_backend)
+                tg.start_soon(anyio.to_thread.run_sync, self.ctx.blobs.sweep)
                 tg.start_soon(self.packages.start)
                 tg.start_soon(self._housekeeping)
                 try:

@@ -2,7 +2,9 @@
 each page within the result budget), finding one by file id, URI or path, downloading it (text from any byte
 offset as far as the budget allows, with the offset of the next part; images inline under the image cap, else a
 downscaled preview; other binaries inline only under a small cap, else the harvested copy's host path on stdio; or
-a copy saved where the caller says), serving resources, and deleting a session's host copies.
+a copy saved where the caller says), serving resources, and deleting a session's host copies (their blobs'
+references released at once). A version dropped past the history quota is refused with `FileSuperseded`, naming
+the current one.
 
 A live container is harvested before it is listed or searched, which catches changes made outside runs. This
 module knows the registry, the host store and the harvest; it knows nothing of runs or MCP.
@@ -29,6 +31,8 @@ from ..artifacts import (
 from ..errors import BadInput, FileNotFound, FileTooLarge, NotFound, PathRefused
 from ..models import DownloadResult, FileInfo, FileList, dump
 from ..sessions import ContainerRecord, FileRecord, Session
+from ..storage.blobs import owner_key
+from ..storage.history import check_not_dropped
 from .budget import budget_chars, json_chars, structured_room, summary_room
 from .containers import Containers, utc
 from .context import EngineContext
@@ -181,6 +185,7 @@ class Files:
             raise BadInput(f"max_bytes must be a positive number of bytes, got {max_bytes!r}.")
         async with session.lock:
             rec = await self._find_record(session, file, container_id)
+        check_not_dropped(session.files, rec)
         info = record_to_info(rec)
         local = Path(rec.local_path) if rec.local_path else None
         if local is None or not await anyio.Path(local).is_file():
@@ -266,6 +271,8 @@ class Files:
         except NotFound:
             raise NotFound(f"Unknown resource {uri!r}.") from None
         rec = session.find_file(parsed[1])
+        if rec is not None:
+            check_not_dropped(session.files, rec)
         if rec is None or not rec.local_path:
             raise NotFound(f"Unknown resource {uri!r}.")
         limit = self.ctx.settings.resource_max_bytes
@@ -282,8 +289,10 @@ class Files:
 
     async def delete_all(self, session: Session) -> None:
         """close_session(delete_files=true): the records and every host copy of the session."""
-        await self.ctx.reg.forget_files(session)
-        await anyio.to_thread.run_sync(remove_tree, self.ctx.settings.files_dir / session.id)
+        removed = await self.ctx.reg.forget_files(session)
+        key = owner_key(session.owner)
+        await anyio.to_thread.run_sync(self.ctx.blobs.release, [(key, r) for r in removed if not r.dropped])
+        await anyio.to_thread.run_sync(remove_tree, self.ctx.settings.files_dir / session.id)  # inputs' copies
 
 
 def _read_range(path: Path, offset: int, n: int) -> bytes:

@@ -19,7 +19,7 @@ import anyio
 import anyio.lowlevel
 
 from ...config import Settings
-from ...errors import BackendError, ContainerExpired
+from ...errors import BackendError, CIError, ContainerExpired
 from ..base import (
     Capabilities,
     ContainerState,
@@ -204,6 +204,11 @@ class LocalBackend:
 
     async def fetch_file(self, container: ContainerState, file: RemoteFile, dest: Path, max_bytes: int) -> FetchResult:
         return await (await self._lookup(container)).folder.fetch(file.path, dest, max_bytes)
+
+    async def fetch_files(
+        self, container: ContainerState, items: list[tuple[RemoteFile, Path]], max_bytes: int
+    ) -> list[FetchResult | CIError]:
+        return await (await self._lookup(container)).folder.fetch_many([(f.path, d) for f, d in items], max_bytes)
 
     async def put_file(self, container: ContainerState, src: Path, dest_path: str) -> RemoteFile:
         folder = (await self._lookup(container)).folder

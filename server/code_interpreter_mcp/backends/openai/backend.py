@@ -171,6 +171,22 @@ class OpenAIBackend:
             self._download_client, container, file, dest, max_bytes, self._scrub, self._policy, self._limiter
         )
 
+    async def fetch_files(
+        self, container: ContainerState, items: list[tuple[RemoteFile, Path]], max_bytes: int
+    ) -> list[FetchResult | errors.CIError]:
+        out: list[FetchResult | errors.CIError] = [errors.DownloadFailed("not fetched")] * len(items)
+
+        async def one(i: int, file: RemoteFile, dest: Path) -> None:
+            try:
+                out[i] = await self.fetch_file(container, file, dest, max_bytes)
+            except errors.CIError as exc:
+                out[i] = exc
+
+        async with anyio.create_task_group() as tg:  # the downloads' own limiter bounds them
+            for i, (file, dest) in enumerate(items):
+                tg.start_soon(one, i, file, dest)
+        return out
+
     async def put_file(self, container: ContainerState, src: Path, dest_path: str) -> RemoteFile:
         return await files.put_file(self._api(), container, src, dest_path, self.settings.max_file_bytes, self._scrub)
 

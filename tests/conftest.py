@@ -13,6 +13,10 @@ from code_interpreter_mcp.backends.local import LocalBackend
 from code_interpreter_mcp.config import Settings
 from code_interpreter_mcp.errors import SandboxUnavailable
 from tests.helpers import MakeBackend
+from tests.wheels import build_sdist, build_wheel
+
+KIB = 1024
+MIB = 1024 * 1024
 
 if TYPE_CHECKING:
     from tests.emulator import Emulator
@@ -53,3 +57,31 @@ def emu() -> Iterator[Emulator]:
     emulator = Emulator()
     yield emulator
     emulator.close()
+
+
+@pytest.fixture(scope="session")
+def wheels(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The package tests' own distributions, in one folder (a `find-links` index)."""
+    w = tmp_path_factory.mktemp("wheels")
+    build_wheel(w, "alpha", "1.0")
+    build_wheel(w, "alpha", "2.0")
+    build_wheel(w, "beta", "1.0", requires=["alpha>=2"])
+    build_wheel(w, "gamma", "1.0", requires=["alpha<2"])
+    build_wheel(w, "delta", "1.0")
+    build_sdist(w, "srconly", "1.0")
+    build_wheel(w, "winonly", "1.0", tag="cp311-cp311-win_amd64")
+    build_wheel(w, "big", "1.0", payload_bytes=2 * MIB)
+    for name in ("mid-a", "mid-b", "mid-c"):
+        build_wheel(w, name, "1.0", payload_bytes=300 * KIB)
+    build_wheel(w, "withpth", "1.0", extra_files={"withpth.pth": b"import builtins; builtins.PTH_RAN = True\n"})
+    return w
+
+
+@pytest.fixture(scope="session")
+def sandbox_ok() -> None:
+    """Skip unless bubblewrap can build the installer sandbox here."""
+    from code_interpreter_mcp.packages.sandbox import Bwrap, find_bwrap, probe_bwrap
+
+    path = find_bwrap()
+    if path is None or not isinstance(probe_bwrap(path), Bwrap):
+        pytest.skip("bubblewrap cannot build the installer sandbox on this machine")

@@ -447,8 +447,13 @@ async def test_list_files(backend: LocalBackend, container: ContainerState) -> N
     )
     assert (await run(backend, container, code)).status == "ok"
     listing = await backend.list_files(container)
-    by_path = {f.path: f for f in listing}
+    by_path = {f.path: f for f in listing if not f.skipped}
     assert set(by_path) == {"a.txt", "sub/deeper/b.bin"}
+    assert {f.path: f.skipped for f in listing if f.skipped} == {
+        "link": "a symbolic link",
+        "dirlink": "a symbolic link",
+        "fifo": "not a regular file",
+    }
     a = by_path["a.txt"]
     assert a.bytes == 3 and a.source == "generated" and a.created_at > 0
     assert re.fullmatch(r"\d+:3:\d+", a.version)
@@ -547,10 +552,11 @@ async def test_disk_quota_interrupts_a_writer(make_backend: MakeBackend) -> None
     assert 16 * 2**20 < used < 48 * 2**20  # stopped within about a second of crossing the quota
     # Over quota, the folder stays usable so code can clean up.
     await backend.list_files(c)
+    still = await run(backend, c, "kept")
+    assert still.status == "ok" and any("quota" in w for w in still.warnings)  # still over: said after each run
     cleanup = await run(backend, c, "import glob, os\nfor p in glob.glob('blob*'):\n    os.remove(p)\nkept")
     assert cleanup.status == "ok" and cleanup.result_repr == "1"
-    assert any("quota" in w for w in cleanup.warnings)
-    await backend.list_files(c)
+    assert not any("quota" in w for w in cleanup.warnings)  # the usage is known when the run returns
     calm = await run(backend, c, "'calm'")
     assert not any("quota" in w for w in calm.warnings)
 
@@ -749,7 +755,8 @@ async def test_large_code_and_unencodable_text(backend: LocalBackend, container:
     assert odd.stdout.startswith("bad ")
 
 
-async def test_worker_start_failure_is_reported(backend: LocalBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_worker_start_failure_is_reported(make_backend: MakeBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    backend = await make_backend(warm_workers=0)  # no spare: the container's own start must fail
     real = sandbox_mod.worker_command
     monkeypatch.setattr(sandbox_mod, "worker_command", lambda path, cfg: real(path + ".missing", cfg))
     with pytest.raises(BackendError) as failed:

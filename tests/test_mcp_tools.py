@@ -40,7 +40,15 @@ async def run(client: Client, code: str, **kw: Any) -> dict[str, Any]:
 
 async def test_tools_are_listed_with_schemas_and_annotations(client: Client) -> None:
     tools = {t.name: t for t in (await client.list_tools()).tools}
-    assert set(tools) == {"run_code", "list_container_files", "download_file", "upload_file", "close_session"}
+    assert set(tools) == {
+        "run_code",
+        "get_run",
+        "cancel_run",
+        "list_container_files",
+        "download_file",
+        "upload_file",
+        "close_session",
+    }
     assert tools["run_code"].output_schema == RunResult.model_json_schema(by_alias=True) or (
         tools["run_code"].output_schema and "container" in tools["run_code"].output_schema["properties"]
     )
@@ -99,7 +107,8 @@ async def test_files_images_resources_and_download(client: Client, tmp_path: Pat
     assert paths[pngs[0]]["mime_type"] == "image/png"
     assert any(isinstance(c, ImageContent) and c.mime_type == "image/png" for c in r.content)
     links = [c for c in r.content if isinstance(c, ResourceLink)]
-    assert {link.uri for link in links} == {f["uri"] for f in s["files"]}
+    # The inlined image is not linked as well (RESOURCE_LINKS=non_inline).
+    assert {link.uri for link in links} == {f["uri"] for f in s["files"] if not f["path"].endswith(".png")}
 
     csv = paths["table.csv"]
     read = await client.read_resource(csv["uri"])
@@ -243,14 +252,15 @@ async def test_progress_on_long_runs(client: Client) -> None:
     assert quick == []
 
 
-async def test_cancellation_stops_the_run(client: Client, settings: Settings) -> None:
+async def test_a_cancelled_request_leaves_the_run_going(client: Client, settings: Settings) -> None:
+    # Clients cancel the request on their own timeout too: the run is the server's, stopped only by cancel_run.
     first = await run(client, "import os; os.getcwd()")
     marker = "after.txt"
     with anyio.move_on_after(1.0):
         await client.call_tool("run_code", {"code": f"import time; time.sleep(3); open('{marker}','w').write('x')"})
     await anyio.sleep(3.0)
     after = await run(client, "import os; sorted(os.listdir('.'))", session_id=first["session_id"])
-    assert marker not in after["result"]
+    assert marker in after["result"]
 
 
 async def test_close_session_then_foreign(client: Client) -> None:
@@ -330,7 +340,7 @@ async def test_api_key_not_visible_in_sandbox(settings: Settings, monkeypatch: p
 
 
 async def test_large_file_is_saved_not_inlined(tmp_path: Path) -> None:
-    settings = Settings(data_dir=tmp_path / "d", inline_file_max_bytes=1000, inline_image_max_bytes=0)
+    settings = Settings(data_dir=tmp_path / "d", inline_binary_max_bytes=1000, inline_image_max_bytes=0)
     async with Client(build_server(settings), raise_exceptions=True) as client:
         s = await run(client, "open('big.bin','wb').write(b'z' * 5000)", instructions="ignored here")
         assert any("instructions were ignored" in w for w in s["warnings"])
@@ -345,7 +355,7 @@ async def test_large_file_is_saved_not_inlined(tmp_path: Path) -> None:
 async def test_no_sandbox_means_no_code_unless_the_operator_opts_in(tmp_path: Path) -> None:
     refused = Settings(data_dir=tmp_path / "a", bwrap_path="/nonexistent/bwrap")
     async with Client(build_server(refused), raise_exceptions=True) as client:
-        assert len((await client.list_tools()).tools) == 5  # the server still starts and answers
+        assert len((await client.list_tools()).tools) == 7  # the server still starts and answers
         r = await client.call_tool("run_code", {"code": "open('/etc/hostname').read()"})
         assert r.is_error and "sandbox_unavailable" in text_of(r) and "Hint:" in text_of(r)
         assert "unsafe-no-sandbox" in text_of(r)

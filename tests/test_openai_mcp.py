@@ -371,7 +371,7 @@ async def test_progress_notifications_during_a_slow_run(emu: Emulator, client: C
     stages = [m.split(" (")[0] for m in messages[1:]]
     assert stages == ["model started", "running code", "interpreting", "writing answer", "done"]
     assert all(b[0] > a[0] for a, b in itertools.pairwise(seen))  # strictly increasing progress
-    assert all(total is not None for _, total, _, _ in seen)
+    assert all(total is None for _, total, _, _ in seen)  # seconds have no known total (the timeout is a ceiling)
     assert all(at <= done for *_, at in seen)
 
 

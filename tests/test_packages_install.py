@@ -28,36 +28,12 @@ from code_interpreter_mcp.errors import (
     SandboxUnavailable,
 )
 from code_interpreter_mcp.packages import PackageManager, gather_requirements
-from code_interpreter_mcp.packages.sandbox import Bwrap, find_bwrap, probe_bwrap
-from tests.wheels import build_sdist, build_wheel, serve_index, write_simple_index
+from tests.wheels import serve_index, write_simple_index
 
 pytestmark = pytest.mark.anyio
 KIB = 1024
 MIB = 1024 * 1024
 MakeManager = Callable[..., PackageManager]
-
-
-@pytest.fixture(scope="session")
-def wheels(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    w = tmp_path_factory.mktemp("wheels")
-    build_wheel(w, "alpha", "1.0")
-    build_wheel(w, "alpha", "2.0")
-    build_wheel(w, "beta", "1.0", requires=["alpha>=2"])
-    build_wheel(w, "gamma", "1.0", requires=["alpha<2"])
-    build_sdist(w, "srconly", "1.0")
-    build_wheel(w, "winonly", "1.0", tag="cp311-cp311-win_amd64")
-    build_wheel(w, "big", "1.0", payload_bytes=2 * MIB)
-    for name in ("mid-a", "mid-b", "mid-c"):
-        build_wheel(w, name, "1.0", payload_bytes=300 * KIB)
-    build_wheel(w, "withpth", "1.0", extra_files={"withpth.pth": b"import sys\n"})
-    return w
-
-
-@pytest.fixture(scope="session")
-def sandbox_ok() -> None:
-    path = find_bwrap()
-    if path is None or not isinstance(probe_bwrap(path), Bwrap):
-        pytest.skip("bubblewrap cannot build the installer sandbox on this machine")
 
 
 @pytest.fixture

@@ -68,7 +68,8 @@ async def test_api_key_never_reaches_the_sandbox(make_backend: MakeBackend, monk
     env = await value(backend, c, "import os\ndict(os.environ)")
     assert SECRET not in json.dumps(env)
     assert not any("KEY" in k or "TOKEN" in k or k.startswith(("OPENAI", "AZURE", "CODE_INTERPRETER")) for k in env)
-    assert env["HOME"] == "/tmp" and env["MPLBACKEND"] == "Agg" and env["OPENBLAS_NUM_THREADS"] == "1"
+    assert env["HOME"] == "/tmp" and env["MPLBACKEND"] == "Agg"
+    assert env["OPENBLAS_NUM_THREADS"] == str(len(os.sched_getaffinity(0)))  # the CPUs the sandbox may use
     # No process in the sandbox (bwrap's init included) carries it, and a child process does not either.
     code = (
         "import os, subprocess\n"
@@ -242,7 +243,7 @@ async def test_symlinks_in_the_data_folder_are_never_followed(
     )
     out = await run(backend, container, code)
     assert out.status == "ok", out
-    listed = [f.path for f in await backend.list_files(container)]
+    listed = [f.path for f in await backend.list_files(container) if not f.skipped]
     assert listed == ["real/ok.txt"]
     attempts = ["shadow", "registry", "secret.txt", "etcdir/passwd", "up/passwd", "hostdir/host-secret.txt"]
     for i, path in enumerate(attempts):

@@ -1,7 +1,8 @@
 """Harvested files on the host: where they live, their mime types, resource URIs, and safe path handling.
 
-Layout: `<data_dir>/files/<session_id>/<file_id>/<name>`. A harvested copy is written once and never changed;
-a later change of the same container path becomes a new file id.
+Layout of uploaded inputs (and of harvested copies made before the blob store, still read where they lie):
+`<data_dir>/files/<session_id>/<file_id>/<name>`. Harvested copies live in `storage.blobs`. A copy is written once
+and never changed; a later change of the same container path becomes a new file id.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from . import removal
 from .errors import FileTooLarge, NotFound, PathRefused
 from .models import FileInfo
 from .sessions import FileRecord
+from .storage.copying import copy_to_new
 
 URI_SCHEME = "ci"
 URI_TEMPLATE = URI_SCHEME + "://sessions/{session_id}/files/{file_id}/{name}"
@@ -124,7 +126,8 @@ def record_to_info(rec: FileRecord) -> FileInfo:
 
 
 def copy_with_hash(src: Path, dest: Path, max_bytes: int) -> tuple[int, str]:
-    """Copy a host file (no symlink following for the final component) computing its sha256. Blocking."""
+    """Copy a host file (no symlink following for the final component) in the kernel, computing its sha256 in
+    the same pass. Blocking."""
     flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)
     try:
         fd = os.open(src, flags)
@@ -141,19 +144,33 @@ def copy_with_hash(src: Path, dest: Path, max_bytes: int) -> tuple[int, str]:
                 f"{src.name} is {st.st_size} bytes; the limit is {max_bytes}.",
                 "Raise CODE_INTERPRETER_MAX_FILE_BYTES or use a smaller file.",
             )
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        digest = hashlib.sha256()
-        total = 0
-        with open(dest, "wb") as out:
-            while chunk := fh.read(CHUNK):
-                total += len(chunk)
-                if total > max_bytes:
-                    out.close()
-                    dest.unlink(missing_ok=True)
-                    raise FileTooLarge(f"{src.name} grew past the limit of {max_bytes} bytes while copying.")
-                digest.update(chunk)
-                out.write(chunk)
-    return total, digest.hexdigest()
+        return copy_to_new(fh.fileno(), dest, max_bytes, src.name)
+
+
+def image_preview(path: Path, max_bytes: int) -> tuple[bytes, str] | None:
+    """A downscaled copy of an image that fits in `max_bytes` (PNG when that fits, which keeps charts sharp, else
+    JPEG), or None when it cannot be read or made that small. Blocking: Pillow decodes the whole image."""
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(path) as src:
+            src.load()
+            image = src.convert("RGBA" if "A" in src.getbands() else "RGB")
+    except Exception:  # not an image Pillow reads, a decompression bomb, a truncated file...
+        return None
+    side = min(max(image.size), 1568)  # larger than most clients show an image anyway
+    while side >= 64:
+        thumb = image.copy()
+        thumb.thumbnail((side, side))
+        for fmt, mime in (("PNG", "image/png"), ("JPEG", "image/jpeg")):
+            buf = io.BytesIO()
+            (thumb.convert("RGB") if fmt == "JPEG" else thumb).save(buf, fmt, optimize=True, quality=80)
+            if buf.tell() <= max_bytes:
+                return buf.getvalue(), mime
+        side = side * 2 // 3
+    return None
 
 
 def write_bytes_with_hash(data: bytes, dest: Path) -> str:

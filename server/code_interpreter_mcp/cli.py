@@ -6,6 +6,7 @@ Logs go to stderr only: on stdio, stdout belongs to the protocol.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
@@ -21,6 +22,8 @@ from pydantic import ValidationError
 from . import __version__
 from .config import Settings, load_settings
 from .errors import CIError
+
+ANALYSIS_MODULES = ("numpy", "pandas", "matplotlib", "openpyxl")  # the `analysis` extra
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -57,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--timeout", type=float, dest="timeout_s", help="wall-clock limit in seconds")
     run.add_argument("--input", action="append", default=[], help="a host file to copy into /mnt/data first")
     run.add_argument("--json-strategy", choices=["two_pass_sentinel", "single_pass"])
+    run.add_argument(
+        "--package", action="append", default=[], dest="packages", help="a requirement to install first (repeatable)"
+    )
+    run.add_argument("--quiet", action="store_true", help="do not echo the run's output live on stderr")
 
     doctor = sub.add_parser("doctor", help="print the detected isolation, backend, data folder and limits")
     _common(doctor)
@@ -137,6 +144,8 @@ async def _run_once(
     timeout_s: float | None,
     strategy: str | None,
     out_dir: Path | None,
+    packages: list[str] | None = None,
+    live: bool = True,
 ) -> tuple[dict[str, Any], int]:
     from .engine import Engine
     from .models import dump
@@ -146,7 +155,14 @@ async def _run_once(
         session = await engine.session_for(None)
         result = (
             await engine.run_code(
-                session, code, files=inputs, output_schema=schema, timeout_s=timeout_s, json_strategy=strategy
+                session,
+                code,
+                files=inputs,
+                output_schema=schema,
+                timeout_s=timeout_s,
+                json_strategy=strategy,
+                packages=packages or None,
+                on_output=_echo if live else None,
             )
         ).result
         payload = dump(result)
@@ -159,6 +175,12 @@ async def _run_once(
     return payload, 0 if result.status == "ok" and result.json_error is None else 1
 
 
+def _echo(stream: str, text: str) -> None:
+    """Live output on stderr as the code prints it (the run waits for completion; stdout gets the JSON)."""
+    sys.stderr.write(text)
+    sys.stderr.flush()
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     settings = _settings(args)
     _setup_logging(settings.log_level)
@@ -168,7 +190,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         schema = json.loads(Path(args.schema).read_text(encoding="utf-8"))
     out_dir = Path(args.out).resolve() if args.out else None
     inputs = [os.path.abspath(i) for i in args.input]
-    payload, rc = anyio.run(_run_once, settings, code, schema, inputs, args.timeout_s, args.json_strategy, out_dir)
+    payload, rc = anyio.run(
+        _run_once,
+        settings,
+        code,
+        schema,
+        inputs,
+        args.timeout_s,
+        args.json_strategy,
+        out_dir,
+        args.packages,
+        not args.quiet,
+    )
     print(json.dumps(payload, indent=2, ensure_ascii=False))
     return rc
 
@@ -193,8 +226,28 @@ async def _doctor(settings: Settings) -> dict[str, Any]:
         report["details"] = backend.describe()
     finally:
         await backend.aclose()
+    report["packages"] = await _packages_report(settings, backend.capabilities)
     report["settings"] = settings.public_view()
+    missing = [m for m in ANALYSIS_MODULES if importlib.util.find_spec(m) is None]
+    if missing and settings.backend == "local":
+        report["warnings"] = [
+            f"The sandbox cannot import {', '.join(missing)}: it sees the server's own Python packages. "
+            "Install the analysis libraries with: pip install 'code-interpreter-mcp[analysis]'."
+        ]
     return report
+
+
+async def _packages_report(settings: Settings, capabilities: Any) -> dict[str, Any]:
+    """Policy, installer, index and cache of packages on demand (the backend's refusal when it has none)."""
+    if not capabilities.packages:
+        return {"policy": "unsupported", "backend": settings.backend, "preinstalled": capabilities.preinstalled}
+    from .packages import PackageManager
+
+    manager = PackageManager(settings)
+    try:
+        return await manager.describe()
+    finally:
+        await manager.aclose()
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:

@@ -47,6 +47,8 @@ class Settings(BaseModel):
     # Runs
     default_timeout_s: float = Field(default=60.0, gt=0)
     max_timeout_s: float = Field(default=3600.0, gt=0)
+    default_wait_s: float = Field(default=45.0, ge=0, description="how long run_code waits before 'running'")
+    max_wait_s: float = Field(default=300.0, ge=0, description="the longest wait_s a call may ask for")
     interrupt_grace_s: float = Field(default=2.0, ge=0)
     output_cap_chars: int = Field(default=40_000, ge=1000, description="stdout+stderr kept per run")
     result_budget_tokens: int = Field(default=20_000, ge=1000)
@@ -58,6 +60,19 @@ class Settings(BaseModel):
     structured_strategy: Literal["two_pass_sentinel", "single_pass"] = "two_pass_sentinel"
     schema_time_limit_s: float = Field(
         default=5.0, gt=0, description="longest a schema check or JSON validation may take before it is stopped"
+    )
+    file_history_mb: float = Field(
+        default=64, ge=0, description="per session: earlier versions of rewritten files kept, newest first"
+    )
+    max_stored_mb: float = Field(default=10240, gt=0, description="harvested files kept on the host, all sessions")
+    inline_images_total_bytes: int = Field(default=1024 * 1024, ge=0, description="image bytes inlined per result")
+    inline_binary_max_bytes: int = Field(default=64 * 1024, ge=0, description="largest non-image binary inlined")
+    max_result_files: int = Field(default=50, ge=1, description="files a run result lists in full")
+    result_shape: Literal["auto", "both", "content_only"] = Field(
+        default="auto", description="auto: content_only for clients known to drop `content` (see app/clients.py)"
+    )
+    resource_links: Literal["all", "non_inline", "none"] = Field(
+        default="non_inline", description="which files get resource_link blocks (none: LangChain's adapters)"
     )
 
     # Local sandbox
@@ -71,12 +86,24 @@ class Settings(BaseModel):
         default=None, ge=8, description="size of the sandbox's /tmp (default: min(box_size_mb, 512))"
     )
     quota_check_interval_s: float | None = Field(
-        default=None, gt=0, description="disk quota check period (default 0.5 s)"
+        default=None, gt=0, description="rescan period of folders inotify cannot watch (default 2 s)"
     )
     bwrap_path: str | None = Field(default=None, description="bubblewrap binary (default: found on PATH)")
     local_font_cache: bool = Field(default=True, description="prebuild matplotlib's font cache once per host")
     local_cache_dir: Path | None = Field(
         default=None, description="where that cache lives (default: the user cache dir)"
+    )
+
+    # Capacity of the local backend (live workers, warm spares, threads)
+    max_live_containers: int | None = Field(
+        default=None, ge=1, description="live sandbox workers at most (default: from available memory)"
+    )
+    max_live_containers_per_owner: int | None = Field(
+        default=None, ge=1, description="live workers of one owner (auth subject) at most (default: no own cap)"
+    )
+    warm_workers: int = Field(default=1, ge=0, le=64, description="spare workers started ahead of need")
+    blas_threads: int | None = Field(
+        default=None, ge=1, description="BLAS/OpenMP threads in the sandbox (default: the CPUs it may use)"
     )
 
     # Packages (run_code packages=..., PEP 723 blocks)
@@ -141,6 +168,12 @@ class Settings(BaseModel):
     @property
     def package_cache_path(self) -> Path:
         return self.package_cache_dir if self.package_cache_dir is not None else self.data_dir / "packages"
+
+    @property
+    def package_sets_path(self) -> Path:
+        """The store's folder of installed sets (packages/cache.py lays it out): public code, bound read-only
+        into every run's sandbox, so a set installed later is importable in a live worker."""
+        return self.package_cache_path / "sets"
 
     @property
     def db_path(self) -> Path:

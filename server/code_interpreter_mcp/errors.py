@@ -53,6 +53,11 @@ class SessionNotFound(NotFound):
     default_hint = "Omit session_id to start a new session, or pass the session_id a previous result returned."
 
 
+class RunNotFound(NotFound):
+    code = "not_found"
+    default_hint = "Pass the run_id a run_code result returned (with its session_id, if you passed one)."
+
+
 class FileNotFound(NotFound):
     code = "file_not_found"
 
@@ -92,6 +97,23 @@ class AuthFailed(CIError):
     default_hint = "Check OPENAI_API_KEY (or the Azure settings) in the server's environment."
 
 
+class SessionBusy(CIError):
+    code = "session_busy"
+
+    def __init__(self, run_id: str, what: str = "run more code") -> None:
+        self.run_id = run_id
+        super().__init__(
+            f"This session is still running {run_id}; it cannot {what} until that run ends (one run at a time).",
+            f"Call get_run(run_id={run_id!r}) to wait for it (waiting again is cheap), cancel_run to stop it, "
+            "or use another session.",
+        )
+
+
+class RunLost(CIError):
+    code = "run_lost"
+    default_hint = "Run the code again; files harvested before stay downloadable (list_container_files)."
+
+
 class ExecutionTimeout(CIError):
     code = "timeout"
     default_hint = "Raise timeout_s, or split the work into smaller runs."
@@ -123,6 +145,28 @@ class BackendError(CIError):
 class ResponseMalformed(CIError):
     code = "response_malformed"
     default_hint = "The model's response had an unexpected shape; try again."
+
+
+class FileSuperseded(CIError):
+    """A version past the session's history quota: its copy was dropped; `current_file_id` names the latest."""
+
+    code = "file_superseded"
+
+    def __init__(self, message: str, current_file_id: str | None, hint: str | None = None) -> None:
+        self.current_file_id = current_file_id
+        if hint is None:
+            hint = "Raise CODE_INTERPRETER_FILE_HISTORY_MB to keep more earlier versions."
+            if current_file_id is not None:
+                hint = f"download_file({current_file_id!r}) returns the current version. " + hint
+        super().__init__(message, hint)
+
+
+class StorageQuota(CIError):
+    code = "storage_quota"
+    default_hint = (
+        "Close sessions whose files are no longer needed with close_session(delete_files=true), or ask the "
+        "operator to raise CODE_INTERPRETER_MAX_STORED_MB."
+    )
 
 
 class BadRequirement(BadInput):
@@ -189,3 +233,16 @@ class PackageInstallTimeout(PackageError):
 class PackageInstallFailed(PackageError):
     code = "package_install_failed"
     default_hint = "See the installer's message; run `code-interpreter-mcp doctor` to check the package settings."
+
+
+class PackagesUnsupported(PackageError):
+    code = "packages_unsupported"
+    default_hint = "Run without packages: this backend cannot install them."
+
+
+class CapacityError(CIError):
+    code = "capacity"
+    default_hint = (
+        "Every sandbox worker is busy running code: retry in a moment, close sessions you no longer need "
+        "(close_session), or raise CODE_INTERPRETER_MAX_LIVE_CONTAINERS (or ..._PER_OWNER)."
+    )

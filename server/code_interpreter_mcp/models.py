@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-RunStatus = Literal["ok", "error", "timeout"]
+RunStatus = Literal["ok", "error", "timeout", "running", "cancelled", "lost"]
 FileSource = Literal["user", "generated"]
 Isolation = Literal["bubblewrap", "none", "remote"]
 Strategy = Literal["two_pass_sentinel", "single_pass"]
@@ -72,6 +72,29 @@ class StructuredInfo(_Model):
     usage: TokenUsage | None = None
 
 
+class MoreFiles(_Model):
+    count: int = Field(description="Files of this run not listed in `files`.")
+    bytes: int = Field(description="Their total size.")
+    hint: str
+
+
+class Distribution(_Model):
+    name: str = Field(description="Canonical project name, e.g. scikit-learn.")
+    version: str
+
+
+class PackagesInfo(_Model):
+    requirements: list[str] = Field(
+        description="What the session asked for (packages arguments and PEP 723 blocks; the latest per name)."
+    )
+    distributions: list[Distribution] = Field(description="Every distribution installed for them, resolved.")
+    reused: bool = Field(
+        description="True when nothing was installed for this run: the set was in use already or installed "
+        "before (by any session; sets are cached and shared)."
+    )
+    seconds: float = Field(description="Time spent resolving and installing for this run.")
+
+
 class RunResult(_Model):
     session_id: str = Field(description="Pass back as session_id to keep using this session's state and files.")
     container_id: str
@@ -81,9 +104,17 @@ class RunResult(_Model):
     stderr: str = ""
     result: str | None = Field(default=None, description="repr() of the code's last expression, if any.")
     error: ErrorInfo | None = None
-    json_: Any = Field(default=None, alias="json", description="The validated JSON result (when output_schema).")
+    json_: Any = Field(
+        default=None,
+        alias="json",
+        description="The validated JSON result (when output_schema).",
+        # Any JSON value, said explicitly: an empty schema reads as a missing type to strict checkers (Inspector),
+        # and one branch per type maps onto single-`type` dialects (Gemini's OpenAPI subset), unlike a type array.
+        json_schema_extra={"anyOf": [{"type": t} for t in ("null", "object", "array", "string", "number", "boolean")]},
+    )
     json_error: JsonError | None = None
     files: list[FileInfo] = Field(default_factory=list, description="Files created or changed by this run.")
+    more_files: MoreFiles | None = Field(default=None, description="The files past the list cap, counted.")
     container: ContainerInfo
     truncated: bool = Field(default=False, description="True when stdout/stderr/text were cut to the budget.")
     warnings: list[str] = Field(default_factory=list)
@@ -92,6 +123,13 @@ class RunResult(_Model):
     usage: TokenUsage | None = Field(default=None, description="Model tokens used by this run (openai backend).")
     model_calls: int = 0
     duration_ms: float = 0.0
+    run_id: str | None = Field(
+        default=None, description="The run's handle: while status is 'running', pass it to get_run or cancel_run."
+    )
+    elapsed_s: float | None = Field(default=None, description="Seconds since the run started (while running).")
+    packages: PackagesInfo | None = Field(
+        default=None, description="The session's installed packages, first on sys.path (when it asked for any)."
+    )
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, serialize_by_alias=True)
 
@@ -104,12 +142,19 @@ class FileList(_Model):
         description="False when the container expired or was closed; files listed are the harvested copies."
     )
     files: list[FileInfo]
+    total: int = Field(default=0, description="Files matching, over all pages.")
+    next_cursor: str | None = Field(default=None, description="Pass as cursor for the next page; null at the end.")
 
 
 class DownloadResult(_Model):
     file: FileInfo
     saved_to: str | None = Field(default=None, description="Host path the file was saved to, if it was.")
-    inline: bool = Field(description="True when the bytes are in this result's content.")
+    inline: bool = Field(description="True when the bytes (from offset) are in this result's content.")
+    offset: int = Field(default=0, description="First byte of the inline part.")
+    next_offset: int | None = Field(default=None, description="Pass as offset for the next part; null at the end.")
+    truncated: bool = Field(default=False, description="True when only part of the file is inline.")
+    preview: bool = Field(default=False, description="True when the inline image is a downscaled preview.")
+    hint: str | None = None
 
 
 class UploadResult(_Model):

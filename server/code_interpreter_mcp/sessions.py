@@ -8,6 +8,7 @@ restart. Ids are unguessable (128-bit random); a session is only visible to its 
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import sqlite3
 import threading
@@ -20,6 +21,7 @@ import anyio
 
 from .backends.base import ContainerState, RemoteFile
 from .errors import SessionNotFound
+from .storage.catalog import StoredCopies, measure_legacy_copies, stored_copies
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -33,9 +35,38 @@ CREATE TABLE IF NOT EXISTS files (
     file_id TEXT PRIMARY KEY, session_id TEXT NOT NULL, container_id TEXT NOT NULL, path TEXT NOT NULL,
     name TEXT NOT NULL, bytes INTEGER NOT NULL, mime_type TEXT NOT NULL, sha256 TEXT, source TEXT NOT NULL,
     created_at REAL NOT NULL, local_path TEXT, remote_id TEXT, version TEXT NOT NULL, seq INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY, session_id TEXT NOT NULL, status TEXT NOT NULL, started_at REAL NOT NULL,
+    ended_at REAL, pid INTEGER NOT NULL, result TEXT);
 CREATE INDEX IF NOT EXISTS files_by_session ON files(session_id, seq);
 CREATE INDEX IF NOT EXISTS containers_by_session ON containers(session_id);
 """
+
+# Columns added after the first release, each (table, column, definition): a database made before gets them.
+# `files.blob` is the sha256 of the copy in the owner's blob store (NULL: the copy lies at `local_path` in the
+# one-folder-per-file layout of earlier versions, read where it is), `disk_bytes` what that copy costs on disk,
+# `dropped` a superseded version whose copy was let go (its record stays, so a download can name the current one).
+ADDED_COLUMNS = [
+    ("sessions", "packages", "TEXT NOT NULL DEFAULT '[]'"),
+    ("files", "blob", "TEXT"),
+    ("files", "disk_bytes", "INTEGER"),
+    ("files", "dropped", "INTEGER NOT NULL DEFAULT 0"),
+]
+FILE_FIELDS = (
+    "file_id, session_id, container_id, path, name, bytes, mime_type, sha256, source, created_at, local_path, "
+    "remote_id, version, seq, blob, disk_bytes, dropped"
+)
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    added_file_columns = False
+    for table, column, definition in ADDED_COLUMNS:
+        if column not in {row[1] for row in db.execute(f"PRAGMA table_info({table})")}:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+            added_file_columns = added_file_columns or table == "files"
+    if added_file_columns:
+        measure_legacy_copies(db)
+    db.execute("CREATE INDEX IF NOT EXISTS files_by_blob ON files(blob)")
 
 
 def new_id(prefix: str, nbytes: int = 16) -> str:
@@ -58,6 +89,38 @@ class FileRecord:
     remote_id: str | None
     version: str
     seq: int = 0
+    blob: str | None = None  # sha256 of the copy in the owner's blob store; None: a copy of the legacy layout
+    disk_bytes: int | None = None  # what the copy costs on the host (allocated blocks)
+    dropped: bool = False  # a superseded version whose copy was let go past the history quota
+
+
+@dataclass
+class RunRow:
+    """A run as persisted: 'running' until it ends; then its status and its result (the RunResult as JSON, or
+    the error that ended it), so it can be reported after a restart."""
+
+    id: str
+    session_id: str
+    status: str
+    started_at: float
+    ended_at: float | None
+    pid: int
+    result: str | None
+
+    def orphaned(self) -> bool:
+        """Still 'running' on disk, but no live process runs it: the registry in memory has no such run (a
+        restart, even under the same pid) or the process that started it is gone."""
+        if self.status != "running":
+            return False
+        if self.pid == os.getpid():
+            return True
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except OSError:  # alive, under another uid
+            return False
+        return False
 
 
 @dataclass
@@ -69,6 +132,9 @@ class ContainerRecord:
     snapshot: dict[str, RemoteFile] = field(default_factory=dict)
     # True once this process has seen the container alive; rows loaded from disk must be re-checked.
     verified: bool = False
+    # The backend's listing the snapshot was made from: a backend that hands back the same list object while
+    # nothing changed (local: kept from inotify) lets an unchanged container be recognised without a compare.
+    listed: list[RemoteFile] | None = None
 
 
 @dataclass
@@ -81,6 +147,7 @@ class Session:
     current_container: str | None = None
     files: list[FileRecord] = field(default_factory=list)
     lock: anyio.Lock = field(default_factory=anyio.Lock)
+    packages: list[str] = field(default_factory=list)  # requirements installed for it, restored in a new container
 
     def latest_files(self, container_id: str | None = None) -> list[FileRecord]:
         """Newest version of each path (per container when given, else across the session)."""
@@ -109,10 +176,12 @@ class Registry:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        _migrate(self._db)
         self._db_lock = threading.Lock()
         self.sessions: dict[str, Session] = {}
         self.containers: dict[str, ContainerRecord] = {}
         self._dirty: dict[str, ContainerRecord] = {}
+        self._run_rows: list[tuple[str, tuple[Any, ...]]] = []  # run starts and ends, in order, for `flush`
         self._seq = int(self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM files").fetchone()[0])
 
     # ---- persistence helpers -------------------------------------------------------------------------------
@@ -165,6 +234,9 @@ class Registry:
                 closed=bool(row[4]),
                 current_container=row[5],
             )
+            session.packages = json.loads(
+                self._db.execute("SELECT packages FROM sessions WHERE id = ?", (session_id,)).fetchone()[0]
+            )
             for c in self._db.execute(
                 "SELECT id, backend, created_at, last_active_at, expires_after_s, status, isolation, runs, extra "
                 "FROM containers WHERE session_id = ?",
@@ -182,11 +254,9 @@ class Registry:
                 )
                 self.containers.setdefault(c[0], ContainerRecord(state=state, session_id=session_id, runs=c[7]))
             session.files = [
-                FileRecord(*r)
+                FileRecord(*r[:-1], dropped=bool(r[-1]))
                 for r in self._db.execute(
-                    "SELECT file_id, session_id, container_id, path, name, bytes, mime_type, sha256, source, "
-                    "created_at, local_path, remote_id, version, seq FROM files WHERE session_id = ? ORDER BY seq",
-                    (session_id,),
+                    f"SELECT {FILE_FIELDS} FROM files WHERE session_id = ? ORDER BY seq", (session_id,)
                 )
             ]
             return session
@@ -209,6 +279,10 @@ class Registry:
         session.closed = True
         session.current_container = None
         await self._write(("UPDATE sessions SET closed = 1, current_container = NULL WHERE id = ?", (session.id,)))
+
+    async def save_packages(self, session: Session, requirements: list[str]) -> None:
+        session.packages = list(requirements)
+        await self._write(("UPDATE sessions SET packages = ? WHERE id = ?", (json.dumps(session.packages), session.id)))
 
     async def forget_files(self, session: Session) -> list[FileRecord]:
         removed, session.files = session.files, []
@@ -263,9 +337,11 @@ class Registry:
         self._dirty[rec.state.id] = rec
 
     async def flush(self) -> None:
-        if self._dirty:
+        if self._dirty or self._run_rows:
             dirty, self._dirty = self._dirty, {}
-            await self._write(*(self._container_update(r) for r in dirty.values()))
+            runs, self._run_rows = self._run_rows, []
+            updates = [self._container_update(r) for r in dirty.values()]
+            await anyio.to_thread.run_sync(lambda: self._write_sync([*updates, *self._encoded(runs)]))
 
     def container_of(self, session: Session, container_id: str | None) -> ContainerRecord | None:
         """The named container if the session owns it, else the session's current one (None if it has none)."""
@@ -282,19 +358,20 @@ class Registry:
 
     # ---- files ---------------------------------------------------------------------------------------------
 
-    async def add_files(self, session: Session, records: list[FileRecord]) -> None:
-        if not records:
+    async def add_files(
+        self, session: Session, records: list[FileRecord], dropped: list[FileRecord] | None = None
+    ) -> None:
+        """Record a harvest's new versions and the superseded ones it drops: one transaction."""
+        if not records and not dropped:
             return
-        rows = []
+        rows = [self._drop_row(rec) for rec in dropped or ()]
         for rec in records:
             self._seq += 1
             rec.seq = self._seq
             session.files.append(rec)
             rows.append(
                 (
-                    "INSERT INTO files (file_id, session_id, container_id, path, name, bytes, mime_type, sha256, "
-                    "source, created_at, local_path, remote_id, version, seq) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    f"INSERT INTO files ({FILE_FIELDS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         rec.file_id,
                         rec.session_id,
@@ -310,7 +387,49 @@ class Registry:
                         rec.remote_id,
                         rec.version,
                         rec.seq,
+                        rec.blob,
+                        rec.disk_bytes,
+                        int(rec.dropped),
                     ),
                 )
             )
         await self._write(*rows)
+        for rec in dropped or ():
+            rec.dropped = True  # its copy is released by the caller, which then clears local_path
+
+    @staticmethod
+    def _drop_row(rec: FileRecord) -> tuple[str, tuple[Any, ...]]:
+        return ("UPDATE files SET dropped = 1, local_path = NULL WHERE file_id = ?", (rec.file_id,))
+
+    def stored_copies_sync(self) -> StoredCopies:
+        """For the blob store at start (`storage.catalog.stored_copies`). Blocks: call it from a thread."""
+        with self._db_lock:
+            return stored_copies(self._db)
+
+    # ---- runs ----------------------------------------------------------------------------------------------
+
+    def add_run_later(self, run_id: str, session: Session, started_at: float) -> None:
+        """A run started; written by `flush` (housekeeping, a few times a second), off the run's hot path."""
+        sql = "INSERT INTO runs (id, session_id, status, started_at, pid) VALUES (?, ?, 'running', ?, ?)"
+        self._run_rows.append((sql, (run_id, session.id, started_at, os.getpid())))
+
+    def end_run_later(self, run_id: str, status: str, result: dict[str, Any]) -> None:
+        """A run ended with `result` (its RunResult, or the error that ended it), JSON-encoded when flushed."""
+        sql = "UPDATE runs SET status = ?, ended_at = ?, result = ? WHERE id = ?"
+        self._run_rows.append((sql, (status, time.time(), result, run_id)))
+
+    @staticmethod
+    def _encoded(rows: list[tuple[str, tuple[Any, ...]]]) -> list[tuple[str, tuple[Any, ...]]]:
+        return [(sql, tuple(json.dumps(p) if isinstance(p, dict) else p for p in params)) for sql, params in rows]
+
+    def _load_run_sync(self, run_id: str) -> RunRow | None:
+        with self._db_lock:
+            row = self._db.execute(
+                "SELECT id, session_id, status, started_at, ended_at, pid, result FROM runs WHERE id = ?", (run_id,)
+            ).fetchone()
+        return RunRow(*row) if row is not None else None
+
+    async def load_run(self, run_id: str) -> RunRow | None:
+        if not (isinstance(run_id, str) and run_id.startswith("r_") and len(run_id) < 80):
+            return None
+        return await anyio.to_thread.run_sync(self._load_run_sync, run_id)

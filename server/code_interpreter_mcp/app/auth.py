@@ -48,10 +48,13 @@ def auth_options(settings: Settings) -> dict[str, Any]:
     if settings.transport != "http" or settings.auth_token is None:
         return {}
     tokens = [t.strip() for t in settings.auth_token.get_secret_value().split(",")]
+    # No resource_server_url: static tokens have no OAuth authorization server, and advertising one (protected
+    # resource metadata naming `issuer_url`) sends clients such as mcp-remote into a registration that 404s.
+    # The SDK requires an issuer_url all the same; nothing publishes it.
     base = f"http://{settings.host}:{settings.port}"
     return {
         "token_verifier": StaticTokenVerifier(tokens),
         "auth": AuthSettings(
-            issuer_url=base, resource_server_url=f"{base}/mcp", required_scopes=[], validate_token_resource=False
+            issuer_url=base, resource_server_url=None, required_scopes=[], validate_token_resource=False
         ),
     }

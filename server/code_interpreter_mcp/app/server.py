@@ -13,10 +13,21 @@ from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from typing import Any
 
+from mcp.server.context import ServerRequestContext
 from mcp.server.lowlevel.helper_types import ReadResourceContents
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.transport_security import DEFAULT_MAX_REQUEST_BODY_SIZE as MAX_BODY
-from mcp.types import InputRequiredResult
+from mcp.types import (
+    CallToolResult,
+    InputRequiredResult,
+    ListToolsResult,
+    PaginatedRequestParams,
+    ServerCapabilities,
+    ServerTasksCapability,
+    ToolExecution,
+)
+from mcp.types import Tool as MCPTool
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import AnyUrl
 from starlette.applications import Starlette
 
@@ -24,10 +35,13 @@ from .. import __version__
 from ..config import Settings
 from ..engine import Engine
 from .auth import auth_options
+from .clients import client_profile
+from .content import for_client
 from .http_screen import JsonRpcScreen
 from .resources import add_file_resources, read_file_resource
-from .schemas import publish_flat_schemas
+from .schemas import publish_flat_schemas, tools_for_client
 from .stdio import stdio_streams
+from .tasks import TASK_TOOLS, RunTasks, legacy_capabilities
 from .tools import add_tools
 
 INSTRUCTIONS = """\
@@ -41,7 +55,25 @@ _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 class CodeInterpreterServer(MCPServer[Engine]):
-    """Serves our file URIs with each file's own mime type and owner check (a template has one fixed type)."""
+    """Serves our file URIs with each file's own mime type and owner check (a template has one fixed type), and
+    lists tools and shapes results for the client asking (see `clients`)."""
+
+    def __init__(self, settings: Settings, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.ci_settings = settings  # MCPServer has a `settings` of its own
+
+    async def _handle_list_tools(
+        self, ctx: ServerRequestContext[Engine], params: PaginatedRequestParams | None
+    ) -> ListToolsResult:
+        return tools_for_client(await super()._handle_list_tools(ctx, params), client_profile(ctx, self.ci_settings))
+
+    async def call_tool(
+        self, name: str, arguments: dict[str, Any], context: Context[Engine, Any] | None = None
+    ) -> CallToolResult | InputRequiredResult:
+        result = await super().call_tool(name, arguments, context)
+        if isinstance(result, CallToolResult) and context is not None:
+            return for_client(result, client_profile(context, self.ci_settings))
+        return result
 
     async def read_resource(
         self, uri: AnyUrl | str, context: Context | None = None
@@ -62,6 +94,28 @@ class CodeInterpreterServer(MCPServer[Engine]):
         app.add_middleware(JsonRpcScreen, path=path, max_body=kwargs.get("max_request_body_size", MAX_BODY))
         return app
 
+    async def list_tools(self) -> list[MCPTool]:
+        tools = await super().list_tools()
+        for t in tools:
+            if t.name in TASK_TOOLS:  # 2025-11-25 clients read it; the later era drops the field
+                t.execution = ToolExecution(task_support="optional")
+        return tools
+
+
+def _advertise_legacy_tasks(mcp: MCPServer[Engine]) -> None:
+    """Add the 2025-11-25 `tasks` capability to the handshake's capabilities (the SDK derives them from its
+    handlers, and tasks are an extension there); the modern era advertises the extension instead."""
+    low = mcp._lowlevel_server
+    derive = low.get_capabilities
+
+    def get_capabilities(*args: Any, **kwargs: Any) -> ServerCapabilities:
+        caps = derive(*args, **kwargs)
+        if kwargs.get("protocol_version") not in MODERN_PROTOCOL_VERSIONS:
+            caps.tasks = ServerTasksCapability.model_validate(legacy_capabilities())
+        return caps
+
+    low.get_capabilities = get_capabilities  # type: ignore[method-assign]
+
 
 def build_server(settings: Settings, engine: Engine | None = None) -> CodeInterpreterServer:
     """The MCPServer for these settings. `engine` may be passed by tests; it is started by the lifespan."""
@@ -73,15 +127,20 @@ def build_server(settings: Settings, engine: Engine | None = None) -> CodeInterp
             yield eng
 
     level = settings.log_level.upper()
+    tasks = RunTasks()
     mcp = CodeInterpreterServer(
+        settings,
         name="code-interpreter-mcp",
         title="Code Interpreter",
         version=__version__,
         instructions=INSTRUCTIONS,
         lifespan=lifespan,
         log_level=level if level in _LOG_LEVELS else "WARNING",  # type: ignore[arg-type]
+        extensions=[tasks],
+        middleware=[tasks.middleware],
         **auth_options(settings),
     )
+    _advertise_legacy_tasks(mcp)
     add_tools(mcp, settings)
     add_file_resources(mcp)
     publish_flat_schemas(mcp)

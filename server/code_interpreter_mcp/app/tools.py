@@ -20,8 +20,10 @@ from ..config import Settings
 from ..engine import Engine
 from ..models import CloseResult, DownloadResult, FileList, RunResult, UploadResult
 from ..sessions import Session
-from . import content
+from . import content, tasks
 from .arguments import keep_strings
+from .auth import current_owner
+from .clients import client_profile
 from .context import resolve_session
 
 RUN_CODE_DESCRIPTION = """\
@@ -40,7 +42,35 @@ expression (like a notebook cell), any error with its traceback, and every file 
 - Each result says when the container expires (idle expiry); after that a new container starts (state_lost:
   true), input files are uploaded again, and earlier files remain downloadable.
 - No network access inside the sandbox. timeout_s stops runaway code (interrupt first, then restart).
+- packages: PEP 508 requirements to install first, e.g. ["tabulate", "scikit-learn>=1.5"] (a PEP 723
+  `# /// script` block with `dependencies = [...]` at the top of the code works too). They are installed outside
+  the sandbox (wheels from the server's configured index), cached and shared between sessions, so a set installed
+  once costs nothing the next time; the session keeps them for later runs and for a new container. Naming a
+  project again changes its constraint; variables survive adding packages. `packages` in the result lists each
+  installed distribution and version. The server's policy may allow only some packages, or none.
+- Long runs: the call waits up to wait_s (default 45 s) for the result. A run still going then returns
+  status "running" with a run_id and the output so far, and keeps running in the background. Then call get_run
+  with that run_id (it waits again, cheaply, and returns the full result, files included, once done); call
+  cancel_run to stop it. One run at a time per session: run_code meanwhile fails with session_busy naming the
+  run_id. wait_s=0 returns at once.
 """
+
+GET_RUN_DESCRIPTION = """\
+Get the result of a run that run_code (or an earlier get_run) returned with status "running": call it whenever
+a result says "running", with that run_id. It waits up to wait_s (default 45 s) for the run to end and returns
+the same result as run_code would have (stdout, stderr, result, error, json, files...). If the run is still
+going it returns status "running" again with the output so far: just call get_run again; waiting is cheap and
+the run is not affected. A finished run's result stays available for the session's lifetime.
+"""
+
+CANCEL_RUN_DESCRIPTION = """\
+Stop a run that is still going (status "running"), the way a timeout does: the code is interrupted
+(KeyboardInterrupt), so the session's variables and imports are kept; only code that ignores the interrupt is
+killed (the next result then says state_lost). Returns the run's result with status "cancelled", its output and
+the files it wrote so far.
+"""
+
+_WAIT_S = "Seconds to wait for the result before returning status 'running' (default 45; 0: at once)."
 
 ToolFn = Callable[..., Awaitable[Any]]
 F = TypeVar("F", bound=ToolFn)
@@ -115,9 +145,14 @@ async def run_code(
         Literal["two_pass_sentinel", "single_pass"] | None,
         Field(description="openai backend: how the JSON result is obtained."),
     ] = None,
+    packages: Annotated[
+        list[str] | None,
+        Field(description='Requirements to install for this session first, e.g. ["tabulate", "scipy>=1.13"].'),
+    ] = None,
+    wait_s: Annotated[float | None, Field(description=_WAIT_S, ge=0)] = None,
 ) -> Annotated[CallToolResult, RunResult]:
     async with _session(ctx, session_id) as (engine, session):
-        out = await engine.run_code(
+        out = await engine.start_run(
             session,
             code,
             files=files,
@@ -125,17 +160,57 @@ async def run_code(
             timeout_s=timeout_s,
             instructions=instructions,
             json_strategy=json_strategy,
+            wait_s=tasks.task_wait(wait_s),
             progress=ctx.report_progress,
+            packages=packages,
         )
         out.result = content.hide_host_paths(out.result, engine.settings.host_paths_allowed)
-    return content.run_result(out)
+    return content.run_result(out, client_profile(ctx, engine.settings))
+
+
+RunId = Annotated[str, Field(description="The run_id of a result whose status was 'running'.")]
+RunSession = Annotated[str | None, Field(description="The run's session (optional).")]
+
+
+@asynccontextmanager
+async def _engine(ctx: Context[Engine]) -> AsyncIterator[Engine]:
+    """The call's engine, for calls that name a run rather than a session; failures become ToolErrors."""
+    try:
+        yield ctx.request_context.lifespan_context
+    except Exception as exc:
+        raise content.tool_error(exc) from None
+
+
+@tool("Get a run's result", GET_RUN_DESCRIPTION, read_only=True, idempotent=True)
+async def get_run(
+    run_id: RunId,
+    ctx: Context[Engine],
+    session_id: RunSession = None,
+    wait_s: Annotated[float | None, Field(description=_WAIT_S, ge=0)] = None,
+) -> Annotated[CallToolResult, RunResult]:
+    async with _engine(ctx) as engine:
+        wait = engine.settings.default_wait_s if wait_s is None else wait_s
+        out = await engine.get_run(run_id, current_owner(), session_id, wait, ctx.report_progress)
+        out.result = content.hide_host_paths(out.result, engine.settings.host_paths_allowed)
+    return content.run_result(out, client_profile(ctx, engine.settings))
+
+
+@tool("Cancel a run", CANCEL_RUN_DESCRIPTION, destructive=True, idempotent=True)
+async def cancel_run(
+    run_id: RunId, ctx: Context[Engine], session_id: RunSession = None
+) -> Annotated[CallToolResult, RunResult]:
+    async with _engine(ctx) as engine:
+        out = await engine.cancel_run(run_id, current_owner(), session_id)
+        out.result = content.hide_host_paths(out.result, engine.settings.host_paths_allowed)
+    return content.run_result(out, client_profile(ctx, engine.settings))
 
 
 @tool(
     "List container files",
     "List the files in the session's container (/mnt/data) with their file_ids, sizes, types and "
-    "resource URIs. When the container has expired, lists the harvested copies, which stay downloadable. "
-    "all_containers=true lists every file the session ever produced or uploaded.",
+    "resource URIs, sorted by path, a page at a time (limit; pass next_cursor back as cursor for the next page), "
+    "optionally only those matching a glob pattern. When the container has expired, lists the harvested "
+    "copies, which stay downloadable. all_containers=true lists every file the session ever produced or uploaded.",
     read_only=True,
     idempotent=True,
 )
@@ -146,18 +221,27 @@ async def list_container_files(
         str | None, Field(description="One of this session's containers; default: the current one.")
     ] = None,
     all_containers: bool = False,
-) -> FileList:
+    pattern: Annotated[
+        str | None, Field(description="Glob on the path (a pattern without '/' also matches the name): '*.csv'.")
+    ] = None,
+    limit: Annotated[int, Field(description="Files per page.", ge=1, le=1000)] = 100,
+    cursor: Annotated[str | None, Field(description="next_cursor of the previous page.")] = None,
+) -> Annotated[CallToolResult, FileList]:
     async with _session(ctx, session_id) as (engine, session):
-        listed = await engine.list_files(session, container_id, all_containers)
-        return content.hide_host_paths(listed, engine.settings.host_paths_allowed)
+        out = await engine.list_files(session, container_id, all_containers, pattern, limit, cursor)
+        out = content.hide_host_paths(out, engine.settings.host_paths_allowed)
+    return content.file_list_result(out, client_profile(ctx, engine.settings))
 
 
 @tool(
     "Download a file",
-    "Get a file the code made (or an upload) by file_id, resource URI or path in /mnt/data. "
-    "Small files come back inline (images as images, text as text); larger ones, or when save_to is given, "
-    "are saved on the server's host (save_to: a directory or a file path) and the path is returned. Works "
-    "after the container expired. Symlinks and paths outside /mnt/data are refused.",
+    "Get a file the code made (or an upload) by file_id, resource URI or path in /mnt/data. Text comes back "
+    "inline as far as the result budget allows, from byte offset; the result says truncated and next_offset "
+    "(pass it as offset for the next part; null at the end). Images come back as images (a downscaled preview "
+    "when large, with the full file linked). Other binary files inline only when small (base64), else as a "
+    "link and, on stdio, the harvested copy's host path; offset/max_bytes fetch any part of them. save_to "
+    "copies the file to the server's host (a directory or a file path). Works after the container expired. "
+    "Symlinks and paths outside /mnt/data are refused.",
     idempotent=True,
 )
 async def download_file(
@@ -167,11 +251,15 @@ async def download_file(
     container_id: str | None = None,
     save_to: Annotated[str | None, Field(description="Absolute host directory or file path to save to.")] = None,
     overwrite: bool = False,
+    offset: Annotated[int, Field(description="First byte to return (next_offset of the previous part).", ge=0)] = 0,
+    max_bytes: Annotated[
+        int | None, Field(description="At most this many bytes (still within the budget).", ge=1)
+    ] = None,
 ) -> Annotated[CallToolResult, DownloadResult]:
     async with _session(ctx, session_id) as (engine, session):
-        out = await engine.download(session, file, container_id, save_to, overwrite)
+        out = await engine.download(session, file, container_id, save_to, overwrite, offset, max_bytes)
         out.result = content.hide_host_paths(out.result, engine.settings.host_paths_allowed)
-    return content.download_result(out)
+    return content.download_result(out, client_profile(ctx, engine.settings))
 
 
 @tool(
@@ -187,12 +275,11 @@ async def upload_file(
     content_base64: Annotated[str | None, Field(description="The file's bytes, base64-encoded.")] = None,
     dest_path: Annotated[str | None, Field(description="Path inside /mnt/data.")] = None,
     session_id: str | None = None,
-) -> UploadResult:
+) -> Annotated[CallToolResult, UploadResult]:
     async with _session(ctx, session_id) as (engine, session):
-        uploaded = await engine.upload(
-            session, path=path, name=name, content_base64=content_base64, dest_path=dest_path
-        )
-        return content.hide_host_paths(uploaded, engine.settings.host_paths_allowed)
+        out = await engine.upload(session, path=path, name=name, content_base64=content_base64, dest_path=dest_path)
+        out = content.hide_host_paths(out, engine.settings.host_paths_allowed)
+    return content.upload_result(out, client_profile(ctx, engine.settings))
 
 
 @tool(
@@ -206,6 +293,7 @@ async def close_session(
     ctx: Context[Engine],
     session_id: str | None = None,
     delete_files: bool = False,
-) -> CloseResult:
+) -> Annotated[CallToolResult, CloseResult]:
     async with _session(ctx, session_id) as (engine, session):
-        return await engine.close_session(session, delete_files)
+        out = await engine.close_session(session, delete_files)
+    return content.close_result(out, client_profile(ctx, engine.settings))

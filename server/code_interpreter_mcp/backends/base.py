@@ -14,7 +14,10 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from ..errors import CIError
 
 Progress = Callable[[float, float | None, str], Awaitable[None]]
 """progress(done, total, message): the engine forwards it to the client as a progress notification."""
@@ -55,6 +58,7 @@ class RemoteFile:
     source: Literal["user", "generated"] = "generated"
     created_at: float = 0.0
     remote_id: str | None = None  # the backend's own id (openai: cfile_...)
+    skipped: str | None = None  # why it is listed but never fetched or served, e.g. "a symbolic link"
 
 
 @dataclass
@@ -73,6 +77,12 @@ class Capabilities:
     # `execute` calls `ExecRequest.code_done` when the code finished but the answer is still being written, so
     # the container can be listed (and its files fetched) before `execute` returns.
     signals_code_done: bool
+    # `execute` calls `ExecRequest.on_output` with what the code prints while it runs (live output).
+    streams_output: bool = False
+    # `ExecRequest.package_paths` are made importable (installed package sets); without it a run that asks for
+    # packages is refused, and `preinstalled` names what the backend's own image already has.
+    packages: bool = False
+    preinstalled: str = ""
 
 
 @dataclass
@@ -93,6 +103,12 @@ class ExecRequest:
     # still writes its reply), so the engine can list and fetch files meanwhile. Set only for a backend whose
     # capabilities say `signals_code_done`.
     code_done: Callable[[], None] | None = None
+    # Called with ("stdout" | "stderr", text) as the code prints, for a backend whose capabilities say
+    # `streams_output`; the engine shows it live. It must not block: it only buffers.
+    on_output: Callable[[str, str], None] | None = None
+    # Installed package sets (host folders) to put first on the run's sys.path, for a backend whose capabilities
+    # say `packages`. Every run names the session's sets; the worker adds new ones and drops the rest.
+    package_paths: list[Path] = field(default_factory=list)
 
 
 @dataclass
@@ -117,7 +133,7 @@ class Usage:
 
 @dataclass
 class ExecOutcome:
-    status: Literal["ok", "error", "timeout"]
+    status: Literal["ok", "error", "timeout", "cancelled"]
     stdout: str = ""
     stderr: str = ""
     result_repr: str | None = None  # repr() of the last expression (local), Jupyter-like
@@ -154,7 +170,12 @@ class Backend(Protocol):
     async def aclose(self) -> None:
         """Stop everything this backend started (workers; containers it created, if configured)."""
 
-    async def create_container(self, session_id: str, expires_after_s: float) -> ContainerState: ...
+    async def create_container(
+        self, session_id: str, expires_after_s: float, owner: str | None = None
+    ) -> ContainerState:
+        """A new container for the session; `owner` (the auth subject) is for per-owner caps on live workers.
+        CapacityError when no worker can be had now."""
+        ...
 
     async def refresh(self, container: ContainerState) -> ContainerState:
         """Current status and activity times (openai: from the API). Never raises for an expired container:
@@ -173,6 +194,13 @@ class Backend(Protocol):
     async def fetch_file(self, container: ContainerState, file: RemoteFile, dest: Path, max_bytes: int) -> FetchResult:
         """Stream one file to `dest` on the host (constant memory). FileTooLarge over max_bytes,
         PathRefused for symlinks/escapes, DownloadFailed after retries."""
+        ...
+
+    async def fetch_files(
+        self, container: ContainerState, items: list[tuple[RemoteFile, Path]], max_bytes: int
+    ) -> list[FetchResult | CIError]:
+        """`fetch_file` of several files (a harvest's batch): each one's result or its error, in order, so one
+        refused file never costs the others. Many small files are cheap here (local: one worker thread)."""
         ...
 
     async def put_file(self, container: ContainerState, src: Path, dest_path: str) -> RemoteFile:

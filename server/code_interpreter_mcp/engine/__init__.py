@@ -9,13 +9,19 @@ schema, and shapes results to the result budget. It knows no MCP types. One modu
 - `session_choice`: which session a call uses.
 - `containers`: container lifecycle: acquire, replace on expiry, retire, restore inputs, the reaper; capacity
   limits go here.
-- `run`: one run: arguments, execute (one flow for every backend), harvest, JSON, shaping; runs in the background
-  (a run registry: handles, `get_run`, `cancel_run`) go next to it, in a module of their own.
-- `harvest`: one harvest of a container (listing diff, fetches, records).
+- `run`: one run: arguments, execute (one flow for every backend, stoppable), harvest, JSON, shaping.
+- `runs`: runs in the background: the run registry (handles, `wait_s`, `get_run`, `cancel_run`, one run per
+  session, ownership, results kept and persisted, lost runs after a restart). `live`: a run's output so far.
+- `harvest`: one harvest of a container (listing diff, fetches in batches, blobs placed, records and the history
+  quota in one transaction).
 - `json_result`: the run's JSON: extraction, validation, repair, token usage.
-- `shaping`: results within the budget: clipping, link rewriting, inline images; per-tool budgets go here.
-- `files`: list, find, download, save copies, resources. `inputs`: upload and a run's input files.
+- `budget`: the result budget in numbers (characters, the summary's share, measuring, clipping), for every tool.
+- `shaping`: a run's result within the budget: the file-list cap, clipping, failure texts, link rewriting,
+  inline images and previews.
+- `files`: list (filter, pages), find, download (parts by offset, previews, the binary cap), save copies,
+  resources. `inputs`: upload and a run's input files.
 - `progress`: progress relays of runs.
+- `packages`: a run's package set (the session's requirements, the one PackageManager, leases per container).
 """
 
 from .facade import Engine

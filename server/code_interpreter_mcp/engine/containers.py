@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -37,6 +38,7 @@ def container_info(rec: ContainerRecord, state_lost: bool) -> ContainerInfo:
 class Containers:
     def __init__(self, ctx: EngineContext) -> None:
         self.ctx = ctx
+        self.retired: list[Callable[[ContainerRecord], None]] = []  # told when a container is gone
 
     async def current(self, session: Session) -> tuple[ContainerRecord | None, bool]:
         """The session's container if it is still usable, else None; and whether an earlier one was lost."""
@@ -68,7 +70,8 @@ class Containers:
         return await self._new(session)
 
     async def _new(self, session: Session) -> ContainerRecord:
-        state = await self.ctx.backend.create_container(session.id, self.ctx.settings.expiry_minutes * 60)
+        expires_after_s = self.ctx.settings.expiry_minutes * 60
+        state = await self.ctx.backend.create_container(session.id, expires_after_s, owner=session.owner)
         rec = await self.ctx.reg.add_container(session, state)
         await self._restore_inputs(session, rec)
         return rec
@@ -134,6 +137,8 @@ class Containers:
             logger.exception("could not delete container %s", rec.state.id)
         rec.state.status = status
         rec.snapshot = {}
+        for gone in self.retired:
+            gone(rec)
         await self.ctx.reg.save_container(rec)
 
     async def retire_session(self, session: Session) -> int:

@@ -25,8 +25,10 @@ from .containers import Containers
 from .context import EngineContext
 from .files import Files
 from .inputs import Inputs
+from .packages import Packages
 from .progress import Relays
 from .run import Runner
+from .runs import Runs
 from .session_choice import SessionChooser
 
 logger = logging.getLogger(__name__)
@@ -39,8 +41,11 @@ class Engine:
         self.inputs = Inputs(self.ctx, self.containers)
         self.files = Files(self.ctx, self.containers)
         self.relays = Relays()
-        self.runner = Runner(self.ctx, self.containers, self.inputs, self.relays)
+        self.packages = Packages(self.ctx)
+        self.containers.retired.append(self.packages.container_gone)
+        self.runner = Runner(self.ctx, self.containers, self.inputs, self.relays, self.packages)
         self.sessions = SessionChooser(self.ctx)
+        self.runs = Runs(self.ctx, self.runner)
         self._started = False
         # The calls of the faces that one part answers alone are that part's own methods.
         self.ready = self.ctx.ready
@@ -51,6 +56,13 @@ class Engine:
         self.upload = self.inputs.upload
         self.read_resource = self.files.read_resource
         self.reap_expired = self.containers.reap_expired
+        # Runs in the background (the MCP face): run_code that returns 'running' after wait_s, and its handles.
+        self.start_run = self.runs.start
+        self.get_run = self.runs.get
+        self.cancel_run = self.runs.cancel
+        self.list_files = self.runs.guard(self.files.list_files, "list its container's files")
+        self.download = self.runs.guard(self.files.download, "download files")
+        self.upload = self.runs.guard(self.inputs.upload, "take uploads")
 
     @property
     def settings(self) -> Settings:
@@ -79,6 +91,7 @@ class Engine:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         settings.files_dir.mkdir(parents=True, exist_ok=True)
         self.ctx.registry = await anyio.to_thread.run_sync(Registry, settings.db_path)
+        self.ctx.blobs.load(*await anyio.to_thread.run_sync(self.ctx.registry.stored_copies_sync))
         self._started = True
         if wait_for_backend:
             await self._start_backend()
@@ -107,6 +120,7 @@ class Engine:
         reg = self.reg
         with anyio.CancelScope(shield=True):
             try:
+                await self.runs.shutdown()
                 if self.ctx.backend_ok and (
                     self.settings.delete_containers_on_shutdown or self.backend.name == "local"
                 ):
@@ -114,6 +128,7 @@ class Engine:
                 await reg.flush()
                 await self.backend.aclose()
             finally:
+                await self.packages.aclose()
                 reg.close()
                 await self.ctx.guard.aclose()
 
@@ -123,7 +138,10 @@ class Engine:
         await self.start(wait_for_backend=False)
         try:
             async with anyio.create_task_group() as tg:
+                self.runs.task_group = tg  # runs belong to the engine, not to the request that started them
                 tg.start_soon(self._start_backend)
+                tg.start_soon(anyio.to_thread.run_sync, self.ctx.blobs.sweep)
+                tg.start_soon(self.packages.start)
                 tg.start_soon(self._housekeeping)
                 tg.start_soon(self.ctx.guard.warm)
                 try:
@@ -139,6 +157,8 @@ class Engine:
         while True:
             await anyio.sleep(0.25)
             await self.relays.tick()
+            await self.runs.tick()
+            self.packages.settle()
             try:
                 await self.reg.flush()
                 if time.monotonic() >= next_reap and self.ctx.backend_ok:
@@ -151,6 +171,7 @@ class Engine:
 
     async def close_session(self, session: Session, delete_files: bool = False) -> CloseResult:
         await self.ctx.backend_settled()
+        await self.runs.stop_session(session)
         async with session.lock:
             stopped = await self.containers.retire_session(session)
             if delete_files:

@@ -2,7 +2,10 @@
 container record's snapshot) to the host, and record the copies in the registry.
 
 A fetch starts as soon as a file is known (cited by the backend's answer, or found by the listing), each file at
-most once; the listing is authoritative for paths and versions. Within a run the harvest can go on alongside the
+most once, in at most `COPY_THREADS` batches at once; the listing is authoritative for paths and versions. The
+copies land in the owner's blob store (`storage.blobs`: identical bytes once, the server-wide quota), and the new
+records go into the registry in one transaction together with the superseded versions the session's history
+quota drops (`storage.history`). Within a run the harvest can go on alongside the
 backend (`fetching(alongside=True)`: the listing starts when the code finished, while a model still writes), or
 after it; the common case, nothing changed, costs one listing and no task group.
 
@@ -19,12 +22,14 @@ from pathlib import Path
 import anyio
 import anyio.abc
 
-from ..artifacts import guess_mime, remove_tree, safe_name, store_dir
-from ..backends.base import ExecOutcome, RemoteFile
-from ..errors import CIError, ContainerExpired
+from ..artifacts import guess_mime, safe_name
+from ..backends.base import ExecOutcome, FetchResult, RemoteFile
+from ..errors import CIError, ContainerExpired, StorageQuota
 from ..sessions import ContainerRecord, FileRecord, Session, new_id
+from ..storage.blobs import owner_key
+from ..storage.history import superseded_to_drop
 from .containers import Containers
-from .context import EngineContext
+from .context import COPY_THREADS, EngineContext
 
 Harvested = tuple[list[FileRecord], list[str]]
 """The records of the files harvested, sorted by path, and warnings about files that could not be."""
@@ -53,6 +58,8 @@ class Harvest:
         self._tg: anyio.abc.TaskGroup | None = None
         self._listed = False
         self._listing: list[RemoteFile] | None = None  # None: the snapshot stands (unchanged, or not listed)
+        self.owner_key = owner_key(session.owner)
+        self.refused: set[str] = set()  # paths the server-wide quota refused: left out of the snapshot, retried
 
     @staticmethod
     def key(f: RemoteFile) -> str:
@@ -79,20 +86,25 @@ class Harvest:
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
         if exc is None and self._pending:
+            pending, self._pending = self._pending, []
             async with task_group() as tg:
-                for remote in self._pending:
-                    tg.start_soon(self._fetch, remote)
-            self._pending.clear()
+                self._start_batches(tg, pending)
 
-    def start(self, remote: RemoteFile) -> None:
-        k = self.key(remote)
-        if k in self._started:
+    def start(self, *remotes: RemoteFile) -> None:
+        new = [r for r in remotes if self.key(r) not in self._started]
+        self._started.update(self.key(r) for r in new)
+        if not new:
             return
-        self._started.add(k)
         if self._tg is not None:
-            self._tg.start_soon(self._fetch, remote)
+            self._start_batches(self._tg, new)
         else:
-            self._pending.append(remote)
+            self._pending.extend(new)
+
+    def _start_batches(self, tg: anyio.abc.TaskGroup, remotes: list[RemoteFile]) -> None:
+        """At most COPY_THREADS batches at once, dealt round-robin so large and small files spread evenly."""
+        n = min(len(remotes), COPY_THREADS)
+        for i in range(n):
+            tg.start_soon(self._fetch_batch, remotes[i::n])
 
     def code_done(self) -> None:
         """For `ExecRequest.code_done`: list the container now, while the backend still writes its answer."""
@@ -107,8 +119,7 @@ class Harvest:
             self.rec = rec  # the run moved to a new container before any code ran
         if outcome.container is not None:
             rec.state = outcome.container
-        for f in outcome.cited_files:
-            self.start(f)
+        self.start(*outcome.cited_files)
         await self.list_once()
 
     async def list_once(self) -> None:
@@ -124,34 +135,55 @@ class Harvest:
             self.expired = True
             return
         snap = self.rec.snapshot
+        if listing is self.rec.listed and len(listing) == len(snap):
+            return  # the very listing the snapshot was made from: nothing changed (no compare of N files)
         if len(listing) == len(snap) and all(
             (p := snap.get(f.path)) is not None and p.version == f.version for f in listing
         ):
+            self.rec.listed = listing
             return
         self._listing = listing
+        skipped: dict[str, list[str]] = {}
+        changed = []
         for f in listing:
             prev = snap.get(f.path)
             if prev is None or prev.version != f.version:
-                self.start(f)
+                if f.skipped:
+                    skipped.setdefault(f.skipped, []).append(f.path)
+                else:
+                    changed.append(f)
+        self.start(*changed)
+        for why, paths in skipped.items():
+            shown = ", ".join(paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
+            self.warnings.append(f"Skipped (not harvested, never followed): {shown}: {why}.")
 
-    async def _fetch(self, remote: RemoteFile) -> None:
-        settings, state = self.ctx.settings, self.rec.state
-        file_id = new_id("f_", 12)
-        name = safe_name(remote.path)
-        dest = store_dir(settings.files_dir, self.session.id, file_id) / name
+    async def _fetch_batch(self, remotes: list[RemoteFile]) -> None:
+        """Copy a batch into the owner's blob store's folder of copies in flight (placed by `finish`)."""
+        blobs, state = self.ctx.blobs, self.rec.state
+        if blobs.full():  # nothing new fits: not even copied (and tried again by the next harvest)
+            for remote in remotes:
+                self._refuse(remote, blobs.quota_error(remote.path))
+            return
+        items = [(remote, blobs.tmp_path(self.owner_key)) for remote in remotes]
         try:
-            res = await self.ctx.backend.fetch_file(state, remote, dest, settings.max_file_bytes)
+            results = await self.ctx.backend.fetch_files(state, items, self.ctx.settings.max_file_bytes)
         except ContainerExpired:
-            self.warnings.append(f"{remote.path} was not harvested: the container expired first.")
-            self.expired = True
-            return
-        except CIError as exc:  # too large, download failed...: the other files still come back
-            self.warnings.append(f"{remote.path} was not harvested: {exc.message}")
-            return
-        self.fetched[self.key(remote)] = FileRecord(
-            file_id=file_id,
+            results = [ContainerExpired("expired")] * len(items)
+        for (remote, tmp), res in zip(items, results, strict=True):
+            if isinstance(res, ContainerExpired):
+                self.warnings.append(f"{remote.path} was not harvested: the container expired first.")
+                self.expired = True
+            elif isinstance(res, CIError):  # too large, download failed...: the other files still come back
+                self.warnings.append(f"{remote.path} was not harvested: {res.message}")
+            else:
+                self.fetched[self.key(remote)] = self._record(remote, tmp, res)
+
+    def _record(self, remote: RemoteFile, tmp: Path, res: FetchResult) -> FileRecord:
+        name = safe_name(remote.path)
+        return FileRecord(
+            file_id=new_id("f_", 12),
             session_id=self.session.id,
-            container_id=state.id,
+            container_id=self.rec.state.id,
             path=remote.path,
             name=name,
             bytes=res.bytes,
@@ -159,34 +191,86 @@ class Harvest:
             sha256=res.sha256,
             source="user" if remote.source == "user" else "generated",
             created_at=remote.created_at or time.time(),
-            local_path=str(dest),
+            local_path=str(tmp),  # the copy in flight until `finish` places it in the blob store
             remote_id=remote.remote_id,
             version=remote.version,
         )
 
+    def _refuse(self, remote: RemoteFile, exc: StorageQuota) -> None:
+        self.refused.add(remote.path)
+        self.warnings.append(exc.user_text())
+
     async def finish(self) -> Harvested:
-        """After every fetch ended: records with the listing's paths; early fetches of unchanged files go."""
+        """After every fetch ended: the copies go into the blob store, the records (with the listing's paths)
+        and the superseded versions past the history quota into the registry in one transaction; early
+        fetches of unchanged files go."""
         rec = self.rec
         if not self.fetched and self._listing is None and not self.expired:
             return [], self.warnings
         listing = self._listing if self._listing is not None else list(rec.snapshot.values())
         by_key = {self.key(f): f for f in listing}
-        records = []
+        records, unchanged = [], []
         for k, record in self.fetched.items():
             listed = by_key.get(k)
             if listed is not None:
                 prev = rec.snapshot.get(listed.path)
                 if prev is not None and prev.version == listed.version:
-                    await anyio.to_thread.run_sync(remove_tree, Path(record.local_path or "").parent)
+                    unchanged.append(Path(record.local_path or ""))
                     continue
                 record.path, record.version = listed.path, listed.version
             records.append(record)
-        rec.snapshot = {f.path: f for f in listing}
+        if records or unchanged:
+            records = await anyio.to_thread.run_sync(self._place, records, unchanged)
+        rec.snapshot = {f.path: f for f in listing if f.path not in self.refused}
+        rec.listed = self._listing
         records.sort(key=lambda r: r.path)
-        await self.ctx.reg.add_files(self.session, records)
+        await record_with_history(self.ctx, self.session, records)
         if self.expired:
             await self.containers.retire(rec, status="expired")  # never offered again; the next run replaces it
         return records, self.warnings
+
+    def _place(self, records: list[FileRecord], unchanged: list[Path]) -> list[FileRecord]:
+        """In a worker thread: each copy becomes (or joins) its blob; the ones over the server's quota go."""
+        for path in unchanged:
+            path.unlink(missing_ok=True)
+        kept = []
+        for record in records:
+            try:
+                placed = self.ctx.blobs.place(
+                    self.owner_key, Path(record.local_path or ""), record.sha256 or "", record.path
+                )
+            except StorageQuota as exc:
+                self.refused.add(record.path)
+                self.warnings.append(exc.user_text())
+                continue
+            except OSError as exc:
+                self.warnings.append(f"{record.path} was not harvested: {exc.strerror or exc}.")
+                continue
+            record.blob, record.local_path, record.disk_bytes = record.sha256, str(placed.path), placed.disk_bytes
+            kept.append(record)
+        return kept
+
+
+async def record_with_history(ctx: EngineContext, session: Session, records: list[FileRecord]) -> None:
+    """Record new versions; superseded ones past the session's history quota are dropped in the same registry
+    transaction, and their copies released after it (a crash in between leaves a blob the sweep removes)."""
+    key = owner_key(session.owner)
+    drop: list[FileRecord] = []
+    earlier = {r.path for r in session.files}
+    if any(r.path in earlier for r in records):  # only a new version of a known path supersedes anything
+        quota = int(ctx.settings.file_history_mb * 1024 * 1024)
+        drop = superseded_to_drop([*session.files, *records], quota, lambda r: _cost(ctx, key, r))
+    await ctx.reg.add_files(session, records, drop)
+    if drop:
+        await anyio.to_thread.run_sync(ctx.blobs.release, [(key, r) for r in drop])
+        for r in drop:
+            r.local_path = None
+
+
+def _cost(ctx: EngineContext, key: str, rec: FileRecord) -> int:
+    if rec.blob is not None:
+        return ctx.blobs.cost_of(key, rec.blob)
+    return rec.disk_bytes if rec.disk_bytes is not None else rec.bytes
 
 
 async def harvest_now(ctx: EngineContext, containers: Containers, session: Session, rec: ContainerRecord) -> Harvested:

@@ -26,6 +26,7 @@ from ..config import Settings
 from ..errors import BadInput, FileNotFound, FileTooLarge, PathRefused
 from ..models import UploadResult
 from ..sessions import ContainerRecord, FileRecord, Session, new_id
+from ..storage.history import check_not_dropped
 from .containers import Containers
 from .context import EngineContext
 
@@ -151,6 +152,8 @@ class Inputs:
             if not isinstance(item, str) or not item:
                 raise BadInput(f"files entries must be host paths or file ids, got {item!r}.")
             known = session.find_file(item)
+            if known is not None:
+                check_not_dropped(session.files, known)
             if known is not None and known.local_path:
                 src, name = Path(known.local_path), known.name
             elif item.startswith("f_") and "/" not in item:

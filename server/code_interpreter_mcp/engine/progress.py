@@ -18,9 +18,11 @@ ProgressSink = Callable[[float, float | None, str], Awaitable[None]]
 class ProgressRelay:
     """Turns backend messages and a 1 s ticker into strictly increasing progress values for the client."""
 
-    def __init__(self, sink: ProgressSink | None, total: float) -> None:
+    def __init__(self, sink: ProgressSink | None, limit_s: float | None = None) -> None:
         self.sink = sink
-        self.total = total
+        # Progress counts seconds, whose total is unknown: the time limit is a ceiling, not the run's length, so it
+        # goes in the message and `total` stays None.
+        self.limit_s = limit_s
         self.start = time.monotonic()
         self.last = 0.0
         self.message = "running"
@@ -33,7 +35,8 @@ class ProgressRelay:
         value = max(time.monotonic() - self.start, self.last + 0.001)
         self.last = value
         try:
-            await self.sink(round(value, 3), self.total, f"{self.message} ({value:.0f} s)")
+            limit = f" of at most {self.limit_s:g} s" if self.limit_s else ""
+            await self.sink(round(value, 3), None, f"{self.message} ({value:.0f} s{limit})")
         except Exception:  # a client that went away must not fail the run
             logger.debug("progress notification failed", exc_info=True)
 

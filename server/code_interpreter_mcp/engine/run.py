@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..backends.base import ExecOutcome, ExecRequest, StructuredRequest
+import anyio
+
+from ..backends.base import ExecError, ExecOutcome, ExecRequest, StructuredRequest
 from ..config import Settings
 from ..errors import BadInput, ContainerExpired
 from ..sessions import ContainerRecord, Session
@@ -24,6 +27,7 @@ from .context import EngineContext
 from .harvest import Harvest, Harvested
 from .inputs import Inputs
 from .json_result import resolve_json
+from .packages import Packages, RunPackages
 from .progress import ProgressRelay, ProgressSink, Relays
 from .shaping import RunOutput, Shaper
 
@@ -71,9 +75,49 @@ def check_run_args(
     return RunArgs(code=code, timeout_s=timeout, structured=sreq, instructions=instructions)
 
 
+CANCELLED_MESSAGE = (
+    "The run was stopped by cancel_run: interrupted like a timeout, so variables and imports are kept (only code "
+    "that ignores the interrupt is killed, and then the next result says state_lost)."
+)
+
+
+class Stop:
+    """Asks a run's execution to stop the way a timeout does; set from outside the run (`cancel_run`)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._scope: anyio.CancelScope | None = None
+
+    def set(self) -> None:
+        self.requested = True
+        if self._scope is not None:
+            self._scope.cancel()
+
+
+async def stoppable(
+    execute: Awaitable[tuple[ExecOutcome, ContainerRecord, bool]], stop: Stop | None, rec: ContainerRecord
+) -> tuple[ExecOutcome, ContainerRecord, bool]:
+    """`execute`, cancelled when `stop` is set: a backend stops a cancelled run by interrupting it first, and the
+    run goes on to its harvest with a 'cancelled' outcome instead of ending with the request."""
+    if stop is None:
+        return await execute
+    with anyio.CancelScope() as scope:
+        stop._scope = scope
+        if stop.requested:
+            scope.cancel()
+        try:
+            return await execute
+        finally:
+            stop._scope = None
+    return ExecOutcome(status="cancelled", error=ExecError("Cancelled", CANCELLED_MESSAGE)), rec, False
+
+
 class Runner:
-    def __init__(self, ctx: EngineContext, containers: Containers, inputs: Inputs, relays: Relays) -> None:
+    def __init__(
+        self, ctx: EngineContext, containers: Containers, inputs: Inputs, relays: Relays, packages: Packages
+    ) -> None:
         self.ctx = ctx
+        self.packages = packages
         self.containers = containers
         self.inputs = inputs
         self.relays = relays
@@ -90,11 +134,17 @@ class Runner:
         instructions: str | None = None,
         json_strategy: str | None = None,
         progress: ProgressSink | None = None,
+        packages: list[str] | None = None,
+        on_output: Callable[[str, str], None] | None = None,
+        stop: Stop | None = None,
     ) -> RunOutput:
+        """One run, start to result. `on_output` receives what the code prints as it runs (backends that stream
+        it); `stop` set while it runs stops it the way a timeout does (interrupt first), and it ends 'cancelled'."""
         started = time.monotonic()
         args = check_run_args(self.ctx.settings, code, timeout_s, output_schema, json_strategy, instructions)
         if args.structured is not None:
             await self.ctx.guard.check_schema(args.structured.schema)  # compiled off the loop, time-limited
+        wanted = self.packages.wanted(packages, args.code)
         await self.ctx.ready()
         relay = ProgressRelay(progress, args.timeout_s)
         async with session.lock:
@@ -104,20 +154,26 @@ class Runner:
             warnings: list[str] = []
             if files:
                 await self.inputs.add_run_inputs(session, rec, files)
+            pkgs = await self._packages(session, rec, wanted, relay)
             request = ExecRequest(
                 code=args.code,
                 timeout_s=args.timeout_s,
                 instructions=args.instructions,
                 structured=args.structured,
                 run_number=rec.runs + 1,
+                package_paths=pkgs.paths if pkgs is not None else [],
+                on_output=on_output if self.ctx.capabilities.streams_output else None,
             )
             self.relays.add(relay)
             try:
                 outcome, rec, lost_again, (records, harvest_warnings) = await self._execute_and_harvest(
-                    session, rec, request, relay
+                    session, rec, request, relay, stop
                 )
             finally:
                 self.relays.discard(relay)
+            if pkgs is not None:
+                self.packages.adopt(rec, pkgs)
+            self.packages.settle()
             state_lost = state_lost or lost_again or outcome.state_lost
             if instructions and not self.ctx.capabilities.model:
                 warnings.append("instructions were ignored: they guide the model of the openai backend only.")
@@ -126,11 +182,40 @@ class Runner:
             warnings.extend(harvest_warnings)
             reg.save_container_later(rec)  # activity times: written by housekeeping, not on the hot path
             resolved = await resolve_json(self.ctx.backend, outcome, args.structured, args.code, self.ctx.guard)
-        result = self.shaper.run_result(session, rec, outcome, records, state_lost, warnings, resolved, started)
-        return RunOutput(result=result, images=await self.shaper.inline_images(records))
+        result = self.shaper.run_result(
+            session,
+            rec,
+            outcome,
+            records,
+            state_lost,
+            warnings,
+            resolved,
+            started,
+            code=args.code,
+            packages=pkgs.info if pkgs is not None else None,
+        )
+        return RunOutput(result=result, images=await self.shaper.inline_images(result, records))
+
+    async def _packages(
+        self, session: Session, rec: ContainerRecord, wanted: list[str], relay: ProgressRelay
+    ) -> RunPackages | None:
+        """The session's package set for this run; a long install sends progress (resolving, downloading,
+        installing) and the relay's ticks."""
+        if not wanted and not session.packages:
+            return None
+        self.relays.add(relay)
+        try:
+            return await self.packages.prepare(session, rec, wanted, relay.backend_progress)
+        finally:
+            self.relays.discard(relay)
 
     async def _execute_and_harvest(
-        self, session: Session, rec: ContainerRecord, request: ExecRequest, relay: ProgressRelay
+        self,
+        session: Session,
+        rec: ContainerRecord,
+        request: ExecRequest,
+        relay: ProgressRelay,
+        stop: Stop | None = None,
     ) -> tuple[ExecOutcome, ContainerRecord, bool, Harvested]:
         """Run and harvest. A backend that says when the code finished gets the listing started right then (a
         model takes seconds more to write its answer), and each file its answer cites starts downloading at once."""
@@ -139,7 +224,7 @@ class Runner:
         async with harvest.fetching(alongside=early):
             if early:
                 request.code_done = harvest.code_done
-            outcome, rec, lost = await self._execute(session, rec, request, relay)
+            outcome, rec, lost = await stoppable(self._execute(session, rec, request, relay), stop, rec)
             await harvest.run_ended(rec, outcome)
         return outcome, rec, lost, await harvest.finish()
 

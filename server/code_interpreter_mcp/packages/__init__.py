@@ -115,8 +115,12 @@ class PackageManager:
             await self._setup()
 
     def release(self, key: str) -> None:
-        """Give back one lease taken by `ensure`."""
+        """Give back one lease taken by `ensure` or `lease`."""
         self.store.release(key)
+
+    def lease(self, key: str) -> bool:
+        """One more lease on a set already leased (or stored); False when it is being evicted right now."""
+        return self.store.acquire(key)
 
     async def aclose(self) -> None:
         self.store.release_all()

@@ -105,7 +105,7 @@ class SetStore:
     def __init__(self, root: Path, quota_bytes: int) -> None:
         self.root = root
         self.quota_bytes = quota_bytes
-        self.sets_dir = root / "sets"
+        self.sets_dir = root / "sets"  # Settings.package_sets_path: run sandboxes bind it
         self.tmp_dir = root / "tmp"
         self.locks_dir = root / "locks"
         self.requests_dir = root / "requests"

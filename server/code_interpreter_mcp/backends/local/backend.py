@@ -2,14 +2,16 @@
 Python worker in bubblewrap.
 
 A thin adapter: the isolation probe (probe.py) picks the profile, the registry (containers.py) keeps the containers
-and their folders, the pool (pool.py) their workers, the runner (runs.py) one run, the quota guard (quota.py) the
-disk quota, and each container's data folder (folder.py) its files. This module wires them up and keeps none of
-their logic.
+and their folders, the pool (pool.py) their workers, capacity.py the caps and warm spares, the runner (runs.py) one
+run, the quota guard (quota.py) the disk quota, each container's data folder (folder.py) its files from one shared
+inotify instance, and service.py the background tasks (reading that instance, refilling spares). This module wires
+them up and keeps none of their logic.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ import anyio
 import anyio.lowlevel
 
 from ...config import Settings
-from ...errors import BackendError, ContainerExpired
+from ...errors import BackendError, CIError, ContainerExpired
 from ..base import (
     Capabilities,
     ContainerState,
@@ -29,11 +31,15 @@ from ..base import (
     RepairOutcome,
 )
 from . import containers, fonts, sandbox, seccomp
+from .capacity import Capacity
+from .changes import Inotify, serve
 from .containers import Container, ContainerRegistry
-from .pool import WorkerPool
+from .memory import MemoryLimiter
+from .pool import WorkerPool, package_sets
 from .probe import IsolationProbe
-from .quota import QuotaGuard
+from .quota import HARD_MARGIN, QuotaGuard
 from .runs import Runner
+from .service import Service
 from .uids import UidAllocator
 
 logger = logging.getLogger(__name__)
@@ -42,17 +48,28 @@ logger = logging.getLogger(__name__)
 class _Started:
     """What exists only between start() and aclose()."""
 
-    def __init__(self, pool: WorkerPool, quota: QuotaGuard, runner: Runner) -> None:
+    def __init__(
+        self,
+        pool: WorkerPool,
+        quota: QuotaGuard,
+        runner: Runner,
+        capacity: Capacity,
+        service: Service,
+        hub: Inotify | None,
+    ) -> None:
         self.pool = pool
         self.quota = quota
         self.runner = runner
+        self.capacity = capacity
+        self.service = service
+        self.hub = hub
 
 
 class LocalBackend:
     """The `local` backend. Construct with `LocalBackend(settings)`, then `await start()`."""
 
     name = "local"
-    capabilities = Capabilities(model=False, signals_code_done=False)
+    capabilities = Capabilities(model=False, signals_code_done=False, packages=True, streams_output=True)
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -60,10 +77,11 @@ class LocalBackend:
         self.profile: sandbox.Profile | None = None
         self.quota_bytes = int(settings.box_size_mb) * 1024 * 1024
         uids = UidAllocator()
-        self._containers = ContainerRegistry(settings.containers_dir, uids, self.quota_bytes)
+        self._containers = ContainerRegistry(settings.containers_dir, uids)
         self._seccomp = seccomp.program()
         self._probe = IsolationProbe(settings, uids, self._seccomp)
         self._pool: WorkerPool | None = None  # kept after aclose(), for describe()
+        self._capacity: Capacity | None = None
         self._live: _Started | None = None
 
     # ------------------------------------------------------------------------------------------ lifecycle
@@ -71,46 +89,92 @@ class LocalBackend:
     async def start(self) -> None:
         if self._live is not None:
             return
+        s = self.settings
         await anyio.to_thread.run_sync(self._containers.prepare)
+        sets = package_sets(self.settings)
+        if sets is not None:
+            await anyio.to_thread.run_sync(_prepare_package_sets, sets)
         profile = await self._probe.choose()
         self.profile = profile
         self.isolation = profile.isolation
-        pool = WorkerPool(self.settings, profile, self._seccomp, await fonts.prepare(self.settings))
-        quota = QuotaGuard(self.settings, self._containers, pool)
-        quota.start(anyio.lowlevel.current_token())
-        self._pool = pool
-        self._live = _Started(pool, quota, Runner(self.settings, pool, quota))
+        memory = MemoryLimiter(int(s.memory_mb) * 1024 * 1024)
+        pool = WorkerPool(s, profile, self._seccomp, await fonts.prepare(s), memory)
+        service = Service()
+        await service.start()
+        try:
+            hub: Inotify | None = Inotify()
+        except OSError as exc:
+            logger.warning("no inotify instance (%s): container folders are rescanned instead", exc)
+            hub = None
+        quota = QuotaGuard(s, pool, service)
+        capacity = Capacity(s, self._containers, pool, profile, service, hub)
+        self._pool, self._capacity = pool, capacity
+        self._live = _Started(pool, quota, Runner(s, pool, quota), capacity, service, hub)
+        if hub is not None:
+            poll_s = float(s.quota_check_interval_s or 2.0)
+            service.spawn("inotify", lambda: serve(hub, poll_s=poll_s))
+        capacity.refill()
         logger.info("local backend ready: %s", self.describe())
 
     async def aclose(self) -> None:
         live, self._live = self._live, None
         if live is not None:
-            await live.quota.aclose()
-            await live.pool.stop_all(self._containers.live())
+            with anyio.CancelScope(shield=True):
+                await live.capacity.aclose()
+                await live.service.aclose()
+                await live.pool.stop_all(self._containers.live())
+                for c in self._containers.live():
+                    c.folder.close()
+                if live.hub is not None:
+                    live.hub.close()
+                live.pool.memory.sweep()
 
     def _require_started(self) -> _Started:
         if self._live is None:
             raise BackendError("The local backend is not started.", "Call start() first.")
         return self._live
 
+    async def _watch(self, c: Container) -> None:
+        """Track the container's folder and enforce its quota (once)."""
+        live = self._require_started()
+        async with c.lock:
+            if c.folder.tracker is None and not c.destroyed:
+                await c.folder.open(live.hub)
+                live.quota.watch(c)
+
     # ------------------------------------------------------------------------------------------ containers
 
-    async def create_container(self, session_id: str, expires_after_s: float) -> ContainerState:
+    async def create_container(
+        self, session_id: str, expires_after_s: float, owner: str | None = None
+    ) -> ContainerState:
         live = self._require_started()
-        c = await self._containers.create(session_id, expires_after_s, live.pool.profile)
+        spare = await live.capacity.take()
+        c = await self._containers.create(
+            session_id, expires_after_s, live.pool.profile, spare.folder if spare else None, owner
+        )
         try:
+            if spare is not None:
+                c.folder.attach(spare.tracker)
+                live.quota.watch(c)
+                c.worker, c.had_worker = spare.worker, True
+            else:
+                await self._watch(c)
             async with c.lock:
                 await live.pool.ensure(c)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await self.destroy(c.state)
             raise
+        finally:
+            live.capacity.adopted(spare)  # the spare counts as this container's worker now
         return c.snapshot()
 
     async def _lookup(self, container: ContainerState) -> Container:
         c = self._containers.known(container)
         if c is None:
             c = await self._containers.adopt(container, self._require_started().pool.profile)
+        if c.folder.tracker is None:
+            await self._watch(c)
         return c
 
     async def refresh(self, container: ContainerState) -> ContainerState:
@@ -141,6 +205,11 @@ class LocalBackend:
     async def fetch_file(self, container: ContainerState, file: RemoteFile, dest: Path, max_bytes: int) -> FetchResult:
         return await (await self._lookup(container)).folder.fetch(file.path, dest, max_bytes)
 
+    async def fetch_files(
+        self, container: ContainerState, items: list[tuple[RemoteFile, Path]], max_bytes: int
+    ) -> list[FetchResult | CIError]:
+        return await (await self._lookup(container)).folder.fetch_many([(f.path, d) for f, d in items], max_bytes)
+
     async def put_file(self, container: ContainerState, src: Path, dest_path: str) -> RemoteFile:
         folder = (await self._lookup(container)).folder
         return await folder.put(src, dest_path, self.settings.max_file_bytes, self.quota_bytes)
@@ -164,11 +233,30 @@ class LocalBackend:
                 "max_open_files": s.max_open_files,
                 "max_processes": s.max_processes,
                 "disk_quota_mb": s.box_size_mb,
+                "disk_quota_margin": f"{HARD_MARGIN // 2**20} MiB plus one write call in flight per writing process "
+                "(at most max_file_bytes); "
+                + (
+                    "fallocate refused (EOPNOTSUPP)"
+                    if self.profile is not None and self.profile.seccomp
+                    else "fallocate NOT bounded (no seccomp filter)"
+                ),
                 "output_cap_chars": s.output_cap_chars,
                 "interrupt_grace_s": s.interrupt_grace_s,
             },
+            "memory": self._pool.memory.describe() if self._pool is not None else None,
+            "capacity": self._capacity.describe() if self._capacity is not None else None,
+            "blas_threads": self._pool.threads if self._pool is not None else None,
+            "change_tracking": "inotify" if self._live is not None and self._live.hub is not None else "rescans",
             "matplotlib_font_cache": str(mpl_cache) if mpl_cache else None,
             "containers": len(self._containers),
             "notes": list(self.profile.notes) if self.profile is not None else [],
             "probe_failures": list(self._probe.failures),
         }
+
+
+def _prepare_package_sets(sets: Path) -> None:
+    """The folder workers bind must exist before the first one starts (a bind of a missing folder fails, and a
+    later one would not appear in a live sandbox), and be traversable by a dedicated uid."""
+    sets.mkdir(parents=True, exist_ok=True)
+    if sets.stat().st_uid == os.geteuid():
+        os.chmod(sets, 0o755)

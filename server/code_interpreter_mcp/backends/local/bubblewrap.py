@@ -80,6 +80,7 @@ class Layout:
     tmp_bytes: int
     mpl_cache: Path | None
     status_fd: int | None = None
+    packages: Path | None = None
     seccomp_fd: int | None = None
 
 
@@ -171,6 +172,10 @@ def bwrap_argv(profile: sandbox.Profile, layout: Layout, worker_argv: list[str])
         argv += ["--ro-bind", str(sandbox.HERE / name), f"{sandbox.WORKER_DIR_IN}/{name}"]
     if layout.mpl_cache is not None:
         argv += ["--ro-bind", str(layout.mpl_cache), sandbox.MPL_CACHE_IN]
+    if layout.packages is not None:
+        # The whole store of sets, bound once: a set installed later appears inside this live mount, so a worker
+        # gets new packages without a restart. Read-only, like everything outside /mnt/data and /tmp.
+        argv += [*dir_(sandbox.PACKAGES_IN, "0755"), "--ro-bind", str(layout.packages), sandbox.PACKAGES_IN]
     # No --chdir: the data folder belongs to the sandbox's uid (0700), which bwrap itself is not; the worker
     # changes into it after switching uid.
     argv += [*dir_("/mnt", "0755"), "--bind", str(layout.data_dir), sandbox.WORKDIR]
@@ -212,6 +217,7 @@ class BubblewrapLauncher:
                 mplconfigdir=sandbox.MPLCONFIGDIR_IN,
                 mpl_cache=sandbox.MPL_CACHE_IN if spec.mpl_cache else None,
                 may_kill_strays=True,
+                packages_dir=sandbox.PACKAGES_IN if spec.packages is not None else None,
             )
             layout = Layout(
                 data_dir=spec.data,
@@ -222,9 +228,12 @@ class BubblewrapLauncher:
                 mpl_cache=spec.mpl_cache,
                 status_fd=status_w,
                 seccomp_fd=seccomp_r,
+                packages=spec.packages,
             )
             worker_argv = sandbox.worker_command(f"{sandbox.WORKER_DIR_IN}/worker.py", cfg)
-            env = sandbox.sandbox_env(home="/tmp", tmp="/tmp", mplconfigdir=sandbox.MPLCONFIGDIR_IN)
+            env = sandbox.sandbox_env(
+                home="/tmp", tmp="/tmp", mplconfigdir=sandbox.MPLCONFIGDIR_IN, threads=spec.threads
+            )
             child_fds = [*fds.all(), status_w] + ([seccomp_r] if seccomp_r is not None else [])
             process = popen(bwrap_argv(self.profile, layout, worker_argv), env, "/", log_fd, child_fds)
         except BaseException:

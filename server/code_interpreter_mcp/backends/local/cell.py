@@ -41,6 +41,38 @@ def on_sigint(signum: int, frame: types.FrameType | None) -> None:
         raise KeyboardInterrupt
 
 
+_SAVED_FIGURES: set = set()  # numbers of the figures the current run saved itself
+
+
+class SavedFigures:
+    """Wraps `Figure.savefig` once matplotlib.figure is imported (a meta-path finder: importing matplotlib at start-up
+    would cost every worker), so the figures a run saved itself are not auto-saved a second time."""
+
+    def find_spec(self, name: str, path: object, target: object = None) -> object:
+        if name != "matplotlib.figure":
+            return None
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)
+        import importlib.util
+
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.loader is not None:
+            load = spec.loader.exec_module
+
+            def exec_module(module: types.ModuleType) -> None:
+                load(module)
+                save = module.Figure.savefig
+
+                def savefig(fig: object, *args: object, **kwargs: object) -> object:
+                    _SAVED_FIGURES.add(getattr(fig, "number", None))
+                    return save(fig, *args, **kwargs)
+
+                module.Figure.savefig = savefig
+
+            spec.loader.exec_module = exec_module  # type: ignore[method-assign]
+        return spec
+
+
 def _trim_traceback(tb: types.TracebackType | None) -> types.TracebackType | None:
     """Start at the first frame of user code (a cell); failing that, drop this file's frames."""
     probe = tb
@@ -163,7 +195,7 @@ class Runner:
             return []
         saved = []
         try:
-            nums = list(plt.get_fignums())
+            nums = [n for n in plt.get_fignums() if n not in _SAVED_FIGURES]
         except Exception as exc:
             warnings.append(f"could not list matplotlib figures: {type(exc).__name__}: {_safe_str(exc)}")
             return []
@@ -206,6 +238,7 @@ class Runner:
         os.dup2(err_fd, 2)
         State.interrupted = False
         State.running = True
+        _SAVED_FIGURES.clear()
         try:
             try:
                 body_code, last_code = self._compile(code, f"<cell {run}>")

@@ -55,8 +55,11 @@ def make_folder(root: Path, uid: int | None, gid: int | None, sandboxed: bool) -
 class Container:
     """The backend's own record of one container."""
 
-    def __init__(self, state: ContainerState, root: Path, uid: int | None, gid: int | None, quota: int) -> None:
+    def __init__(
+        self, state: ContainerState, root: Path, uid: int | None, gid: int | None, owner: str | None = None
+    ) -> None:
         self.state = state
+        self.owner = owner
         self.root = root
         self.folder = DataFolder(state.id, root / "data", uid, gid)
         self.uid = uid
@@ -67,8 +70,11 @@ class Container:
         self.state_lost_pending = False  # the next run reports state_lost
         self.pending_warnings: list[str] = []  # the next run reports these
         self.destroyed = False
-        self.quota_hit: int | None = None  # set (on the loop) when the quota watch saw a run overfill the folder
-        self.quota_mark = quota  # written by the quota watch's thread only
+        self.starting = False  # a worker is being started for it (it counts as live)
+        self.running = False  # a run is in progress (a quota breach is the run's, not a background writer's)
+        self.quota_hit: int | None = None  # set by the quota guard when a run overfilled the folder
+        self.quota_killed = False  # the guard killed the sandbox mid-run: the folder kept growing
+        self.wake: anyio.CancelScope | None = None  # the run's wait, cancelled by the guard to react at once
 
     @property
     def data(self) -> Path:
@@ -96,13 +102,22 @@ def gone(container: ContainerState) -> ContainerState:
     return dataclasses.replace(container, status=status)
 
 
+@dataclasses.dataclass
+class NewFolder:
+    """A container folder made before its container: a warm spare's (pool.py)."""
+
+    cid: str
+    root: Path
+    uid: int | None
+    gid: int | None
+
+
 class ContainerRegistry:
     """Every container of this backend, by id."""
 
-    def __init__(self, containers_dir: Path, uids: UidAllocator, quota_bytes: int) -> None:
+    def __init__(self, containers_dir: Path, uids: UidAllocator) -> None:
         self.dir = containers_dir
         self.uids = uids
-        self.quota_bytes = quota_bytes
         self._by_id: dict[str, Container] = {}
 
     def __len__(self) -> int:
@@ -120,7 +135,8 @@ class ContainerRegistry:
         """All records. From another thread this may raise RuntimeError (the registry changed meanwhile)."""
         return list(self._by_id.values())
 
-    async def create(self, session_id: str, expires_after_s: float, profile: Profile) -> Container:
+    async def new_folder(self, profile: Profile) -> NewFolder:
+        """A fresh container folder with its uid, not yet a container."""
         cid = "lc_" + secrets.token_hex(12)
         uid, gid = self.uids.allocate(profile.dedicated_uid)
         root = self.dir / cid
@@ -129,6 +145,25 @@ class ContainerRegistry:
         except BaseException:
             self.uids.release(uid)
             raise
+        return NewFolder(cid, root, uid, gid)
+
+    async def drop_folder(self, folder: NewFolder) -> None:
+        """A folder no container adopted: its uid is free again, its files go."""
+        self.uids.release(folder.uid)
+        await anyio.to_thread.run_sync(remove_tree, folder.root)
+
+    async def create(
+        self,
+        session_id: str,
+        expires_after_s: float,
+        profile: Profile,
+        folder: NewFolder | None = None,
+        owner: str | None = None,
+    ) -> Container:
+        """A container for the session, in `folder` when one was made ahead (a spare's), else a new one."""
+        if folder is None:
+            folder = await self.new_folder(profile)
+        cid, uid, gid = folder.cid, folder.uid, folder.gid
         now = time.time()
         state = ContainerState(
             id=cid,
@@ -140,7 +175,7 @@ class ContainerRegistry:
             isolation=profile.isolation,
             extra={"uid": uid} if uid is not None else {},
         )
-        c = Container(state, root, uid, gid, self.quota_bytes)
+        c = Container(state, folder.root, uid, gid, owner)
         self._by_id[cid] = c
         if not profile.sandboxed:
             logger.warning("UNSAFE: container %s for session %s runs code WITHOUT a sandbox", cid, session_id)
@@ -170,7 +205,7 @@ class ContainerRegistry:
         c = self._by_id.get(container.id)  # adopted concurrently meanwhile?
         if c is None:
             state = dataclasses.replace(container, status="running", isolation=profile.isolation)
-            c = Container(state, root, uid, gid, self.quota_bytes)
+            c = Container(state, root, uid, gid)
             c.state_lost_pending = True
             self._by_id[container.id] = c
             logger.info("resumed container %s from disk (its variables are gone)", container.id)
@@ -186,6 +221,7 @@ class ContainerRegistry:
     async def delete(self, cid: str, c: Container | None) -> None:
         """Free a detached container's uid and delete its folder (also one this process never had a record of)."""
         if c is not None:
+            c.folder.close()
             self.uids.release(c.uid)
         if valid_container_id(cid):
             root = self.dir / cid

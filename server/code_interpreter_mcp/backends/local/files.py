@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import os
 import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ...errors import FileNotFound, FileTooLarge, PathRefused
+from ...errors import CIError, DownloadFailed, FileNotFound, FileTooLarge, PathRefused
+from ...storage.copying import copy_to_new
 from ..base import FetchResult, RemoteFile
 
 CHUNK = 1024 * 1024
@@ -39,7 +39,8 @@ def version_of(st: os.stat_result) -> str:
 
 
 def scan(root: Path, user_versions: dict[str, str] | None = None, with_files: bool = True) -> Scan:
-    """Every regular file under `root` (symlinks, fifos, sockets and devices are skipped, never followed).
+    """Every regular file under `root`; symlinks, fifos, sockets and devices are never followed nor read, only
+    listed with `skipped` saying what they are.
 
     A file put there by `put_file` and unchanged since is reported with source "user". FileNotFoundError when
     `root` itself is gone."""
@@ -63,9 +64,14 @@ def scan(root: Path, user_versions: dict[str, str] | None = None, with_files: bo
                         usage += entry.stat(follow_symlinks=False).st_blocks * 512
                         stack.append((entry.path, rel + entry.name + "/"))
                         continue
-                    if not entry.is_file(follow_symlinks=False):
-                        continue
                     st = entry.stat(follow_symlinks=False)
+                    if not entry.is_file(follow_symlinks=False):
+                        name = rel + entry.name
+                        if with_files and name.isprintable() and _utf8(name):
+                            # Listed so the caller can say what was skipped; never followed nor fetched.
+                            why = "a symbolic link" if entry.is_symlink() else "not a regular file"
+                            files.append(RemoteFile(path=name, bytes=0, version="x" + version_of(st), skipped=why))
+                        continue
                 except OSError:
                     continue  # vanished while we looked
                 usage += st.st_blocks * 512
@@ -84,6 +90,14 @@ def scan(root: Path, user_versions: dict[str, str] | None = None, with_files: bo
                 )
     files.sort(key=lambda f: f.path)
     return Scan(files=files, usage_bytes=usage, seconds=time.perf_counter() - started)
+
+
+def _utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def clean_relative(path: str) -> list[str]:
@@ -134,7 +148,8 @@ def _open_parent(root: Path, parts: list[str], create: bool, uid: int | None, gi
 
 
 def fetch(root: Path, path: str, dest: Path, max_bytes: int) -> FetchResult:
-    """Copy one regular file out of the data folder to `dest`, hashing as it streams."""
+    """Copy one regular file out of the data folder to a new file `dest`: in the kernel, hashed in the same
+    pass, holes kept (`storage.copying`)."""
     parts = clean_relative(path)
     parent = _open_parent(root, parts, False, None, None, path)
     try:
@@ -150,27 +165,24 @@ def fetch(root: Path, path: str, dest: Path, max_bytes: int) -> FetchResult:
             raise PathRefused(f"{path!r} is not a regular file.")
         if st.st_size > max_bytes:
             raise FileTooLarge(f"{path!r} is {st.st_size} bytes, over the {max_bytes}-byte limit.")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        digest = hashlib.sha256()
-        total = 0
-        try:
-            with open(dest, "wb") as out:
-                while True:
-                    chunk = os.read(fd, CHUNK)
-                    if not chunk:
-                        break
-                    total += len(chunk)
-                    if total > max_bytes:  # it grew while we copied
-                        raise FileTooLarge(f"{path!r} grew past the {max_bytes}-byte limit while being copied.")
-                    digest.update(chunk)
-                    out.write(chunk)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                dest.unlink()
-            raise
-        return FetchResult(bytes=total, sha256=digest.hexdigest())
+        total, digest = copy_to_new(fd, dest, max_bytes, repr(path))
+        return FetchResult(bytes=total, sha256=digest)
     finally:
         os.close(fd)
+
+
+def fetch_many(root: Path, items: list[tuple[str, Path]], max_bytes: int) -> list[FetchResult | CIError]:
+    """`fetch` of each (path, dest) in turn, in the calling thread: a harvest's batch of small files pays one
+    thread hop, not one each. A file's error is its entry; the others still come."""
+    out: list[FetchResult | CIError] = []
+    for path, dest in items:
+        try:
+            out.append(fetch(root, path, dest, max_bytes))
+        except CIError as exc:
+            out.append(exc)
+        except OSError as exc:
+            out.append(DownloadFailed(f"{path!r} could not be copied: {exc.strerror or exc}."))
+    return out
 
 
 def put(

@@ -1,21 +1,34 @@
-"""One container's data folder as the backend sees it: which files it holds, how much disk it uses, and uploads
-into it within the disk quota.
+"""One container's data folder as the backend sees it: which files it holds, how much disk it really uses, and
+uploads into it within the disk quota.
 
-Changes are found by scanning the whole folder after each run (files.py does the symlink-proof work); change
-tracking from kernel events would replace `list` here and nowhere else. Nothing here knows workers or runs.
+A `ChangeTracker` (changes.py) watches the folder with inotify: the listing is kept from the changes it drains
+(a full walk only when the tracker is opened, after lost events, or where a watch could not be set), so a run that
+touched one file among 10,000 costs one lstat, and files nobody changed are never looked at again. The tracker's
+real-block usage is what the quota (quota.py) is enforced on. Nothing here knows workers or runs.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 
 import anyio
 
-from ...errors import ContainerExpired
+from ...errors import CIError, ContainerExpired
 from ..base import FetchResult, RemoteFile
 from . import files
+from .changes import ChangeTracker, Entry, Inotify
+
+
+async def open_tracker(path: Path, hub: Inotify | None, max_watches: int = 10_000) -> ChangeTracker:
+    """A started tracker of the folder `path` (its first walk in a thread). OSError when it is gone."""
+    tracker = ChangeTracker(path, hub=hub, max_watches=max_watches)
+    try:
+        await anyio.to_thread.run_sync(tracker.start)
+    except BaseException:
+        tracker.close()
+        raise
+    return tracker
 
 
 class DataFolder:
@@ -26,57 +39,107 @@ class DataFolder:
         self.path = path
         self.uid = uid
         self.gid = gid
-        self.usage = 0  # disk bytes at the last measurement (a listing, an upload, the quota watch)
         self.user_versions: dict[str, str] = {}  # path -> version of files put there by upload, unchanged since
-        self.scan_inline = True
+        self.tracker: ChangeTracker | None = None
+        self._files: dict[str, RemoteFile] = {}
+        self._listing: list[RemoteFile] | None = None  # sorted, None when it must be rebuilt
         self.real_names: dict[str, str] = {}  # listed name -> the real (non-UTF-8) name it stands for
-        # A harvest of thousands of files starts a fetch for each: forty copying threads would contend with the
-        # event loop for the GIL, so two threads copy and the rest queue.
-        self._fetch_threads = anyio.CapacityLimiter(2)
 
-    async def list(self) -> list[RemoteFile]:
+    async def open(self, hub: Inotify | None) -> None:
+        """Watch the folder and index what it holds (a walk: in a thread, a resumed folder may be big)."""
         try:
-            if self.scan_inline:
-                # A few dozen stat calls take ~20 µs; a thread hop costs ~140 µs here and this runs on every run.
-                # A folder that scanned slowly once goes to a thread from then on.
-                result = files.scan(self.path, self.user_versions)
-            else:
-                result = await anyio.to_thread.run_sync(files.scan, self.path, self.user_versions)
+            tracker = await open_tracker(self.path, hub)
         except OSError:
             raise ContainerExpired(f"Container {self.cid} no longer exists.") from None
-        self.usage = result.usage_bytes
-        self.scan_inline = result.seconds < 0.0005 and len(result.files) < 200
-        return self._printable(result.files)
+        self.attach(tracker)
 
-    def _printable(self, listed: list[RemoteFile]) -> list[RemoteFile]:
-        """A name that is not UTF-8 cannot travel in a tool result: it is listed (and harvested) under its bytes
-        escaped ("bad\\xff.txt"), and `fetch` reads the real file behind that name."""
-        self.real_names = {}
-        for i, f in enumerate(listed):
-            try:
-                f.path.encode("utf-8")
-            except UnicodeEncodeError:
-                shown = os.fsencode(f.path).decode("utf-8", "backslashreplace")
-                self.real_names[shown] = f.path
-                listed[i] = dataclasses.replace(f, path=shown)
-        return listed
+    def attach(self, tracker: ChangeTracker) -> None:
+        """Take over a tracker already started on this folder (a warm spare's)."""
+        self.tracker = tracker
+        self._files = {}
+        for path, entry in tracker.files.items():
+            self._set(path, entry)
+        self._listing = None
 
-    def measure(self) -> files.Scan:
-        """Disk usage only (blocking: the quota watch's thread). OSError when the folder is being deleted."""
-        result = files.scan(self.path, with_files=False)
-        self.usage = result.usage_bytes
-        return result
+    def close(self) -> None:
+        tracker, self.tracker = self.tracker, None
+        if tracker is not None:
+            tracker.close()
+
+    def _require(self) -> ChangeTracker:
+        if self.tracker is None:
+            raise ContainerExpired(f"Container {self.cid} no longer exists.")
+        return self.tracker
+
+    @property
+    def usage(self) -> int:
+        """Disk bytes the folder really occupies, as of the last events read (st_blocks, per inode)."""
+        return self.tracker.usage_bytes if self.tracker is not None else 0
+
+    def pump(self) -> None:
+        """Read the events queued now (the quota callback runs from here when the folder crossed its limit)."""
+        tracker = self.tracker
+        if tracker is not None and tracker.hub is not None:
+            tracker.hub.pump()
+            tracker.check_quota()
+
+    async def list(self) -> list[RemoteFile]:
+        tracker = self._require()
+        try:
+            changes = await tracker.changes()
+        except OSError:
+            raise ContainerExpired(f"Container {self.cid} no longer exists.") from None
+        if tracker.gone:
+            raise ContainerExpired(f"Container {self.cid} no longer exists.")
+        index = tracker.files
+        for path in (*changes.changed, *changes.removed, *changes.symlinks, *changes.specials):
+            self._set(path, index.get(path))
+        if self._listing is None:
+            self._listing = sorted(self._files.values(), key=lambda f: f.path)
+        return self._listing  # the same list while nothing changes (the engine's O(1) unchanged test): read only
+
+    def _set(self, path: str, entry: Entry | None) -> None:
+        self._listing = None
+        if entry is None or entry.kind == "dir":
+            self._files.pop(path, None)
+            return
+        shown = path
+        try:
+            path.encode("utf-8")
+        except UnicodeEncodeError:
+            # Not representable in a tool result: listed (and harvested) under its bytes escaped ("bad\\xff.txt");
+            # fetches read the real file behind that name.
+            shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+            self.real_names[shown] = path
+        version = entry.version
+        if entry.kind != "file":
+            # Listed so the caller can say what was skipped; never followed nor fetched.
+            why = "a symbolic link" if entry.kind == "symlink" else "not a regular file"
+            self._files[path] = RemoteFile(path=shown, bytes=0, version="x" + version, skipped=why)
+            return
+        self._files[path] = RemoteFile(
+            path=shown,
+            bytes=entry.size,
+            version=version,
+            source="user" if self.user_versions.get(path) == version else "generated",
+            created_at=entry.mtime_ns / 1e9,
+        )
 
     async def fetch(self, path: str, dest: Path, max_bytes: int) -> FetchResult:
         real = self.real_names.get(path, path)
-        return await anyio.to_thread.run_sync(
-            files.fetch, self.path, real, Path(dest), int(max_bytes), limiter=self._fetch_threads
-        )
+        return await anyio.to_thread.run_sync(files.fetch, self.path, real, Path(dest), int(max_bytes))
+
+    async def fetch_many(self, items: list[tuple[str, Path]], max_bytes: int) -> list[FetchResult | CIError]:
+        """A harvest's batch in one thread hop (`files.fetch_many`)."""
+        pairs = [(self.real_names.get(path, path), Path(dest)) for path, dest in items]
+        return await anyio.to_thread.run_sync(files.fetch_many, self.path, pairs, int(max_bytes))
 
     async def put(self, src: Path, dest_path: str, max_file_bytes: int, quota_bytes: int) -> RemoteFile:
-        def do_put() -> tuple[RemoteFile, int]:
-            used = files.scan(self.path, with_files=False).usage_bytes
-            remote = files.put(
+        self.pump()
+        used = self.usage
+
+        def do_put() -> RemoteFile:
+            return files.put(
                 self.path,
                 Path(src),
                 dest_path,
@@ -85,9 +148,9 @@ class DataFolder:
                 int(max_file_bytes),
                 room_bytes=max(quota_bytes - used, 0),
             )
-            return remote, used
 
-        remote, used = await anyio.to_thread.run_sync(do_put)
+        remote = await anyio.to_thread.run_sync(do_put)
         self.user_versions[remote.path] = remote.version
-        self.usage = used + remote.bytes
+        self._files[remote.path] = remote
+        self._listing = None
         return remote

@@ -53,10 +53,19 @@ class LaunchSpec:
     limits: dict[str, Any]  # rlimits, applied by the worker itself before any user code runs
     tmp_bytes: int  # size of the sandbox's private /tmp
     mpl_cache: Path | None  # the prebuilt matplotlib font list (fonts.py)
+    packages: Path | None = None  # the folder of installed package sets, readable (never writable) by the worker
+    threads: int = 1  # BLAS/OpenMP threads (the CPUs the sandbox may use)
 
 
 def worker_config(
-    spec: LaunchSpec, fds: WorkerFds, *, workdir: str, mplconfigdir: str, mpl_cache: str | None, may_kill_strays: bool
+    spec: LaunchSpec,
+    fds: WorkerFds,
+    *,
+    workdir: str,
+    mplconfigdir: str,
+    mpl_cache: str | None,
+    may_kill_strays: bool,
+    packages_dir: str | None = None,
 ) -> dict[str, Any]:
     """The worker's JSON config (argv): the paths as the worker sees them are the launcher's to say."""
     return {
@@ -67,6 +76,7 @@ def worker_config(
         "mplconfigdir": mplconfigdir,
         "mpl_cache": mpl_cache,
         "may_kill_strays": may_kill_strays,
+        "packages_dir": packages_dir,
         "req_fd": fds.req_r,
         "resp_fd": fds.resp_w,
         "out_fd": fds.out_fd,

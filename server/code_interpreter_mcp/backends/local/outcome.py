@@ -87,6 +87,21 @@ def ignored_quota(error: ExecError) -> ExecError:
     return error
 
 
+def kept_writing(error: ExecError, margin_mb: int) -> ExecError:
+    """A quota breach the code kept writing past (by the hard margin): the sandbox was killed."""
+    error.message += f" It kept writing ({margin_mb} MiB past the quota), so the worker was stopped. {LOST_SUFFIX}"
+    return error
+
+
+def over_memory(memory_mb: int) -> ExecError:
+    """The container's processes together held more than memory_mb (the RSS check where no cgroup exists)."""
+    return ExecError(
+        "MemoryError",
+        f"The container's processes together used more than memory_mb={memory_mb} MiB, so the worker was "
+        f"stopped. {LOST_SUFFIX}",
+    )
+
+
 def worker_died(printed: Printed, reason: str, *, cpu_seconds: int, destroyed: bool) -> ExecOutcome:
     if "CPU-time" in reason:
         reason += f" (cpu_seconds={cpu_seconds})"

@@ -1,16 +1,18 @@
 """The workers of this backend's containers: starting one, replacing one that died, interrupting then killing,
-clearing away what an interrupted run left running, and stopping them all.
+clearing away what an interrupted run left running, and stopping them all; how many may live at once; warm spares.
 
-A container has at most one worker; it starts eagerly with the container and is respawned lazily (the next run
-reports `state_lost`) after it died or had to be killed. The pool reaches workers only through the launcher of the
-isolation profile chosen at start-up (`LAUNCHERS`: one entry per way a worker can run), so it knows nothing of
-bubblewrap. Caps on live workers, eviction of idle ones and warm spares belong here.
+A container has at most one worker; it starts with the container (a warm spare when one is ready) and is respawned
+lazily (the next run reports `state_lost`) after it died, had to be killed, or was evicted. The pool reaches
+workers only through the launcher of the isolation profile chosen at start-up (`LAUNCHERS`: one entry per way a
+worker can run), so it knows nothing of bubblewrap. Every worker is put into its container's memory group
+(memory.py). Caps and spares are capacity.py's (`Capacity`); this module asks it for room before each start.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+import os
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 
 import anyio
@@ -21,6 +23,7 @@ from . import sandbox
 from .bubblewrap import BubblewrapLauncher
 from .containers import Container
 from .launcher import Launcher, LaunchSpec
+from .memory import MemoryLimiter
 from .process import Printed, WorkerGone, WorkerProcess, WorkerStartError
 from .unsandboxed import UnsandboxedLauncher
 
@@ -43,23 +46,49 @@ LAUNCHERS: dict[sandbox.Mode, Callable[[sandbox.Profile, bytes | None], Launcher
 }
 
 
+def package_sets(settings: Settings) -> Path | None:
+    """The installed package sets every worker may import from (None: packages are off on this server)."""
+    return settings.package_sets_path if settings.packages_policy != "off" else None
+
+
+def blas_threads(settings: Settings) -> int:
+    """BLAS/OpenMP threads in the sandbox: the setting, else the CPUs this process (and so the sandbox) may use."""
+    if settings.blas_threads is not None:
+        return int(settings.blas_threads)
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
 class WorkerPool:
     """Workers for containers, all started one way (the profile's launcher)."""
 
     def __init__(
-        self, settings: Settings, profile: sandbox.Profile, seccomp: bytes | None, mpl_cache: Path | None = None
+        self,
+        settings: Settings,
+        profile: sandbox.Profile,
+        seccomp: bytes | None,
+        mpl_cache: Path | None = None,
+        memory: MemoryLimiter | None = None,
     ) -> None:
         self.settings = settings
         self.profile = profile
         self.launcher = LAUNCHERS[profile.mode](profile, seccomp)
         self.mpl_cache = mpl_cache  # the prebuilt matplotlib font list new workers get (fonts.py)
+        self.packages = package_sets(settings)
+        self.memory = memory or MemoryLimiter(int(settings.memory_mb) * 1024 * 1024)
+        self.threads = blas_threads(settings)
+        # Asked before each worker start for room under the caps (capacity.py sets it); raises CapacityError.
+        self.make_room: Callable[[Container], Awaitable[None]] | None = None
 
     @property
     def sandboxed(self) -> bool:
         return self.launcher.sandboxed
 
-    async def spawn(self, root: Path, uid: int | None, gid: int | None) -> WorkerProcess:
-        """A new worker for the container folder `root`. WorkerStartError when it does not come up."""
+    async def spawn(self, root: Path, uid: int | None, gid: int | None, group: str | None = None) -> WorkerProcess:
+        """A new worker for the container folder `root`, in the memory group of container `group` when given.
+        WorkerStartError when it does not come up."""
         s = self.settings
         tmp_mb = s.tmp_size_mb if s.tmp_size_mb is not None else min(int(s.box_size_mb), 512)
         spec = LaunchSpec(
@@ -70,19 +99,31 @@ class WorkerPool:
             limits=sandbox.rlimits(s, self.profile),
             tmp_bytes=int(tmp_mb) * 1024 * 1024,
             mpl_cache=self.mpl_cache,
+            packages=self.packages,
+            threads=self.threads,
         )
-        return await WorkerProcess.spawn(self.launcher, spec)
+        worker = await WorkerProcess.spawn(self.launcher, spec)
+        # Before any user code runs (the worker waits for its first request): what it starts stays in the group.
+        if group is not None:
+            self.memory.place(group, list(worker.process.pids().values()))
+        return worker
 
     async def ensure(self, c: Container) -> tuple[WorkerProcess, bool]:
-        """The container's live worker, starting one if needed; True when an earlier one was lost."""
+        """The container's live worker, starting one if needed; True when an earlier one was lost.
+        CapacityError when no room can be made for a new one."""
         if c.worker is not None and c.worker.alive():
             return c.worker, False
         lost = c.had_worker
         await self.stop(c)
+        c.starting = True  # counted as live from here, so concurrent starts see it
         try:
-            worker = await self.spawn(c.root, c.uid, c.gid)
+            if self.make_room is not None:
+                await self.make_room(c)
+            worker = await self.spawn(c.root, c.uid, c.gid, group=c.state.id)
         except WorkerStartError as exc:
             raise BackendError(f"The sandboxed Python worker did not start: {exc}") from None
+        finally:
+            c.starting = False
         c.worker = worker
         c.had_worker = True
         return worker, lost
@@ -92,6 +133,7 @@ class WorkerPool:
         worker, c.worker = c.worker, None
         if worker is not None:
             await worker.kill()
+            self.memory.remove(c.state.id)
 
     async def stop_all(self, containers: Iterable[Container]) -> None:
         with anyio.CancelScope(shield=True):
@@ -133,6 +175,7 @@ class WorkerPool:
         if c.worker is worker:
             c.worker = None
         c.had_worker = False
+        self.memory.remove(c.state.id)
         return printed
 
     async def _discard(self, c: Container, worker: WorkerProcess) -> None:
@@ -140,4 +183,5 @@ class WorkerPool:
         if c.worker is worker:
             c.worker = None
         await worker.kill()
+        self.memory.remove(c.state.id)
         c.state_lost_pending = True

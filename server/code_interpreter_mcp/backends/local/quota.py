@@ -1,78 +1,93 @@
-"""The disk quota of a container's data folder (`settings.box_size_mb`): watching it, and what breaching it does.
+"""The disk quota of a container's data folder (`settings.box_size_mb`), enforced from the folder's change events.
 
-RLIMIT_FSIZE caps each file at `max_file_bytes`; for the folder as a whole a host-side thread measures each live
-container's data folder every `quota_check_interval_s` (0.5 s). A run that pushes the folder past its quota is
-interrupted with a DiskQuotaExceeded error (runs.py waits for `quota_hit`), and a worker that keeps growing an
-over-quota folder between runs (a background writer) is stopped. A folder over quota stays usable, so code can
-delete files; uploads that would not fit are refused (folder.py). A --size tmpfs cannot serve here: files must
-persist on the host. A quota fed by kernel events would replace the thread here and nowhere else.
+The folder's tracker (folder.py, changes.py) keeps its real-block usage from inotify events and calls back on the
+event loop, in the pump that read the event of the write that crossed the limit, so an idle container costs
+nothing (no thread, no timer, no scan). What a breach does:
+- during a run: every process the run started is killed at once (SIGKILL, host side), the run is interrupted
+  (SIGINT, so its variables are kept) and reports DiskQuotaExceeded. If the folder still grows past the limit by
+  `HARD_MARGIN` (code that ignores the interrupt, a thread of the worker), the whole sandbox is killed at once and
+  the run reports the quota error with `state_lost`;
+- between runs (a process or thread left running by the code): the sandbox is killed at once and the next run says
+  `state_lost` and why, in a warning.
+A folder over quota stays usable, so code can delete files; uploads that would not fit are refused (folder.py).
+
+The margin, what a folder can exceed the quota by: `HARD_MARGIN` (4 MiB) plus, for each process writing at the
+moment of the breach, the write call in flight (its event comes when the call returns; one call is bounded by
+RLIMIT_FSIZE, `max_file_bytes`) and what it writes in the reaction time (0.1 to 0.4 ms measured). `fallocate`
+is refused in the sandbox (seccomp.py: EOPNOTSUPP), so glibc's posix_fallocate writes a byte per block and is seen
+like any writer; sparse files count the blocks they really allocated. Two gaps the kernel gives no event for are
+bounded by RLIMIT_FSIZE per file: stores through a shared mmap into a file's holes (seen when it is closed), and
+writes to a file deleted while open. Without bubblewrap (unsafe mode) there is no seccomp filter, so fallocate is
+not bounded there.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
-from collections.abc import Callable
-from typing import Any
-
-import anyio
-import anyio.from_thread
+import signal
 
 from ...config import Settings
 from ..base import ExecError
-from .containers import Container, ContainerRegistry
+from . import procs
+from .containers import Container
 from .outcome import LOST_SUFFIX
 from .pool import WorkerPool
+from .service import Service
 
 logger = logging.getLogger(__name__)
 
 _MIB = 1024 * 1024
+HARD_MARGIN = 4 * _MIB
 
 
 class QuotaGuard:
-    """Enforces the quota of every container in `containers`, stopping workers through `pool`."""
+    """Enforces the quota of each watched container, stopping workers through `pool`."""
 
-    def __init__(self, settings: Settings, containers: ContainerRegistry, pool: WorkerPool) -> None:
+    def __init__(self, settings: Settings, pool: WorkerPool, service: Service) -> None:
         self.quota_mb = settings.box_size_mb
         self.quota_bytes = int(settings.box_size_mb) * _MIB
-        interval = settings.quota_check_interval_s
-        self.interval = float(interval if interval is not None else 0.5)
-        self.containers = containers
         self.pool = pool
-        self._watch: _Watch | None = None
+        self.service = service
 
-    def start(self, token: Any) -> None:
-        """Start watching; `token` is the event loop's (anyio.lowlevel.current_token())."""
-        self._watch = _Watch(self.containers.live, self.quota_bytes, self._exceeded, token, self.interval)
-        self._watch.start()
+    def watch(self, c: Container) -> None:
+        """Enforce the quota on `c` from now on (its folder is open)."""
+        tracker = c.folder.tracker
+        if tracker is not None:
+            tracker.set_quota(self.quota_bytes, lambda used: self._exceeded(c, used))
 
-    async def aclose(self) -> None:
-        watch, self._watch = self._watch, None
-        if watch is not None:
-            watch.stop.set()
-            await anyio.to_thread.run_sync(watch.join, 5.0)
-
-    async def _exceeded(self, c: Container) -> None:
-        """Called on the loop by the watch: the folder grew past its quota."""
-        if c.destroyed or c.worker is None:
+    def _exceeded(self, c: Container, used: int) -> None:
+        """On the loop, inside the pump that saw the folder grow past its quota (again): must not block."""
+        worker = c.worker
+        if c.destroyed or worker is None or not worker.alive():
             return
-        if c.lock.locked():  # a run is in progress: its wait loop interrupts it
-            c.quota_hit = c.folder.usage
+        if c.running:
+            c.quota_hit = used
+            root = worker.process.pids().get("init", worker.worker_pid)
+            if root is not None:
+                procs.kill([p for p in procs.descendants(root) if p != worker.worker_pid])
+            if used > self.quota_bytes + HARD_MARGIN:
+                c.quota_killed = True
+                worker.process.send_signal(signal.SIGKILL)  # the sandbox's init follows its only child
+            if c.wake is not None:
+                c.wake.cancel()
             return
+        logger.warning(
+            "container %s: data folder over its %s MiB quota between runs; stopping its worker",
+            c.state.id,
+            self.quota_mb,
+        )
+        worker.process.send_signal(signal.SIGKILL)
+        c.state_lost_pending = True
+        c.pending_warnings.append(
+            f"The worker was stopped between runs because the data folder grew past its {self.quota_mb} MiB "
+            f"quota (a background writer?). {LOST_SUFFIX}"
+        )
+        self.service.spawn("quota-stop", lambda: self._reap(c, worker))
+
+    async def _reap(self, c: Container, worker: object) -> None:
         async with c.lock:
-            if c.destroyed or c.worker is None or c.folder.usage <= self.quota_bytes:
-                return  # a run got in first and freed space
-            logger.warning(
-                "container %s: data folder over its %s MiB quota between runs; stopping its worker",
-                c.state.id,
-                self.quota_mb,
-            )
-            await self.pool.stop(c)
-            c.state_lost_pending = True
-            c.pending_warnings.append(
-                f"The worker was stopped between runs because the data folder grew past its {self.quota_mb} MiB "
-                f"quota (a background writer?). {LOST_SUFFIX}"
-            )
+            if c.worker is worker:
+                await self.pool.stop(c)
 
     def error(self, c: Container, interrupted: bool) -> ExecError:
         used = max(c.folder.usage, c.quota_hit or 0) // _MIB
@@ -91,52 +106,3 @@ class QuotaGuard:
             f"The data folder uses {c.folder.usage // _MIB} MiB, over its {self.quota_mb} MiB "
             "quota: delete files in /mnt/data; runs that keep writing are interrupted."
         )
-
-
-class _Watch(threading.Thread):
-    """Measures every live container's data folder and reports growth past the quota to the event loop."""
-
-    def __init__(
-        self,
-        containers: Callable[[], list[Container]],
-        quota: int,
-        exceeded: Callable[[Container], Any],
-        token: Any,
-        interval: float,
-    ) -> None:
-        super().__init__(name="ci-local-quota", daemon=True)
-        self.containers = containers
-        self.quota = quota
-        self.exceeded = exceeded
-        self.token = token
-        self.interval = interval
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        quota = self.quota
-        delay = self.interval
-        while not self.stop.wait(delay):
-            spent = 0.0
-            try:
-                containers = self.containers()
-            except RuntimeError:  # changed size under us: next round
-                continue
-            for c in containers:
-                if c.destroyed or c.worker is None or self.stop.is_set():
-                    continue
-                try:
-                    result = c.folder.measure()
-                except OSError:  # being deleted
-                    continue
-                spent += result.seconds
-                if result.usage_bytes > quota and result.usage_bytes > c.quota_mark:
-                    c.quota_mark = result.usage_bytes
-                    try:
-                        anyio.from_thread.run(self.exceeded, c, token=self.token)
-                    except Exception:  # the event loop is gone: nothing left to watch
-                        logger.debug("quota watch stopping", exc_info=True)
-                        return
-                elif result.usage_bytes <= quota:
-                    c.quota_mark = quota
-            # Huge folders: never spend more than ~10% of the time scanning.
-            delay = max(self.interval, spent * 10)

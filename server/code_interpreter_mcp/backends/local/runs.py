@@ -10,18 +10,20 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import anyio
 
 from ...config import Settings
-from ...errors import ContainerExpired
+from ...errors import BackendError, ContainerExpired
 from ..base import ExecOutcome, ExecRequest, Progress
 from . import outcome
 from .containers import Container
 from .pool import WorkerPool
 from .process import WorkerGone, WorkerProcess
-from .quota import QuotaGuard
+from .quota import HARD_MARGIN, QuotaGuard
+from .streaming import CaptureTail
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +52,13 @@ class Runner:
             c.state_lost_pending = False
             c.quota_hit = None
             worker, restarted = await self.pool.ensure(c)
-            result = await self._run(c, worker, request, progress)
+            c.running = True
+            try:
+                result = await self._run(c, worker, request, progress)
+            finally:
+                c.folder.pump()  # a breach by the run's last writes is the run's, not a background writer's
+                c.running = False
+                c.quota_killed = False
             result.state_lost = result.state_lost or state_lost or restarted
             over = self.quota.over_quota_warning(c)
             if over is not None:
@@ -67,14 +75,21 @@ class Runner:
         structured = request.structured is not None
         cap = int(self.settings.output_cap_chars)
         req = {"op": "exec", "code": request.code, "run": int(request.run_number), "structured": structured, "cap": cap}
+        if request.package_paths:
+            req["packages"] = self._package_sets(request.package_paths)
         grace = float(self.settings.interrupt_grace_s)
         try:
             rid = await worker.send(req)
             resp, reason = worker.poll_response(rid, SPIN_S), None
             if resp is None:
-                resp, reason = await self._wait_result(c, worker, rid, float(request.timeout_s), grace)
+                tail = CaptureTail({"stdout": worker.out_fd, "stderr": worker.err_fd}, request.on_output)
+                resp, reason = await self._wait_result(c, worker, rid, float(request.timeout_s), grace, tail)
         except WorkerGone as exc:
             logger.info("worker of %s died: %s", c.state.id, exc)
+            if c.quota_killed:
+                printed = await self.pool.retire(c, worker)
+                error = outcome.kept_writing(self.quota.error(c, interrupted=True), HARD_MARGIN // 2**20)
+                return outcome.lost(printed, "error", error)
             return await self._died(c, worker, str(exc), exc.eof)
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True):
@@ -97,8 +112,18 @@ class Runner:
             result.warnings.append(self.quota.error(c, interrupted=False).message)
         return result
 
+    def _package_sets(self, paths: list[Path]) -> list[str]:
+        """The sets as the worker names them: relative to the store every worker binds (sitepaths.py)."""
+        root = self.pool.packages
+        if root is None:
+            raise BackendError("Packages are turned off on this server, so no package set can be mounted.")
+        try:
+            return [str(p.relative_to(root)) for p in paths]
+        except ValueError:
+            raise BackendError(f"A package set must lie in {root}; got {paths}.") from None
+
     async def _wait_result(
-        self, c: Container, worker: WorkerProcess, rid: int, timeout_s: float, grace: float
+        self, c: Container, worker: WorkerProcess, rid: int, timeout_s: float, grace: float, tail: CaptureTail
     ) -> tuple[dict[str, Any] | None, str | None]:
         """The run's answer, interrupting it at the time limit or on a quota breach. (None, reason) when it would
         not stop within the grace period."""
@@ -108,32 +133,47 @@ class Runner:
         poll = 0.25
         while True:
             now = anyio.current_time()
+            tail.poll()
             if reason is None:
                 if c.quota_hit is not None:
                     reason = "quota"
                 elif now >= deadline:
                     reason = "timeout"
+                elif self.pool.memory.over_rss(worker.process.pids().get("init", worker.worker_pid)):
+                    return None, "memory"  # the no-cgroup fallback: no interrupt frees memory reliably
                 if reason is not None:
                     worker.interrupt()
                     kill_at = now + grace
             if kill_at is not None and now >= kill_at:
                 return None, reason
             wake = kill_at if kill_at is not None else min(deadline, now + poll)
-            with anyio.move_on_after(max(wake - now, 0)):
-                return await worker.response(rid), reason
+            with anyio.move_on_after(max(wake - now, 0)) as scope:
+                c.wake = scope
+                try:
+                    return await worker.response(rid), reason
+                finally:
+                    c.wake = None
 
     async def _died(self, c: Container, worker: WorkerProcess, detail: str, eof: bool) -> ExecOutcome:
         if eof:
             # Let it finish dying first, so its own exit status (signal, code) is what gets reported.
             await worker.wait(1.0)
+        oom = self.pool.memory.oom_kills(c.state.id) > 0
         printed = await self.pool.retire(c, worker)
         reason = worker.exit_reason() if eof else detail
+        if oom:
+            reason = (
+                f"out of memory: the container's processes together reached memory_mb={self.settings.memory_mb} "
+                f"MiB and the kernel stopped the worker ({reason})"
+            )
         return outcome.worker_died(printed, reason, cpu_seconds=self.settings.cpu_seconds, destroyed=c.destroyed)
 
     async def _ignored_interrupt(
         self, c: Container, worker: WorkerProcess, reason: str | None, timeout_s: float
     ) -> ExecOutcome:
         printed = await self.pool.retire(c, worker)
+        if reason == "memory":
+            return outcome.lost(printed, "error", outcome.over_memory(int(self.settings.memory_mb)))
         if reason == "quota":
             return outcome.lost(printed, "error", outcome.ignored_quota(self.quota.error(c, interrupted=True)))
         return outcome.lost(printed, "timeout", outcome.ignored_timeout(timeout_s))

@@ -29,9 +29,10 @@ WORKDIR = "/mnt/data"
 WORKER_DIR_IN = "/opt/code-interpreter"
 MPL_CACHE_IN = WORKER_DIR_IN + "/mpl-cache"
 MPLCONFIGDIR_IN = "/tmp/matplotlib"
+PACKAGES_IN = "/opt/packages"  # the store's installed package sets, read-only
 HERE = Path(__file__).resolve().parent
 # The worker and the modules it loads by file path (stdlib only): mounted side by side into the sandbox.
-WORKER_FILES = ("worker.py", "cell.py", "protocol.py")
+WORKER_FILES = ("worker.py", "cell.py", "protocol.py", "sitepaths.py")
 WORKER_FILE = HERE / "worker.py"
 
 
@@ -116,11 +117,12 @@ def worker_command(worker_path: str, config: dict[str, Any]) -> list[str]:
     return [interpreter(), "-I", "-B", worker_path, json.dumps(config, separators=(",", ":"))]
 
 
-def sandbox_env(home: str, tmp: str, mplconfigdir: str, user: str = "sandbox") -> dict[str, str]:
-    """The worker's whole environment: built from scratch, so no API key or token of the server can leak in."""
+def sandbox_env(home: str, tmp: str, mplconfigdir: str, user: str = "sandbox", threads: int = 1) -> dict[str, str]:
+    """The worker's whole environment: built from scratch, so no API key or token of the server can leak in.
+    `threads`: BLAS/OpenMP threads, the CPUs the sandbox may use (pool.blas_threads)."""
     exe_dir = os.path.dirname(interpreter())
     path = ":".join(dict.fromkeys([exe_dir, "/usr/local/bin", "/usr/bin", "/bin"]))
-    threads = "1"
+    threads_s = str(max(1, int(threads)))
     return {
         "PATH": path,
         "HOME": home,
@@ -132,11 +134,11 @@ def sandbox_env(home: str, tmp: str, mplconfigdir: str, user: str = "sandbox") -
         "MPLCONFIGDIR": mplconfigdir,
         "XDG_CACHE_HOME": os.path.join(home, ".cache"),
         "XDG_CONFIG_HOME": os.path.join(home, ".config"),
-        "OPENBLAS_NUM_THREADS": threads,
-        "OMP_NUM_THREADS": threads,
-        "MKL_NUM_THREADS": threads,
-        "NUMEXPR_NUM_THREADS": threads,
-        "VECLIB_MAXIMUM_THREADS": threads,
+        "OPENBLAS_NUM_THREADS": threads_s,
+        "OMP_NUM_THREADS": threads_s,
+        "MKL_NUM_THREADS": threads_s,
+        "NUMEXPR_NUM_THREADS": threads_s,
+        "VECLIB_MAXIMUM_THREADS": threads_s,
         "PYTHONDONTWRITEBYTECODE": "1",
         "PYTHONNOUSERSITE": "1",
     }

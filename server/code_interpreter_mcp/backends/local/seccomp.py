@@ -1,6 +1,9 @@
 """The seccomp filter of a bubblewrap sandbox: a classic-BPF program handed to `bwrap --seccomp FD`.
 
-It refuses namespace creation, mounts, keyrings, bpf, userfaultfd, perf, io_uring and the like (x86_64, aarch64).
+It refuses namespace creation, mounts, keyrings, bpf, userfaultfd, perf, io_uring and the like (x86_64, aarch64),
+and makes `fallocate` unsupported (EOPNOTSUPP, as on a filesystem without it): it reserves disk at about a TB/s, past
+any quota watch, while glibc's posix_fallocate then falls back to writing a byte per block, which the disk quota
+sees like any writer (quota.py).
 This module only builds the program's bytes; how they reach bwrap is bubblewrap.py's business, and whether the
 kernel honours them is the probe's.
 """
@@ -23,10 +26,12 @@ _DENY = {  # name: (x86_64, aarch64)
     "acct": (163, 89), "swapon": (167, 224), "swapoff": (168, 225), "reboot": (169, 142), "quotactl": (179, 60),
     "lookup_dcookie": (212, 18),
 }  # fmt: skip
+# Syscalls answered EOPNOTSUPP: unsupported here, so callers take their portable path.
+_UNSUPPORTED = {"fallocate": (285, 47)}  # name: (x86_64, aarch64)
 _ARCHES = ("x86_64", "aarch64")
 _ARCH = {"x86_64": (0xC000003E, 56, 435), "aarch64": (0xC00000B7, 220, 435)}  # audit arch, clone, clone3
 _CLONE_NS_FLAGS = 0x7E020000  # NEWNS|NEWCGROUP|NEWUTS|NEWIPC|NEWUSER|NEWPID|NEWNET
-_EPERM, _ENOSYS = 1, 38
+_EPERM, _ENOSYS, _EOPNOTSUPP = 1, 38, 95
 _RET_ALLOW = 0x7FFF0000
 _RET_ERRNO = 0x00050000
 _LD_W_ABS, _JEQ_K, _JGE_K, _JSET_K, _RET_K = 0x20, 0x15, 0x35, 0x45, 0x06
@@ -61,6 +66,9 @@ def program(machine: str | None = None) -> bytes | None:
     for nr in sorted(numbers[column] for numbers in _DENY.values()):
         jump(_JEQ_K, nr, 0, 1)
         stmt(_RET_K, _RET_ERRNO | _EPERM)
+    for nr in sorted(numbers[column] for numbers in _UNSUPPORTED.values()):
+        jump(_JEQ_K, nr, 0, 1)
+        stmt(_RET_K, _RET_ERRNO | _EOPNOTSUPP)
     # clone3 hides its flags in memory a filter cannot read: ENOSYS makes glibc fall back to clone.
     jump(_JEQ_K, nr_clone3, 0, 1)
     stmt(_RET_K, _RET_ERRNO | _ENOSYS)

@@ -29,8 +29,9 @@ class UnsandboxedLauncher:
             mplconfigdir=mplconfigdir,
             mpl_cache=str(spec.mpl_cache) if spec.mpl_cache else None,
             may_kill_strays=False,
+            packages_dir=str(spec.packages) if spec.packages is not None else None,
         )
-        env = sandbox.sandbox_env(home=tmp, tmp=tmp, mplconfigdir=mplconfigdir)
+        env = sandbox.sandbox_env(home=tmp, tmp=tmp, mplconfigdir=mplconfigdir, threads=spec.threads)
         argv = sandbox.worker_command(str(sandbox.WORKER_FILE), cfg)
         return BareWorker(popen(argv, env, str(spec.data), log_fd, fds.all()))
 

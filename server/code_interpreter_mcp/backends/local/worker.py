@@ -1,8 +1,9 @@
 """The program that runs INSIDE the sandbox: one long-lived Python interpreter that executes cells on request.
 
 Started as `python -I -B worker.py '<config json>'` (inside bubblewrap, or bare in unsafe mode). It imports only the
-standard library at start-up, and its siblings protocol.py (the wire format) and cell.py (running one cell) by file
-path under private names, never anything of the server's package. In order, before any user code runs it:
+standard library at start-up, and its siblings protocol.py (the wire format), cell.py (running one cell) and
+sitepaths.py (the run's package sets on sys.path) by file path under private names, never anything of the server's
+package. In order, before any user code runs it:
 1. lowers its rlimits (memory, CPU, file size, open files, processes, core);
 2. drops to the container's dedicated uid/gid (when the host asks: a root server runs bwrap without a user
    namespace and grants only CAP_SETUID/CAP_SETGID, which this switch clears), so RLIMIT_NPROC applies;
@@ -39,6 +40,7 @@ def _load_sibling(filename: str, name: str) -> types.ModuleType:
 
 _protocol = _load_sibling("protocol.py", "_ci_worker_protocol")
 _cell = _load_sibling("cell.py", "_ci_worker_cell")
+_sitepaths = _load_sibling("sitepaths.py", "_ci_worker_sitepaths")
 
 Config = dict  # the JSON config from argv (a plain alias: `typing` costs ~9 ms at start-up)
 
@@ -216,10 +218,12 @@ def main() -> None:
     os.umask(0o022)
     os.chdir(cfg["workdir"])
     _prepare_matplotlib(cfg)
+    sys.meta_path.insert(0, _cell.SavedFigures())  # type: ignore[arg-type]
     _cell.State.pid = os.getpid()
     signal.signal(signal.SIGINT, _cell.on_sigint)
 
     runner = _cell.Runner(cfg, _protocol)
+    sets = _sitepaths.Sets(cfg.get("packages_dir"))
     reaper = _ZombieReaper()
     os.dup2(runner.null_fd, 0)
     os.dup2(runner.null_fd, 1)
@@ -251,7 +255,13 @@ def main() -> None:
                 break  # the host closed the pipe: shut down
             op = req.get("op")
             if op == "exec":
+                try:
+                    notes = sets.use(req.get("packages"))
+                except (OSError, ValueError, RuntimeError) as exc:
+                    notes = [f"the session's packages could not be made importable: {exc}"]
                 resp = runner.execute(req)
+                if notes:
+                    resp["warnings"] = notes + list(resp.get("warnings") or [])
                 reaper.reap()
             elif op == "ping":
                 resp = {"op": "pong"}

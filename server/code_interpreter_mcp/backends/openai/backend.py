@@ -42,7 +42,15 @@ class OpenAIBackend:
     name = "openai"
     isolation = "remote"
     # repair_json makes a second structured pass; the stream says when the code_interpreter call completed
-    capabilities = Capabilities(model=True, signals_code_done=True)
+    capabilities = Capabilities(
+        model=True,
+        signals_code_done=True,
+        streams_output=True,
+        packages=False,  # the hosted container has no network for an installer
+        preinstalled="OpenAI's hosted image, which already ships several hundred common packages (numpy, pandas, "
+        "matplotlib, scipy, scikit-learn, seaborn, statsmodels, sympy, openpyxl, tabulate and more): import them "
+        "directly",
+    )
 
     def __init__(
         self,
@@ -110,7 +118,9 @@ class OpenAIBackend:
 
     # ----- containers ---------------------------------------------------------------------------------------
 
-    async def create_container(self, session_id: str, expires_after_s: float) -> ContainerState:
+    async def create_container(
+        self, session_id: str, expires_after_s: float, owner: str | None = None
+    ) -> ContainerState:
         state = await containers.create(
             self._api(), session_id, expires_after_s, self.settings.openai_memory_limit, self._scrub
         )
@@ -132,7 +142,7 @@ class OpenAIBackend:
         final: dict[str, Any] | None = None
         with anyio.move_on_after(deadline):
             final = await responses.stream_final(
-                self._api(), kwargs, progress, self._scrub, "running the code", request.code_done
+                self._api(), kwargs, progress, self._scrub, "running the code", request.code_done, request.on_output
             )
         if final is None:
             return ExecOutcome(
@@ -160,6 +170,22 @@ class OpenAIBackend:
         return await files.fetch_file(
             self._download_client, container, file, dest, max_bytes, self._scrub, self._policy, self._limiter
         )
+
+    async def fetch_files(
+        self, container: ContainerState, items: list[tuple[RemoteFile, Path]], max_bytes: int
+    ) -> list[FetchResult | errors.CIError]:
+        out: list[FetchResult | errors.CIError] = [errors.DownloadFailed("not fetched")] * len(items)
+
+        async def one(i: int, file: RemoteFile, dest: Path) -> None:
+            try:
+                out[i] = await self.fetch_file(container, file, dest, max_bytes)
+            except errors.CIError as exc:
+                out[i] = exc
+
+        async with anyio.create_task_group() as tg:  # the downloads' own limiter bounds them
+            for i, (file, dest) in enumerate(items):
+                tg.start_soon(one, i, file, dest)
+        return out
 
     async def put_file(self, container: ContainerState, src: Path, dest_path: str) -> RemoteFile:
         return await files.put_file(self._api(), container, src, dest_path, self.settings.max_file_bytes, self._scrub)

@@ -179,9 +179,11 @@ async def stream_final(
     scrub: Scrubber,
     what: str,
     on_code_done: Callable[[], None] | None = None,
+    on_output: Callable[[str, str], None] | None = None,
 ) -> dict[str, Any]:
     """Make one streamed responses.create call; return the final response object as a raw dict.
-    `on_code_done` is called when a code_interpreter_call item completes (the model may still be writing)."""
+    `on_code_done` is called when a code_interpreter_call item completes (the model may still be writing);
+    `on_output` gets that call's logs then, the earliest the stream carries what the code printed."""
     reporter = _ProgressReporter(progress)
     final: dict[str, Any] | None = None
     items: dict[int, Any] = {}
@@ -198,6 +200,10 @@ async def stream_final(
                 if etype == "response.output_item.done" and isinstance(event.get("output_index"), int):
                     item = event.get("item")
                     items[event["output_index"]] = item
+                    if on_output is not None and isinstance(item, dict) and item.get("type") == "code_interpreter_call":
+                        for out in item.get("outputs") or []:
+                            if isinstance(out, dict) and out.get("type") == "logs" and isinstance(out.get("logs"), str):
+                                on_output("stdout", out["logs"])
                     if (
                         on_code_done is not None
                         and isinstance(item, dict)

@@ -1,0 +1,11 @@
+"""The host store of harvested files: content-addressed blobs, the copy that fills it, and the history policy.
+
+- `copying`: a file copied in the kernel (`copy_file_range`) and hashed in the same pass, holes kept; a leaf
+  that both the engine and a backend may use (it knows only errors).
+- `blobs`: the `BlobStore`: blobs keyed by sha256 per owner under the data folder, reference counts rebuilt
+  from the registry, real-block accounting, the server-wide quota, release and sweep.
+- `catalog`: what the registry's records say about stored copies (reference counts, the upgrade's sizes).
+- `history`: which superseded versions of a session's paths to drop once its history quota is exceeded.
+
+Nothing here knows MCP, runs or backends; `blobs` and `history` know the registry's `FileRecord`.
+"""

@@ -11,12 +11,12 @@ import hashlib
 import mimetypes
 import os
 import posixpath
-import shutil
 import stat
 from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import quote, unquote
 
+from . import removal
 from .errors import FileTooLarge, NotFound, PathRefused
 from .models import FileInfo
 from .sessions import FileRecord
@@ -180,4 +180,4 @@ def write_bytes_with_hash(data: bytes, dest: Path) -> str:
 
 
 def remove_tree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
+    removal.remove_tree(path)  # iterative: a 1,000-level tree made by user code is removed too

@@ -58,6 +58,9 @@ class Settings(BaseModel):
     max_inline_images: int = Field(default=4, ge=0)
     max_file_bytes: int = Field(default=100 * 1024 * 1024, gt=0, description="largest file harvested or uploaded")
     structured_strategy: Literal["two_pass_sentinel", "single_pass"] = "two_pass_sentinel"
+    schema_time_limit_s: float = Field(
+        default=5.0, gt=0, description="longest a schema check or JSON validation may take before it is stopped"
+    )
     file_history_mb: float = Field(
         default=64, ge=0, description="per session: earlier versions of rewritten files kept, newest first"
     )

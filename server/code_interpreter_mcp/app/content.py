@@ -16,7 +16,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
-from typing import Any
+from typing import Any, TypeVar
 
 from mcp.server.lowlevel.helper_types import ReadResourceContents
 from mcp.server.mcpserver.exceptions import ToolError
@@ -30,17 +30,53 @@ from mcp.types import (
     TextContent,
     TextResourceContents,
 )
+from pydantic import BaseModel
 
 from ..artifacts import is_text_mime
 from ..engine import DownloadOutput, RunOutput
 from ..engine.budget import clip, json_chars
 from ..errors import CIError
-from ..models import CloseResult, DownloadResult, FileInfo, FileList, RunResult, UploadResult, dump
+from ..models import CloseResult, DownloadResult, FileInfo, FileList, JsonError, RunResult, UploadResult, dump
 from .clients import ClientProfile
 
 logger = logging.getLogger(__name__)
 
 SUMMARY_FILES = 20  # file lines in a summary next to structuredContent (all of them are in `files`)
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def hide_host_paths(model: M, allowed: bool) -> M:
+    """A result for a caller who may not name host paths (HTTP by default) carries no host path either: each
+    `FileInfo` in it loses `local_path`, which would disclose the server's data folder."""
+    if allowed:
+        return model
+    updates: dict[str, Any] = {}
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if isinstance(value, FileInfo):
+            updates[name] = value.model_copy(update={"local_path": None})
+        elif isinstance(value, list) and any(isinstance(item, FileInfo) for item in value):
+            updates[name] = [
+                item.model_copy(update={"local_path": None}) if isinstance(item, FileInfo) else item for item in value
+            ]
+    return model.model_copy(update=updates) if updates else model
+
+
+def _dumped(r: RunResult) -> tuple[RunResult, dict[str, Any]]:
+    """The result and its JSON; a value no JSON encoder takes (too deep) is dropped with a warning, so the run's
+    stdout and files still reach the caller."""
+    try:
+        return r, dump(r)
+    except (ValueError, RecursionError):
+        r = r.model_copy(
+            update={
+                "json_": None,
+                "json_error": JsonError(message="the JSON result could not be serialised (nested too deeply)"),
+                "warnings": [*r.warnings, "the JSON result was dropped: it could not be serialised"],
+            }
+        )
+        return r, dump(r)
 
 
 def tool_error(exc: BaseException) -> ToolError:
@@ -60,8 +96,9 @@ def run_result(out: RunOutput, p: ClientProfile) -> CallToolResult:
     whole = {img.file_id for img in out.images if not img.preview}
     links = [link(f) for f in r.files if p.link_for(f.file_id in whole)]
     images = [ImageContent(data=_b64(img.data), mime_type=img.mime_type) for img in out.images]
+    r, structured = _dumped(r)
     text = full_run_text(r) if p.content_only else run_summary(r)
-    return _result(p, text, [*images, *links], dump(r), is_error=r.status not in ("ok", "running"))
+    return _result(p, text, [*images, *links], structured, is_error=r.status not in ("ok", "running"))
 
 
 def download_result(out: DownloadOutput, p: ClientProfile) -> CallToolResult:

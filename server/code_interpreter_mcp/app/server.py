@@ -2,7 +2,8 @@
 
 Owns the server object (name, instructions, lifespan that starts and stops the engine, auth options, log level)
 and the order of assembly: tools, file resources, published schemas. Protocol extensions (MCP tasks over the
-engine's runs) are additive `Extension`s, each in its own module, passed to the server here. Knows nothing of any
+engine's runs) are additive `Extension`s, each in its own module, passed to the server here; both transports
+run behind the JSON-RPC screen (`stdio`, `http_screen`). Knows nothing of any
 one tool's arguments or content.
 """
 
@@ -15,6 +16,7 @@ from typing import Any
 from mcp.server.context import ServerRequestContext
 from mcp.server.lowlevel.helper_types import ReadResourceContents
 from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.transport_security import DEFAULT_MAX_REQUEST_BODY_SIZE as MAX_BODY
 from mcp.types import (
     CallToolResult,
     InputRequiredResult,
@@ -27,6 +29,7 @@ from mcp.types import (
 from mcp.types import Tool as MCPTool
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import AnyUrl
+from starlette.applications import Starlette
 
 from .. import __version__
 from ..config import Settings
@@ -34,8 +37,10 @@ from ..engine import Engine
 from .auth import auth_options
 from .clients import client_profile
 from .content import for_client
+from .http_screen import JsonRpcScreen
 from .resources import add_file_resources, read_file_resource
 from .schemas import publish_flat_schemas, tools_for_client
+from .stdio import stdio_streams
 from .tasks import TASK_TOOLS, RunTasks, legacy_capabilities
 from .tools import add_tools
 
@@ -75,6 +80,19 @@ class CodeInterpreterServer(MCPServer[Engine]):
     ) -> Iterable[ReadResourceContents] | InputRequiredResult:
         ours = await read_file_resource(str(uri), context)
         return ours if ours is not None else await super().read_resource(uri, context)
+
+    async def run_stdio_async(self) -> None:
+        """stdio through our transport, which answers every malformed line (the SDK's drops them)."""
+        async with stdio_streams() as (read_stream, write_stream):
+            lowlevel = self._lowlevel_server
+            await lowlevel.run(read_stream, write_stream, lowlevel.create_initialization_options())
+
+    def streamable_http_app(self, **kwargs: Any) -> Starlette:
+        """The SDK's app behind the JSON-RPC screen, which answers every malformed POST per the spec."""
+        app = super().streamable_http_app(**kwargs)
+        path = kwargs.get("streamable_http_path", "/mcp")
+        app.add_middleware(JsonRpcScreen, path=path, max_body=kwargs.get("max_request_body_size", MAX_BODY))
+        return app
 
     async def list_tools(self) -> list[MCPTool]:
         tools = await super().list_tools()

@@ -1,5 +1,5 @@
 """What every part of the engine shares: the settings, the backend and its capabilities, the registry once it is
-open, and whether the backend started.
+open, whether the backend started, and the guard that checks caller schemas and JSON off the event loop.
 
 It owns that state and the waiting on it, nothing else: no lifecycle policy (the facade starts and stops things),
 no MCP types.
@@ -14,6 +14,7 @@ from ..config import Settings
 from ..errors import CIError
 from ..sessions import Registry
 from ..storage.blobs import BlobStore
+from ..structured.guard import Guard
 
 COPY_THREADS = 2
 """A harvest's copies run in at most this many batches at once (worker threads). Measured on 2 cores with
@@ -30,6 +31,7 @@ class EngineContext:
         self.blobs = BlobStore(settings.files_dir, int(settings.max_stored_mb * 1024 * 1024))
         self.backend_error: CIError | None = None
         self._started = anyio.Event()
+        self.guard = Guard(settings.schema_time_limit_s)  # schema checks and JSON validation, off the event loop
 
     @property
     def reg(self) -> Registry:

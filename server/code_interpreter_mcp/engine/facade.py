@@ -130,6 +130,7 @@ class Engine:
             finally:
                 await self.packages.aclose()
                 reg.close()
+                await self.ctx.guard.aclose()
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[Engine]:
@@ -142,6 +143,7 @@ class Engine:
                 tg.start_soon(anyio.to_thread.run_sync, self.ctx.blobs.sweep)
                 tg.start_soon(self.packages.start)
                 tg.start_soon(self._housekeeping)
+                tg.start_soon(self.ctx.guard.warm)
                 try:
                     yield self
                 finally:

@@ -196,7 +196,13 @@ class Files:
         saved_to = None
         if save_to is not None:
             check_host_paths(self.ctx.settings, "save_to")
-            saved_to = await anyio.to_thread.run_sync(_save_copy, local, save_to, rec.name, overwrite)
+            try:
+                saved_to = await anyio.to_thread.run_sync(_save_copy, local, save_to, rec.name, overwrite)
+            except OSError as exc:  # the OS's reason (a name too long, a read-only place), not internal_error
+                raise BadInput(
+                    f"Cannot save to {save_to[:300]!r}: {exc.strerror or exc}.",
+                    "Pass save_to as an existing, writable host folder or a file path in one.",
+                ) from None
         if offset > rec.bytes:
             raise BadInput(f"offset {offset} is past the end of {rec.path!r} ({rec.bytes} bytes).")
         result = DownloadResult(file=info, saved_to=saved_to, inline=False, offset=offset)

@@ -9,6 +9,7 @@ module knows the host store and the container lifecycle; it knows nothing of run
 from __future__ import annotations
 
 import base64
+import hashlib
 import os
 from pathlib import Path
 
@@ -20,7 +21,6 @@ from ..artifacts import (
     record_to_info,
     safe_name,
     store_dir,
-    write_bytes_with_hash,
 )
 from ..config import Settings
 from ..errors import BadInput, FileNotFound, FileTooLarge, PathRefused
@@ -37,6 +37,66 @@ def check_host_paths(settings: Settings, what: str) -> None:
             f"{what} names a path on the server's host, which this server does not allow over its transport.",
             "Use upload_file with content_base64, or ask the operator to set CODE_INTERPRETER_ALLOW_HOST_PATHS.",
         )
+
+
+# Linux's limits on one name and on a whole path: beyond them the OS would refuse with an error the caller cannot read.
+_NAME_MAX_BYTES = 255
+_PATH_MAX_BYTES = 4000
+# Decoded in slices, in a thread: the GIL is free between slices, so a 100 MB upload never holds the event loop.
+_B64_SLICE = 4 * 256 * 1024
+
+
+def check_base64_size(text: str, max_bytes: int) -> None:
+    """Refuse an upload whose base64 text decodes to more than `max_bytes`, from its length alone."""
+    if not isinstance(text, str):
+        raise BadInput("content_base64 must be a string.")
+    tail = text[-2:]  # padding is at most two characters; stripping the whole text would copy it
+    decoded = len(text) // 4 * 3 - (len(tail) - len(tail.rstrip("=")))
+    if decoded > max_bytes:
+        raise FileTooLarge(
+            f"The upload is about {decoded} bytes ({len(text)} characters of base64); the limit is {max_bytes}.",
+            "Upload a smaller file, or split it into parts and join them in code.",
+        )
+
+
+def check_container_name(rel: str) -> str:
+    """A container path every file system here can hold: valid UTF-8, each name and the whole within the limits."""
+    try:
+        encoded = rel.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadInput(
+            f"The path {rel!r} is not valid Unicode text (it holds a lone surrogate).",
+            "Name the file with ordinary characters.",
+        ) from None
+    too_long = [part for part in encoded.split(b"/") if len(part) > _NAME_MAX_BYTES]
+    if too_long or len(encoded) > _PATH_MAX_BYTES:
+        raise BadInput(
+            f"The path is too long: {len(encoded)} bytes"
+            + (f", a name of {len(too_long[0])} bytes" if too_long else "")
+            + f" (limits: {_NAME_MAX_BYTES} bytes a name, {_PATH_MAX_BYTES} in all).",
+            "Use a shorter name and fewer folder levels.",
+        )
+    return rel
+
+
+def write_base64_with_hash(text: str, dest: Path) -> tuple[int, str]:
+    """Decode base64 into `dest` slice by slice, hashing as it goes (blocking); the size and the sha256."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    size = 0
+    try:
+        with open(dest, "wb") as out:
+            for start in range(0, len(text), _B64_SLICE):
+                data = base64.b64decode(text[start : start + _B64_SLICE], validate=True)
+                digest.update(data)
+                out.write(data)
+                size += len(data)
+    except (ValueError, TypeError):
+        dest.unlink(missing_ok=True)
+        raise BadInput(
+            "content_base64 is not valid base64.", "Send the standard alphabet with padding and no line breaks."
+        ) from None
+    return size, digest.hexdigest()
 
 
 def _host_path(text: str) -> Path:
@@ -68,22 +128,17 @@ class Inputs:
                 if not src.is_absolute():
                     raise BadInput(f"Host path {path!r} must be absolute.")
                 fname = safe_name(name or src.name)
-                rel = normalize_container_path(dest_path or fname)
+                rel = check_container_name(normalize_container_path(dest_path or fname))
                 stored, size, digest, file_id = await self._ingest_host_file(session, src, safe_name(rel))
             else:
                 if not name:
                     raise BadInput("name is required with content_base64.")
-                try:
-                    data = base64.b64decode(content_base64 or "", validate=True)
-                except (ValueError, TypeError):
-                    raise BadInput("content_base64 is not valid base64.") from None
-                if len(data) > settings.max_file_bytes:
-                    raise FileTooLarge(f"The upload is {len(data)} bytes; the limit is {settings.max_file_bytes}.")
-                rel = normalize_container_path(dest_path or safe_name(name))
+                text = content_base64 or ""
+                check_base64_size(text, settings.max_file_bytes)  # before any decoding: a size costs nothing
+                rel = check_container_name(normalize_container_path(dest_path or safe_name(name)))
                 file_id = new_id("f_", 12)
                 stored = store_dir(settings.files_dir, session.id, file_id) / safe_name(rel)
-                digest = await anyio.to_thread.run_sync(write_bytes_with_hash, data, stored)
-                size = len(data)
+                size, digest = await anyio.to_thread.run_sync(write_base64_with_hash, text, stored)
             rec, _ = await self.containers.acquire(session)
             record = await self.containers.put_input(
                 session, rec, stored, rel, file_id=file_id, size=size, sha256=digest
@@ -110,7 +165,7 @@ class Inputs:
                     raise BadInput(
                         f"Host path {item!r} must be absolute (the server's working directory is not the client's)."
                     )
-                name = safe_name(src.name)
+                name = check_container_name(safe_name(src.name))
             stored, size, digest, file_id = await self._ingest_host_file(session, src, name)
             added.append(
                 await self.containers.put_input(session, rec, stored, name, file_id=file_id, size=size, sha256=digest)
@@ -121,5 +176,10 @@ class Inputs:
         settings = self.ctx.settings
         file_id = new_id("f_", 12)
         dest = store_dir(settings.files_dir, session.id, file_id) / name
-        size, digest = await anyio.to_thread.run_sync(copy_with_hash, src, dest, settings.max_file_bytes)
+        try:
+            size, digest = await anyio.to_thread.run_sync(copy_with_hash, src, dest, settings.max_file_bytes)
+        except OSError as exc:  # a directory, /proc/self/mem, a name too long: the OS's reason, not internal_error
+            raise PathRefused(
+                f"Cannot read {str(src)[:300]!r}: {exc.strerror or exc}.", "Name a regular, readable file on the host."
+            ) from None
         return dest, size, digest, file_id

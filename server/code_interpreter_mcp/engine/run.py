@@ -69,7 +69,6 @@ def check_run_args(
     if output_schema is not None:
         from .. import structured  # jsonschema is imported only when a schema is used: faster start-up
 
-        structured.check_schema(output_schema)
         sreq = StructuredRequest(schema=output_schema, nonce=structured.new_nonce(), strategy=strategy)  # type: ignore[arg-type]
     if instructions is not None and not isinstance(instructions, str):
         raise BadInput("instructions must be a string.")
@@ -143,6 +142,8 @@ class Runner:
         it); `stop` set while it runs stops it the way a timeout does (interrupt first), and it ends 'cancelled'."""
         started = time.monotonic()
         args = check_run_args(self.ctx.settings, code, timeout_s, output_schema, json_strategy, instructions)
+        if args.structured is not None:
+            await self.ctx.guard.check_schema(args.structured.schema)  # compiled off the loop, time-limited
         wanted = self.packages.wanted(packages, args.code)
         await self.ctx.ready()
         relay = ProgressRelay(progress, args.timeout_s)
@@ -180,7 +181,7 @@ class Runner:
             warnings.extend(outcome.warnings)
             warnings.extend(harvest_warnings)
             reg.save_container_later(rec)  # activity times: written by housekeeping, not on the hot path
-            resolved = await resolve_json(self.ctx.backend, outcome, args.structured, args.code)
+            resolved = await resolve_json(self.ctx.backend, outcome, args.structured, args.code, self.ctx.guard)
         result = self.shaper.run_result(
             session,
             rec,

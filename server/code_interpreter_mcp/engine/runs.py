@@ -153,6 +153,8 @@ class Runs:
             options.get("json_strategy"),
             options.get("instructions"),
         )
+        if options.get("output_schema") is not None:  # an invalid schema too, checked off the loop by the guard
+            await self.ctx.guard.check_schema(options["output_schema"])
         await self.ctx.ready()
         busy = self._active.get(session.id)
         if busy is not None:

@@ -24,7 +24,6 @@ import hashlib
 import json
 import os
 import platform
-import shutil
 import sys
 import sysconfig
 import threading
@@ -36,6 +35,8 @@ from pathlib import Path
 
 from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
+
+from ..removal import remove_tree
 
 TMP_MAX_AGE_S = 24 * 3600
 TOOL_CACHE_TTL_S = 30.0
@@ -189,12 +190,12 @@ class SetStore:
         except OSError as exc:
             if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
                 raise
-            shutil.rmtree(workdir, ignore_errors=True)
+            remove_tree(workdir)
             return self.lookup(meta.key) or meta
         return meta
 
     def discard(self, workdir: Path) -> None:
-        shutil.rmtree(workdir, ignore_errors=True)
+        remove_tree(workdir)
 
     def _write_meta(self, folder: Path, meta: SetMeta) -> None:
         tmp = folder / f".meta.{uuid.uuid4().hex}"
@@ -207,7 +208,7 @@ class SetStore:
         for entry in self.tmp_dir.iterdir():
             try:
                 if now - entry.lstat().st_mtime > TMP_MAX_AGE_S:
-                    shutil.rmtree(entry, ignore_errors=True)
+                    remove_tree(entry)
             except OSError:
                 continue
 
@@ -328,7 +329,7 @@ class SetStore:
                 os.close(fd)
                 continue
             os.close(fd)
-            shutil.rmtree(doomed, ignore_errors=True)
+            remove_tree(doomed)
             total -= meta.bytes
             dropped.append(meta.key)
         if total > self.quota_bytes:
@@ -356,7 +357,7 @@ class SetStore:
                     os.rename(entry, doomed)
                 except OSError:
                     continue
-                shutil.rmtree(doomed, ignore_errors=True)
+                remove_tree(doomed)
             with self._mutex:
                 self._tool_cache_measure = (time.monotonic(), 0)
         finally:

@@ -4,7 +4,8 @@ Owns the decoding: a real JSON decoder (any depth; braces and even marker string
 it, unlike a regex), the rules for which block wins, and the problem messages when none is complete. Knows the
 marker format only through `markers`; knows nothing of schemas.
 
-Synchronous and CPU-bound; texts can be megabytes, so async callers run these through `anyio.to_thread.run_sync`.
+Synchronous and CPU-bound; texts can be megabytes, so async callers run these through `guard` (a process with
+a time limit), never on the event loop.
 """
 
 from __future__ import annotations

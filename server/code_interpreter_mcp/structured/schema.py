@@ -5,15 +5,17 @@ Owns the compiled validators (any draft jsonschema knows, cached per distinct sc
 and capped so a huge value cannot flood a tool result. Knows nothing of markers, extraction or any backend.
 
 This is the only module that imports jsonschema; `structured` loads it on first use, so start-up does not pay for
-it. `validate` is CPU-bound on large values: async callers run it through `anyio.to_thread.run_sync`.
+it. Both are CPU-bound on caller input (a backtracking `pattern`, an `allOf` that doubles per level): async
+callers run them through `guard`, in a process that is killed on a time limit, never on the event loop.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import referencing
@@ -25,12 +27,13 @@ from jsonschema.protocols import Validator
 from jsonschema_specifications import REGISTRY as METASCHEMAS
 
 from ..errors import InvalidSchema
-from ..models import JsonError, Violation
+from ..models import Violation
+from .report import MAX_VIOLATIONS, json_error_from  # noqa: F401  (json_error_from: the public name here too)
 
 # Violation messages quote the offending instance; a 1 MB value must not end up in a tool result.
 _MAX_MESSAGE_CHARS = 300
-# Enough to fix a result; beyond this the list is cut and a last entry says how many more there were.
-MAX_VIOLATIONS = 50
+# Collecting stops here: 300,000 bad items must not cost 300,000 best-match searches and a sort of them all.
+MAX_COLLECTED = 1000
 
 _IDENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
@@ -188,7 +191,7 @@ def validate(value: Any, schema: dict[str, Any] | bool, *, max_violations: int =
     """
     validator = _compiled(_canonical(schema))
     try:
-        errors = list(validator.iter_errors(value))
+        errors = list(itertools.islice(validator.iter_errors(value), MAX_COLLECTED + 1))
     except RecursionError:
         return [Violation(path="$", message="the value is nested too deeply to validate")]
     except referencing.exceptions.Unresolvable as exc:  # cannot happen after _check_refs; kept as a clear error
@@ -207,18 +210,10 @@ def validate(value: Any, schema: dict[str, Any] | bool, *, max_violations: int =
     found.sort(key=lambda item: (item[0], item[2]))
 
     violations = [Violation(path=path, message=message) for _, path, message in found[:max_violations]]
-    if len(found) > max_violations:
+    if len(errors) > MAX_COLLECTED:
+        violations.append(Violation(path="$", message=f"… and more violations (counting stopped at {MAX_COLLECTED})"))
+    elif len(found) > max_violations:
         violations.append(
             Violation(path="$", message=f"… and {len(found) - max_violations} more violations not listed")
         )
     return violations
-
-
-def json_error_from(problem_or_violations: str | Sequence[Violation]) -> JsonError:
-    """A JsonError from an extraction problem (a message) or from validation violations."""
-    if isinstance(problem_or_violations, str):
-        return JsonError(message=problem_or_violations, violations=[])
-    violations = list(problem_or_violations)
-    count = len(violations)
-    noun = "violation" if count == 1 else "violations"
-    return JsonError(message=f"the JSON result does not match output_schema ({count} {noun})", violations=violations)

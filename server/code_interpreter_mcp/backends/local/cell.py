@@ -86,9 +86,13 @@ def _trim_traceback(tb: types.TracebackType | None) -> types.TracebackType | Non
 
 
 def _format_error(exc: BaseException) -> dict[str, str | None]:
-    import traceback
-
     message = _safe_str(exc)
+    if isinstance(exc, OSError) and exc.errno == 24:  # EMFILE: say which limit, not only the errno
+        message += " (the code holds as many open files as the sandbox allows: close the ones it no longer needs)"
+    try:
+        import traceback
+    except Exception:  # out of file descriptors or memory: even the import cannot open its source
+        return {"type": type(exc).__name__, "message": message, "traceback": f"{type(exc).__name__}: {message}\n"}
     if isinstance(exc, SyntaxError):
         text = "".join(traceback.format_exception_only(type(exc), exc))
     else:

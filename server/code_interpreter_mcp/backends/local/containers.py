@@ -13,13 +13,13 @@ import logging
 import os
 import re
 import secrets
-import shutil
 import time
 from pathlib import Path
 
 import anyio
 
 from ...errors import ContainerExpired
+from ...removal import remove_tree
 from ..base import ContainerState
 from .folder import DataFolder
 from .process import WorkerProcess
@@ -150,7 +150,7 @@ class ContainerRegistry:
     async def drop_folder(self, folder: NewFolder) -> None:
         """A folder no container adopted: its uid is free again, its files go."""
         self.uids.release(folder.uid)
-        await anyio.to_thread.run_sync(lambda: shutil.rmtree(folder.root, ignore_errors=True))
+        await anyio.to_thread.run_sync(remove_tree, folder.root)
 
     async def create(
         self,
@@ -225,4 +225,4 @@ class ContainerRegistry:
             self.uids.release(c.uid)
         if valid_container_id(cid):
             root = self.dir / cid
-            await anyio.to_thread.run_sync(lambda: shutil.rmtree(root, ignore_errors=True))
+            await anyio.to_thread.run_sync(remove_tree, root)

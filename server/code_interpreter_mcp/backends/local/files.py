@@ -77,11 +77,7 @@ def scan(root: Path, user_versions: dict[str, str] | None = None, with_files: bo
                 usage += st.st_blocks * 512
                 if not with_files:
                     continue
-                name = rel + entry.name
-                try:
-                    name.encode("utf-8")
-                except UnicodeEncodeError:
-                    continue  # not representable in a tool result
+                name = rel + entry.name  # a non-UTF-8 name keeps its bytes as surrogates: the folder renames it
                 version = version_of(st)
                 files.append(
                     RemoteFile(
@@ -111,7 +107,8 @@ def clean_relative(path: str) -> list[str]:
         raise PathRefused(f"Invalid path {path!r}.")
     if path.startswith(DATA_PREFIX):
         path = path[len(DATA_PREFIX) :]
-    if path.startswith("/") or "\x00" in path or "\\" in path:
+    # A backslash is an ordinary character of a POSIX name: code may make "a\\b.txt", and it is harvested as such.
+    if path.startswith("/") or "\x00" in path:
         raise PathRefused(f"Path {path!r} must be relative to the container's data folder.")
     parts = [p for p in path.split("/") if p not in ("", ".")]
     if not parts or any(p == ".." for p in parts):

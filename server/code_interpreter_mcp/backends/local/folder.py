@@ -9,6 +9,7 @@ real-block usage is what the quota (quota.py) is enforced on. Nothing here knows
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import anyio
@@ -42,6 +43,7 @@ class DataFolder:
         self.tracker: ChangeTracker | None = None
         self._files: dict[str, RemoteFile] = {}
         self._listing: list[RemoteFile] | None = None  # sorted, None when it must be rebuilt
+        self.real_names: dict[str, str] = {}  # listed name -> the real (non-UTF-8) name it stands for
 
     async def open(self, hub: Inotify | None) -> None:
         """Watch the folder and index what it holds (a walk: in a thread, a resumed folder may be big)."""
@@ -101,18 +103,22 @@ class DataFolder:
         if entry is None or entry.kind == "dir":
             self._files.pop(path, None)
             return
+        shown = path
         try:
             path.encode("utf-8")
         except UnicodeEncodeError:
-            return  # not representable in a tool result
+            # Not representable in a tool result: listed (and harvested) under its bytes escaped ("bad\\xff.txt");
+            # fetches read the real file behind that name.
+            shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+            self.real_names[shown] = path
         version = entry.version
         if entry.kind != "file":
             # Listed so the caller can say what was skipped; never followed nor fetched.
             why = "a symbolic link" if entry.kind == "symlink" else "not a regular file"
-            self._files[path] = RemoteFile(path=path, bytes=0, version="x" + version, skipped=why)
+            self._files[path] = RemoteFile(path=shown, bytes=0, version="x" + version, skipped=why)
             return
         self._files[path] = RemoteFile(
-            path=path,
+            path=shown,
             bytes=entry.size,
             version=version,
             source="user" if self.user_versions.get(path) == version else "generated",
@@ -120,11 +126,12 @@ class DataFolder:
         )
 
     async def fetch(self, path: str, dest: Path, max_bytes: int) -> FetchResult:
-        return await anyio.to_thread.run_sync(files.fetch, self.path, path, Path(dest), int(max_bytes))
+        real = self.real_names.get(path, path)
+        return await anyio.to_thread.run_sync(files.fetch, self.path, real, Path(dest), int(max_bytes))
 
     async def fetch_many(self, items: list[tuple[str, Path]], max_bytes: int) -> list[FetchResult | CIError]:
         """A harvest's batch in one thread hop (`files.fetch_many`)."""
-        pairs = [(path, Path(dest)) for path, dest in items]
+        pairs = [(self.real_names.get(path, path), Path(dest)) for path, dest in items]
         return await anyio.to_thread.run_sync(files.fetch_many, self.path, pairs, int(max_bytes))
 
     async def put(self, src: Path, dest_path: str, max_file_bytes: int, quota_bytes: int) -> RemoteFile:

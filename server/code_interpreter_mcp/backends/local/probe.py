@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import secrets
-import shutil
 import socket
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import anyio
 
 from ...config import Settings
 from ...errors import SandboxUnavailable
+from ...removal import remove_tree
 from . import bubblewrap, uids
 from .containers import make_folder
 from .pool import WorkerPool
@@ -85,7 +85,7 @@ class IsolationProbe:
     def _remove_stale(self) -> None:
         """What probes of an earlier process left behind (blocking)."""
         for stale in self.containers_dir.glob(_PREFIX + "*"):
-            shutil.rmtree(stale, ignore_errors=True)
+            remove_tree(stale)
 
     async def _best(self) -> Profile | None:
         path = bubblewrap.find_bwrap(self.settings.bwrap_path)
@@ -178,4 +178,4 @@ def _problems(r: dict[str, Any], listener: socket.socket, uid: int | None, profi
 
 
 def _remove(root: Path) -> None:
-    shutil.rmtree(root, ignore_errors=True)
+    remove_tree(root)

@@ -248,6 +248,7 @@ def main() -> None:
     }
     _protocol.write_all(resp_fd, _protocol.encode(ready))
     while True:
+        req = None
         try:
             req = _protocol.read_frame(req_fd, decoder)
             if req is None:
@@ -275,6 +276,14 @@ def main() -> None:
             continue
         except BrokenPipeError:
             break
+        except Exception as exc:  # e.g. no file descriptor left for the answer: name the cause, keep the state
+            cause = f"the worker could not finish the request: {type(exc).__name__}: {exc}"
+            error = {"type": type(exc).__name__, "message": cause, "traceback": None}
+            resp = {"op": "result", "status": "error", "error": error, "id": req.get("id") if req else None}
+            try:
+                _protocol.write_all(resp_fd, _protocol.encode(resp))
+            except OSError:
+                break
     os._exit(0)
 
 

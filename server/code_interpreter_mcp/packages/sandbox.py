@@ -20,17 +20,18 @@ import functools
 import logging
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import anyio
 from anyio.abc import ByteReceiveStream, Process
+
+from ..backends.local.bubblewrap import ancestors
+from ..backends.local.bubblewrap import find_bwrap as find_bwrap  # the one lookup of bubblewrap, shared
 
 logger = logging.getLogger(__name__)
 
@@ -84,18 +85,6 @@ class Completed:
 Line = Callable[[str], Awaitable[None]]
 
 
-def find_bwrap(explicit: str | None = None) -> str | None:
-    if explicit:
-        return explicit if os.access(explicit, os.X_OK) else None
-    found = shutil.which("bwrap")
-    if found:
-        return found
-    for candidate in ("/usr/bin/bwrap", "/usr/local/bin/bwrap"):
-        if os.access(candidate, os.X_OK):
-            return candidate
-    return None
-
-
 @functools.cache
 def probe_bwrap(path: str) -> Bwrap | str:
     """The bubblewrap at `path` with the optional flags it knows, if it can build the installer sandbox here;
@@ -129,11 +118,6 @@ def python_paths() -> list[str]:
         if not any(p == c or p.startswith(c.rstrip("/") + "/") for c in chosen):
             chosen.append(p)
     return chosen
-
-
-def _ancestors(path: str) -> list[str]:
-    parts = Path(path).parts[1:-1]
-    return ["/" + "/".join(parts[: i + 1]) for i in range(len(parts))]
 
 
 def installer_argv(
@@ -175,7 +159,7 @@ def installer_argv(
 
     def bind(flag: str, host: str, inside: str) -> None:
         nonlocal argv
-        for anc in _ancestors(inside):
+        for anc in ancestors(inside):
             if anc not in created and not any(anc == c or anc.startswith(c + "/") for c in bound_dirs):
                 # Traverse-only, even for its owner (the sandbox has no capabilities): what is bound below is
                 # reachable, nothing can be listed or created there, also under the writable private /tmp.

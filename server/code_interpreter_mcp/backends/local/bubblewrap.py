@@ -112,7 +112,8 @@ def inspect_bwrap(path: str) -> BwrapInfo:
     )
 
 
-def _ancestors(path: str) -> list[str]:
+def ancestors(path: str) -> list[str]:
+    """The folders above `path` (not `/`, not `path`), outermost first."""
     parts = Path(path).parts[1:-1]
     return ["/" + "/".join(parts[: i + 1]) for i in range(len(parts))]
 
@@ -160,7 +161,7 @@ def bwrap_argv(profile: sandbox.Profile, layout: Layout, worker_argv: list[str])
     argv += (["--perms", "1777"] if perms else []) + size + ["--tmpfs", "/dev/shm"]
     argv += (["--perms", "1777"] if perms else []) + size + ["--tmpfs", "/tmp"]
     for path in sandbox.python_paths():
-        for anc in _ancestors(path):
+        for anc in ancestors(path):
             if anc not in created:
                 # Traverse-only: the sandbox can reach the interpreter but not list e.g. /root.
                 argv += dir_(anc, "0711")

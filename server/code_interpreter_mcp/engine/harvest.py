@@ -2,12 +2,12 @@
 container record's snapshot) to the host, and record the copies in the registry.
 
 A fetch starts as soon as a file is known (cited by the backend's answer, or found by the listing), each file at
-most once, in at most `COPY_THREADS` batches at once; the listing is authoritative for paths and versions. The
-copies land in the owner's blob store (`storage.blobs`: identical bytes once, the server-wide quota), and the new
-records go into the registry in one transaction together with the superseded versions the session's history
-quota drops (`storage.history`). Within a run the harvest can go on alongside the
-backend (`fetching(alongside=True)`: the listing starts when the code finished, while a model still writes), or
-after it; the common case, nothing changed, costs one listing and no task group.
+most once, the small ones in one batch and the large ones in at most `COPY_THREADS` more; the listing is
+authoritative for paths and versions. The copies land in the owner's blob store (`storage.blobs`: identical bytes
+once, the server-wide quota), and the new records go into the registry in one transaction together with the
+superseded versions the session's history quota drops (`storage.history`). Within a run the harvest can go on
+alongside the backend (`fetching(alongside=True)`: the listing starts when the code finished, while a model still
+writes), or after it; the common case, nothing changed, costs one listing and no task group.
 
 It knows the backend protocol, the registry and the host store; it knows nothing of results, budgets or MCP.
 """
@@ -29,7 +29,7 @@ from ..sessions import ContainerRecord, FileRecord, Session, new_id
 from ..storage.blobs import owner_key
 from ..storage.history import superseded_to_drop
 from .containers import Containers
-from .context import COPY_THREADS, EngineContext
+from .context import COPY_THREADS, SMALL_FILE_BYTES, EngineContext
 
 Harvested = tuple[list[FileRecord], list[str]]
 """The records of the files harvested, sorted by path, and warnings about files that could not be."""
@@ -101,10 +101,15 @@ class Harvest:
             self._pending.extend(new)
 
     def _start_batches(self, tg: anyio.abc.TaskGroup, remotes: list[RemoteFile]) -> None:
-        """At most COPY_THREADS batches at once, dealt round-robin so large and small files spread evenly."""
-        n = min(len(remotes), COPY_THREADS)
+        """The small files in one batch (see SMALL_FILE_BYTES), the large ones dealt round-robin to at most
+        COPY_THREADS more."""
+        small = [r for r in remotes if r.bytes <= SMALL_FILE_BYTES]
+        large = [r for r in remotes if r.bytes > SMALL_FILE_BYTES]
+        if small:
+            tg.start_soon(self._fetch_batch, small)
+        n = min(len(large), COPY_THREADS)
         for i in range(n):
-            tg.start_soon(self._fetch_batch, remotes[i::n])
+            tg.start_soon(self._fetch_batch, large[i::n])
 
     def code_done(self) -> None:
         """For `ExecRequest.code_done`: list the container now, while the backend still writes its answer."""

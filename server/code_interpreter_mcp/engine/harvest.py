@@ -171,7 +171,9 @@ class Harvest:
             return
         items = [(remote, blobs.tmp_path(self.owner_key)) for remote in remotes]
         try:
-            results = await self.ctx.backend.fetch_files(state, items, self.ctx.settings.max_file_bytes)
+            results = await self.ctx.backend.fetch_files(
+                state, items, self.ctx.settings.max_file_bytes, have=lambda sha: blobs.claim(self.owner_key, sha)
+            )
         except ContainerExpired:
             results = [ContainerExpired("expired")] * len(items)
         for (remote, tmp), res in zip(items, results, strict=True):
@@ -185,7 +187,7 @@ class Harvest:
 
     def _record(self, remote: RemoteFile, tmp: Path, res: FetchResult) -> FileRecord:
         name = safe_name(remote.path)
-        return FileRecord(
+        record = FileRecord(
             file_id=new_id("f_", 12),
             session_id=self.session.id,
             container_id=self.rec.state.id,
@@ -200,6 +202,11 @@ class Harvest:
             remote_id=remote.remote_id,
             version=remote.version,
         )
+        if not res.written:  # the blob store kept these bytes already and holds them for this record
+            blobs = self.ctx.blobs
+            record.blob, record.local_path = res.sha256, str(blobs.blob_path(self.owner_key, res.sha256))
+            record.disk_bytes = blobs.cost_of(self.owner_key, res.sha256)
+        return record
 
     def _refuse(self, remote: RemoteFile, exc: StorageQuota) -> None:
         self.refused.add(remote.path)
@@ -214,13 +221,14 @@ class Harvest:
             return [], self.warnings
         listing = self._listing if self._listing is not None else list(rec.snapshot.values())
         by_key = {self.key(f): f for f in listing}
-        records, unchanged = [], []
+        records: list[FileRecord] = []
+        unchanged: list[FileRecord] = []
         for k, record in self.fetched.items():
             listed = by_key.get(k)
             if listed is not None:
                 prev = rec.snapshot.get(listed.path)
                 if prev is not None and prev.version == listed.version:
-                    unchanged.append(Path(record.local_path or ""))
+                    unchanged.append(record)
                     continue
                 record.path, record.version = listed.path, listed.version
             records.append(record)
@@ -234,12 +242,18 @@ class Harvest:
             await self.containers.retire(rec, status="expired")  # never offered again; the next run replaces it
         return records, self.warnings
 
-    def _place(self, records: list[FileRecord], unchanged: list[Path]) -> list[FileRecord]:
+    def _place(self, records: list[FileRecord], unchanged: list[FileRecord]) -> list[FileRecord]:
         """In a worker thread: each copy becomes (or joins) its blob; the ones over the server's quota go."""
-        for path in unchanged:
-            path.unlink(missing_ok=True)
+        for record in unchanged:
+            if record.blob is not None:  # claimed, never written
+                self.ctx.blobs.release([(self.owner_key, record)])
+            else:
+                Path(record.local_path or "").unlink(missing_ok=True)
         kept = []
         for record in records:
+            if record.blob is not None:  # claimed while fetched: already its blob
+                kept.append(record)
+                continue
             try:
                 placed = self.ctx.blobs.place(
                     self.owner_key, Path(record.local_path or ""), record.sha256 or "", record.path

@@ -122,6 +122,16 @@ class BlobStore:
             self._blob_bytes += cost
             return Placed(dest, cost, new=True)
 
+    def claim(self, key: str, sha: str) -> bool:
+        """A copy about to be written holds these bytes' blob instead, when a record holds it already (so it
+        is on disk, and stays while this reference lasts): True, and the caller owes one `release` or record."""
+        with self._lock:
+            left = self._refs.get((key, sha), 0)
+            if left <= 0:
+                return False
+            self._refs[(key, sha)] = left + 1
+            return True
+
     def hold(self, key: str, sha: str) -> None:
         """One more record points at an existing blob (a record copied from another)."""
         with self._lock:

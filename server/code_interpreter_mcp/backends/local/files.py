@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ...errors import CIError, DownloadFailed, FileNotFound, FileTooLarge, PathRefused
-from ...storage.copying import copy_to_new
+from ...storage.copying import Have, copy_small, copy_to_new
 from ..base import FetchResult, RemoteFile
 
 CHUNK = 1024 * 1024
@@ -150,9 +150,10 @@ def _open_parent(root: Path, parts: list[str], create: bool, uid: int | None, gi
         raise _refuse_or_missing(exc, path) from None
 
 
-def fetch(root: Path, path: str, dest: Path, max_bytes: int) -> FetchResult:
+def fetch(root: Path, path: str, dest: Path, max_bytes: int, have: Have | None = None) -> FetchResult:
     """Copy one regular file out of the data folder to a new file `dest`: in the kernel, hashed in the same
-    pass, holes kept (`storage.copying`)."""
+    pass, holes kept (`storage.copying`). With `have`, a small file is hashed first and not written at all when
+    the host keeps its bytes already."""
     parts = clean_relative(path)
     parent = _open_parent(root, parts, False, None, None, path)
     try:
@@ -168,19 +169,23 @@ def fetch(root: Path, path: str, dest: Path, max_bytes: int) -> FetchResult:
             raise PathRefused(f"{path!r} is not a regular file.")
         if st.st_size > max_bytes:
             raise FileTooLarge(f"{path!r} is {st.st_size} bytes, over the {max_bytes}-byte limit.")
+        if have is not None and (small := copy_small(fd, dest, max_bytes, repr(path), have)) is not None:
+            return FetchResult(bytes=small[0], sha256=small[1], written=small[2])
         total, digest = copy_to_new(fd, dest, max_bytes, repr(path))
         return FetchResult(bytes=total, sha256=digest)
     finally:
         os.close(fd)
 
 
-def fetch_many(root: Path, items: list[tuple[str, Path]], max_bytes: int) -> list[FetchResult | CIError]:
+def fetch_many(
+    root: Path, items: list[tuple[str, Path]], max_bytes: int, have: Have | None = None
+) -> list[FetchResult | CIError]:
     """`fetch` of each (path, dest) in turn, in the calling thread: a harvest's batch of small files pays one
     thread hop, not one each. A file's error is its entry; the others still come."""
     out: list[FetchResult | CIError] = []
     for path, dest in items:
         try:
-            out.append(fetch(root, path, dest, max_bytes))
+            out.append(fetch(root, path, dest, max_bytes, have))
         except CIError as exc:
             out.append(exc)
         except OSError as exc:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from code_interpreter_mcp.backends.local import files
 from code_interpreter_mcp.config import Settings
 from code_interpreter_mcp.engine import Engine, harvest
 from code_interpreter_mcp.storage.blobs import BlobStore
@@ -61,3 +62,24 @@ async def test_small_files_are_one_batch_and_large_ones_spread(monkeypatch: pyte
     assert batches[0] == [f"s{k}" for k in range(5)]
     assert sorted(p for b in batches[1:] for p in b) == ["L0", "L1", "L2"]
     assert len(batches) == 1 + harvest.COPY_THREADS
+
+
+def test_a_batch_reuses_a_folder_and_still_refuses_links(tmp_path: Path) -> None:
+    root, out = tmp_path / "data", tmp_path / "out"
+    (root / "a").mkdir(parents=True)
+    (root / "b").mkdir()
+    out.mkdir()
+    for name in ("a/x", "a/y", "b/w"):
+        (root / name).write_text(name)
+    (root / "link").symlink_to(root / "a")
+    items = [(p, out / p.replace("/", "_")) for p in ("a/x", "a/y", "link/x", "a/nope", "b/w")]
+    results = files.fetch_many(root, items, 1 << 20, have=lambda sha: False)
+    assert [type(r).__name__ for r in results] == [
+        "FetchResult",
+        "FetchResult",
+        "PathRefused",
+        "FileNotFound",
+        "FetchResult",
+    ]
+    assert [(out / n).read_text() for n in ("a_x", "a_y", "b_w")] == ["a/x", "a/y", "b/w"]
+    assert not (out / "link_x").exists()

@@ -14,6 +14,7 @@ It knows the backend protocol, the registry and the host store; it knows nothing
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -194,7 +195,7 @@ class Harvest:
             path=remote.path,
             name=name,
             bytes=res.bytes,
-            mime_type=guess_mime(name),
+            mime_type=_mime(name),
             sha256=res.sha256,
             source="user" if remote.source == "user" else "generated",
             created_at=remote.created_at or time.time(),
@@ -268,6 +269,17 @@ class Harvest:
             record.blob, record.local_path, record.disk_bytes = record.sha256, str(placed.path), placed.disk_bytes
             kept.append(record)
         return kept
+
+
+@functools.lru_cache(maxsize=512)
+def _mime_of_suffixes(suffixes: str) -> str:
+    return guess_mime("f" + suffixes)
+
+
+def _mime(name: str) -> str:
+    """`guess_mime`, which looks only at the suffixes, once per distinct suffixes (it costs 7 us a file)."""
+    dot = name.find(".", 1)  # a leading dot starts a name, not a suffix
+    return _mime_of_suffixes(name[dot:] if dot > 0 else "")
 
 
 async def record_with_history(ctx: EngineContext, session: Session, records: list[FileRecord]) -> None:

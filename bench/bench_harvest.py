@@ -1,12 +1,14 @@
 """Harvest cost and harvested storage of code-interpreter-mcp (local backend), through the real server over stdio
 with the stock Python MCP client. Prints the figures the storage half of issue 8 asks for.
 
-    python bench/bench_harvest.py [--files 1000] [--rounds 5] [--mib 50] [--rewrites 5]
+    python bench/bench_harvest.py [--files 1000] [--rounds 5] [--mib 50] [--rewrites 5] [--fresh-bytes]
 
 - 1,000 small files written in one run into /mnt/data (harvested) against the same writes into the sandbox's
   /tmp (not harvested): same server, same session, alternating; medians and their ratio (target <= 3x). Two more
   sides say where the time goes: the writes into /mnt/data deleted before the run ends (the sandbox's own cost of
-  that disk, nothing harvested) and plain Python making the same files on the host's disk.
+  that disk, nothing harvested) and plain Python making the same files on the host's disk. The files' bytes are
+  the same every round (so from the second round on the owner's store holds them and no copy is written);
+  `--fresh-bytes` makes them new every round, so every file costs a copy created on the host.
 - one file of 50 MiB written and then rewritten five times with other bytes: the host storage of the harvested
   copies after (allocated blocks under the data folder's files/), against the file's size (target <= 2x).
 """
@@ -29,6 +31,7 @@ WRITES = (
     "import os\nos.makedirs({folder!r}, exist_ok=True)\n"
     "for k in range({n}):\n    open(f'{folder}/f{{k}}.txt', 'w').write('row,value\\n' + str(k) * 20)\n"
 )
+FRESH_WRITES = WRITES.replace("str(k) * 20)", "str(k) * 20 + {folder!r})")
 
 
 def server(data_dir: str) -> StdioServerParameters:
@@ -52,13 +55,14 @@ def host_writes(folder: str, n: int) -> float:
     return time.perf_counter() - started
 
 
-async def small_files(client: Client, session_id: str, data_dir: Path, n: int, rounds: int) -> None:
+async def small_files(client: Client, session_id: str, data_dir: Path, n: int, rounds: int, fresh: bool) -> None:
+    writes = FRESH_WRITES if fresh else WRITES
     harvested, tmp, host, unharvested = [], [], [], []
     for i in range(rounds):  # a new folder each round: every file is new, as in a fresh run
-        t_tmp, _ = await timed_run(client, session_id, WRITES.format(folder=f"/tmp/r{i}", n=n))
-        t_data, res = await timed_run(client, session_id, WRITES.format(folder=f"/mnt/data/r{i}", n=n))
+        t_tmp, _ = await timed_run(client, session_id, writes.format(folder=f"/tmp/r{i}", n=n))
+        t_data, res = await timed_run(client, session_id, writes.format(folder=f"/mnt/data/r{i}", n=n))
         assert res["files"] or res["warnings"]
-        gone = WRITES.format(folder=f"/mnt/data/g{i}", n=n) + f"import shutil\nshutil.rmtree('/mnt/data/g{i}')\n"
+        gone = writes.format(folder=f"/mnt/data/g{i}", n=n) + f"import shutil\nshutil.rmtree('/mnt/data/g{i}')\n"
         t_gone, _ = await timed_run(client, session_id, gone)
         unharvested.append(t_gone)
         host.append(await anyio.to_thread.run_sync(host_writes, str(data_dir / f"host-r{i}"), n))
@@ -66,7 +70,8 @@ async def small_files(client: Client, session_id: str, data_dir: Path, n: int, r
         harvested.append(t_data)
     a, b, c = statistics.median(harvested), statistics.median(tmp), statistics.median(host)
     d = statistics.median(unharvested)
-    print(f"{n} small files in one run, {rounds} alternating rounds (medians):")
+    kind = "new bytes every round" if fresh else "the same bytes every round"
+    print(f"{n} small files in one run ({kind}), {rounds} alternating rounds (medians):")
     print(f"  into /mnt/data (harvested) {a * 1e3:8.1f} ms   ({a / n * 1e6:.0f} us a file)")
     print(f"  into /tmp (not harvested)  {b * 1e3:8.1f} ms")
     print(f"  into /mnt/data, removed    {d * 1e3:8.1f} ms   (written and deleted in the run: the sandbox's own")
@@ -94,7 +99,7 @@ async def main(args: argparse.Namespace) -> None:
             first = await client.call_tool("run_code", {"code": "1+1"})
             assert first.structured_content is not None
             session_id = first.structured_content["session_id"]
-            await small_files(client, session_id, Path(data_dir), args.files, args.rounds)
+            await small_files(client, session_id, Path(data_dir), args.files, args.rounds, args.fresh_bytes)
             other = (await client.call_tool("run_code", {"code": "1"})).structured_content
             assert other is not None
             await rewrites(client, other["session_id"], Path(data_dir) / "files", args.mib, args.rewrites)
@@ -106,4 +111,5 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--mib", type=int, default=50)
     parser.add_argument("--rewrites", type=int, default=5)
+    parser.add_argument("--fresh-bytes", action="store_true", help="new bytes in every round's files")
     anyio.run(main, parser.parse_args())

@@ -65,6 +65,7 @@ class RemoteFile:
 class FetchResult:
     bytes: int
     sha256: str
+    written: bool = True  # False: the host already kept these bytes (`have` said so) and nothing went to dest
 
 
 @dataclass(frozen=True)
@@ -197,10 +198,16 @@ class Backend(Protocol):
         ...
 
     async def fetch_files(
-        self, container: ContainerState, items: list[tuple[RemoteFile, Path]], max_bytes: int
+        self,
+        container: ContainerState,
+        items: list[tuple[RemoteFile, Path]],
+        max_bytes: int,
+        have: Callable[[str], bool] | None = None,
     ) -> list[FetchResult | CIError]:
         """`fetch_file` of several files (a harvest's batch): each one's result or its error, in order, so one
-        refused file never costs the others. Many small files are cheap here (local: one worker thread)."""
+        refused file never costs the others. Many small files are cheap here (local: one worker thread).
+        A backend that knows a file's sha256 before writing its copy may ask `have` (from a worker thread);
+        True means the host keeps those bytes already: nothing is written and the result says `written=False`."""
         ...
 
     async def put_file(self, container: ContainerState, src: Path, dest_path: str) -> RemoteFile:

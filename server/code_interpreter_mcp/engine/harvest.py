@@ -2,18 +2,19 @@
 container record's snapshot) to the host, and record the copies in the registry.
 
 A fetch starts as soon as a file is known (cited by the backend's answer, or found by the listing), each file at
-most once, in at most `COPY_THREADS` batches at once; the listing is authoritative for paths and versions. The
-copies land in the owner's blob store (`storage.blobs`: identical bytes once, the server-wide quota), and the new
-records go into the registry in one transaction together with the superseded versions the session's history
-quota drops (`storage.history`). Within a run the harvest can go on alongside the
-backend (`fetching(alongside=True)`: the listing starts when the code finished, while a model still writes), or
-after it; the common case, nothing changed, costs one listing and no task group.
+most once, the small ones in one batch and the large ones in at most `COPY_THREADS` more; the listing is
+authoritative for paths and versions. The copies land in the owner's blob store (`storage.blobs`: identical bytes
+once, the server-wide quota), and the new records go into the registry in one transaction together with the
+superseded versions the session's history quota drops (`storage.history`). Within a run the harvest can go on
+alongside the backend (`fetching(alongside=True)`: the listing starts when the code finished, while a model still
+writes), or after it; the common case, nothing changed, costs one listing and no task group.
 
 It knows the backend protocol, the registry and the host store; it knows nothing of results, budgets or MCP.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -29,7 +30,7 @@ from ..sessions import ContainerRecord, FileRecord, Session, new_id
 from ..storage.blobs import owner_key
 from ..storage.history import superseded_to_drop
 from .containers import Containers
-from .context import COPY_THREADS, EngineContext
+from .context import COPY_THREADS, SMALL_FILE_BYTES, EngineContext
 
 Harvested = tuple[list[FileRecord], list[str]]
 """The records of the files harvested, sorted by path, and warnings about files that could not be."""
@@ -101,10 +102,15 @@ class Harvest:
             self._pending.extend(new)
 
     def _start_batches(self, tg: anyio.abc.TaskGroup, remotes: list[RemoteFile]) -> None:
-        """At most COPY_THREADS batches at once, dealt round-robin so large and small files spread evenly."""
-        n = min(len(remotes), COPY_THREADS)
+        """The small files in one batch (see SMALL_FILE_BYTES), the large ones dealt round-robin to at most
+        COPY_THREADS more."""
+        small = [r for r in remotes if r.bytes <= SMALL_FILE_BYTES]
+        large = [r for r in remotes if r.bytes > SMALL_FILE_BYTES]
+        if small:
+            tg.start_soon(self._fetch_batch, small)
+        n = min(len(large), COPY_THREADS)
         for i in range(n):
-            tg.start_soon(self._fetch_batch, remotes[i::n])
+            tg.start_soon(self._fetch_batch, large[i::n])
 
     def code_done(self) -> None:
         """For `ExecRequest.code_done`: list the container now, while the backend still writes its answer."""
@@ -166,7 +172,9 @@ class Harvest:
             return
         items = [(remote, blobs.tmp_path(self.owner_key)) for remote in remotes]
         try:
-            results = await self.ctx.backend.fetch_files(state, items, self.ctx.settings.max_file_bytes)
+            results = await self.ctx.backend.fetch_files(
+                state, items, self.ctx.settings.max_file_bytes, have=lambda sha: blobs.claim(self.owner_key, sha)
+            )
         except ContainerExpired:
             results = [ContainerExpired("expired")] * len(items)
         for (remote, tmp), res in zip(items, results, strict=True):
@@ -180,14 +188,14 @@ class Harvest:
 
     def _record(self, remote: RemoteFile, tmp: Path, res: FetchResult) -> FileRecord:
         name = safe_name(remote.path)
-        return FileRecord(
+        record = FileRecord(
             file_id=new_id("f_", 12),
             session_id=self.session.id,
             container_id=self.rec.state.id,
             path=remote.path,
             name=name,
             bytes=res.bytes,
-            mime_type=guess_mime(name),
+            mime_type=_mime(name),
             sha256=res.sha256,
             source="user" if remote.source == "user" else "generated",
             created_at=remote.created_at or time.time(),
@@ -195,6 +203,11 @@ class Harvest:
             remote_id=remote.remote_id,
             version=remote.version,
         )
+        if not res.written:  # the blob store kept these bytes already and holds them for this record
+            blobs = self.ctx.blobs
+            record.blob, record.local_path = res.sha256, str(blobs.blob_path(self.owner_key, res.sha256))
+            record.disk_bytes = blobs.cost_of(self.owner_key, res.sha256)
+        return record
 
     def _refuse(self, remote: RemoteFile, exc: StorageQuota) -> None:
         self.refused.add(remote.path)
@@ -209,13 +222,14 @@ class Harvest:
             return [], self.warnings
         listing = self._listing if self._listing is not None else list(rec.snapshot.values())
         by_key = {self.key(f): f for f in listing}
-        records, unchanged = [], []
+        records: list[FileRecord] = []
+        unchanged: list[FileRecord] = []
         for k, record in self.fetched.items():
             listed = by_key.get(k)
             if listed is not None:
                 prev = rec.snapshot.get(listed.path)
                 if prev is not None and prev.version == listed.version:
-                    unchanged.append(Path(record.local_path or ""))
+                    unchanged.append(record)
                     continue
                 record.path, record.version = listed.path, listed.version
             records.append(record)
@@ -229,12 +243,18 @@ class Harvest:
             await self.containers.retire(rec, status="expired")  # never offered again; the next run replaces it
         return records, self.warnings
 
-    def _place(self, records: list[FileRecord], unchanged: list[Path]) -> list[FileRecord]:
+    def _place(self, records: list[FileRecord], unchanged: list[FileRecord]) -> list[FileRecord]:
         """In a worker thread: each copy becomes (or joins) its blob; the ones over the server's quota go."""
-        for path in unchanged:
-            path.unlink(missing_ok=True)
+        for record in unchanged:
+            if record.blob is not None:  # claimed, never written
+                self.ctx.blobs.release([(self.owner_key, record)])
+            else:
+                Path(record.local_path or "").unlink(missing_ok=True)
         kept = []
         for record in records:
+            if record.blob is not None:  # claimed while fetched: already its blob
+                kept.append(record)
+                continue
             try:
                 placed = self.ctx.blobs.place(
                     self.owner_key, Path(record.local_path or ""), record.sha256 or "", record.path
@@ -249,6 +269,17 @@ class Harvest:
             record.blob, record.local_path, record.disk_bytes = record.sha256, str(placed.path), placed.disk_bytes
             kept.append(record)
         return kept
+
+
+@functools.lru_cache(maxsize=512)
+def _mime_of_suffixes(suffixes: str) -> str:
+    return guess_mime("f" + suffixes)
+
+
+def _mime(name: str) -> str:
+    """`guess_mime`, which looks only at the suffixes, once per distinct suffixes (it costs 7 us a file)."""
+    dot = name.find(".", 1)  # a leading dot starts a name, not a suffix
+    return _mime_of_suffixes(name[dot:] if dot > 0 else "")
 
 
 async def record_with_history(ctx: EngineContext, session: Session, records: list[FileRecord]) -> None:

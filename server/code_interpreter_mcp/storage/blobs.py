@@ -57,6 +57,7 @@ class BlobStore:
         self._disk: dict[BlobKey, int] = {}
         self._blob_bytes = 0
         self.direct_bytes = 0  # records of the earlier one-folder-per-file layout, read where they lie
+        self._tmp_dirs: dict[str, Path] = {}
 
     # ---- loading ----------------------------------------------------------------------------------------
 
@@ -90,7 +91,10 @@ class BlobStore:
     def tmp_path(self, key: str) -> Path:
         """A fresh name for a copy in flight, on the blobs' filesystem (so placing it is a rename). The folder
         is made by whoever writes there first (backends make a destination's folder), never on the loop."""
-        return self.files_dir / key / "tmp" / secrets.token_hex(12)
+        folder = self._tmp_dirs.get(key)
+        if folder is None:  # a harvest asks once a file: three path joins each cost more than the name
+            folder = self._tmp_dirs[key] = self.files_dir / key / "tmp"
+        return folder / secrets.token_hex(12)
 
     # ---- placing and releasing --------------------------------------------------------------------------
 
@@ -121,6 +125,16 @@ class BlobStore:
             self._disk[bkey] = cost
             self._blob_bytes += cost
             return Placed(dest, cost, new=True)
+
+    def claim(self, key: str, sha: str) -> bool:
+        """A copy about to be written holds these bytes' blob instead, when a record holds it already (so it
+        is on disk, and stays while this reference lasts): True, and the caller owes one `release` or record."""
+        with self._lock:
+            left = self._refs.get((key, sha), 0)
+            if left <= 0:
+                return False
+            self._refs[(key, sha)] = left + 1
+            return True
 
     def hold(self, key: str, sha: str) -> None:
         """One more record points at an existing blob (a record copied from another)."""

@@ -14,6 +14,7 @@ import errno
 import hashlib
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import FileTooLarge
@@ -127,6 +128,53 @@ def copy_fd(src: int, dst: int, max_bytes: int, what: str) -> tuple[int, str]:
             raise FileTooLarge(f"{what} grew past the {max_bytes}-byte limit while being copied.")
         digest.update(copier.view[:n])
     return pos, digest.hexdigest()
+
+
+SMALL_BYTES = CHUNK
+"""A dense file up to this size is read whole and hashed before its copy is made (`copy_small`)."""
+
+Have = Callable[[str], bool]
+"""Asked with a copy's sha256 before it is written: True when the host already keeps those bytes (and has taken a
+reference to them for this copy), so nothing is written."""
+
+
+def copy_small(src: int, dest: Path, max_bytes: int, what: str, have: Have) -> tuple[int, str, bool] | None:
+    """A small dense file: read whole, hashed, and written to a new file at `dest` only when `have` does not
+    hold those bytes already (a create costs far more than the read: 0.02 to 1 ms on this host's ext4).
+    (bytes, sha256, written); None when the file is not small or has holes (`copy_to_new` keeps those)."""
+    st = os.fstat(src)
+    if st.st_size > SMALL_BYTES or disk_bytes(st) < st.st_size:
+        return None
+    view = getattr(_buffers, "view", None)
+    if view is None:
+        view = _buffers.view = memoryview(bytearray(CHUNK))
+    data = bytearray()
+    pos = 0
+    while n := os.preadv(src, [view], pos):  # on past the size seen: a file still growing is read whole
+        data += view[:n]
+        pos += n
+        if pos > max_bytes:
+            raise FileTooLarge(f"{what} grew past the {max_bytes}-byte limit while being copied.")
+    digest = hashlib.sha256(data).hexdigest()
+    if have(digest):
+        return pos, digest, False
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        dst = os.open(dest, flags, 0o644)
+    except FileNotFoundError:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dst = os.open(dest, flags, 0o644)
+    try:
+        out = memoryview(data)
+        while out:
+            out = out[os.write(dst, out) :]
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(dest)
+        raise
+    finally:
+        os.close(dst)
+    return pos, digest, True
 
 
 def copy_to_new(src: int, dest: Path, max_bytes: int, what: str) -> tuple[int, str]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -206,9 +207,14 @@ class LocalBackend:
         return await (await self._lookup(container)).folder.fetch(file.path, dest, max_bytes)
 
     async def fetch_files(
-        self, container: ContainerState, items: list[tuple[RemoteFile, Path]], max_bytes: int
+        self,
+        container: ContainerState,
+        items: list[tuple[RemoteFile, Path]],
+        max_bytes: int,
+        have: Callable[[str], bool] | None = None,
     ) -> list[FetchResult | CIError]:
-        return await (await self._lookup(container)).folder.fetch_many([(f.path, d) for f, d in items], max_bytes)
+        folder = (await self._lookup(container)).folder
+        return await folder.fetch_many([(f.path, d) for f, d in items], max_bytes, have)
 
     async def put_file(self, container: ContainerState, src: Path, dest_path: str) -> RemoteFile:
         folder = (await self._lookup(container)).folder

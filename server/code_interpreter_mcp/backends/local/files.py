@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ...errors import CIError, DownloadFailed, FileNotFound, FileTooLarge, PathRefused
-from ...storage.copying import copy_to_new
+from ...storage.copying import Have, copy_small, copy_to_new
 from ..base import FetchResult, RemoteFile
 
 CHUNK = 1024 * 1024
@@ -147,41 +147,76 @@ def _open_parent(root: Path, parts: list[str], create: bool, uid: int | None, gi
         raise _refuse_or_missing(exc, path) from None
 
 
-def fetch(root: Path, path: str, dest: Path, max_bytes: int) -> FetchResult:
+class _Parent:
+    """The folder fd of the last file fetched, kept for the next one in the same folder (a batch is sorted by
+    path): two opens and two closes fewer a file. Reached the same link-proof way, so no less safe."""
+
+    def __init__(self) -> None:
+        self.key: tuple[str, ...] | None = None
+        self.fd = -1
+
+    def open(self, root: Path, parts: list[str], path: str) -> int:
+        key = tuple(parts[:-1])
+        if key != self.key:
+            self.close()
+            self.fd = _open_parent(root, parts, False, None, None, path)
+            self.key = key
+        return self.fd
+
+    def close(self) -> None:
+        if self.key is not None:
+            os.close(self.fd)
+            self.key, self.fd = None, -1
+
+
+def fetch(
+    root: Path, path: str, dest: Path, max_bytes: int, have: Have | None = None, parent: _Parent | None = None
+) -> FetchResult:
     """Copy one regular file out of the data folder to a new file `dest`: in the kernel, hashed in the same
-    pass, holes kept (`storage.copying`)."""
+    pass, holes kept (`storage.copying`). With `have`, a small file is hashed first and not written at all when
+    the host keeps its bytes already."""
     parts = clean_relative(path)
-    parent = _open_parent(root, parts, False, None, None, path)
+    folder = parent if parent is not None else _Parent()
     try:
         try:
-            fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=parent)
+            dir_fd = folder.open(root, parts, path)
+            fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
         except OSError as exc:
             raise _refuse_or_missing(exc, path) from None
     finally:
-        os.close(parent)
+        if parent is None:
+            folder.close()
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise PathRefused(f"{path!r} is not a regular file.")
         if st.st_size > max_bytes:
             raise FileTooLarge(f"{path!r} is {st.st_size} bytes, over the {max_bytes}-byte limit.")
+        if have is not None and (small := copy_small(fd, dest, max_bytes, repr(path), have)) is not None:
+            return FetchResult(bytes=small[0], sha256=small[1], written=small[2])
         total, digest = copy_to_new(fd, dest, max_bytes, repr(path))
         return FetchResult(bytes=total, sha256=digest)
     finally:
         os.close(fd)
 
 
-def fetch_many(root: Path, items: list[tuple[str, Path]], max_bytes: int) -> list[FetchResult | CIError]:
+def fetch_many(
+    root: Path, items: list[tuple[str, Path]], max_bytes: int, have: Have | None = None
+) -> list[FetchResult | CIError]:
     """`fetch` of each (path, dest) in turn, in the calling thread: a harvest's batch of small files pays one
     thread hop, not one each. A file's error is its entry; the others still come."""
     out: list[FetchResult | CIError] = []
-    for path, dest in items:
-        try:
-            out.append(fetch(root, path, dest, max_bytes))
-        except CIError as exc:
-            out.append(exc)
-        except OSError as exc:
-            out.append(DownloadFailed(f"{path!r} could not be copied: {exc.strerror or exc}."))
+    parent = _Parent()
+    try:
+        for path, dest in items:
+            try:
+                out.append(fetch(root, path, dest, max_bytes, have, parent))
+            except CIError as exc:
+                out.append(exc)
+            except OSError as exc:
+                out.append(DownloadFailed(f"{path!r} could not be copied: {exc.strerror or exc}."))
+    finally:
+        parent.close()
     return out
 
 

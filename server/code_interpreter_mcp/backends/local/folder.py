@@ -10,6 +10,7 @@ real-block usage is what the quota (quota.py) is enforced on. Nothing here knows
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
@@ -129,10 +130,12 @@ class DataFolder:
         real = self.real_names.get(path, path)
         return await anyio.to_thread.run_sync(files.fetch, self.path, real, Path(dest), int(max_bytes))
 
-    async def fetch_many(self, items: list[tuple[str, Path]], max_bytes: int) -> list[FetchResult | CIError]:
+    async def fetch_many(
+        self, items: list[tuple[str, Path]], max_bytes: int, have: Callable[[str], bool] | None = None
+    ) -> list[FetchResult | CIError]:
         """A harvest's batch in one thread hop (`files.fetch_many`)."""
         pairs = [(self.real_names.get(path, path), Path(dest)) for path, dest in items]
-        return await anyio.to_thread.run_sync(files.fetch_many, self.path, pairs, int(max_bytes))
+        return await anyio.to_thread.run_sync(files.fetch_many, self.path, pairs, int(max_bytes), have)
 
     async def put(self, src: Path, dest_path: str, max_file_bytes: int, quota_bytes: int) -> RemoteFile:
         self.pump()

@@ -8,6 +8,7 @@ once, so the engine can start their downloads while it lists files and refreshes
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -172,7 +173,11 @@ class OpenAIBackend:
         )
 
     async def fetch_files(
-        self, container: ContainerState, items: list[tuple[RemoteFile, Path]], max_bytes: int
+        self,
+        container: ContainerState,
+        items: list[tuple[RemoteFile, Path]],
+        max_bytes: int,
+        have: Callable[[str], bool] | None = None,  # the bytes are known only once downloaded: not asked
     ) -> list[FetchResult | errors.CIError]:
         out: list[FetchResult | errors.CIError] = [errors.DownloadFailed("not fetched")] * len(items)
 

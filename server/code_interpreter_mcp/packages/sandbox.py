@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import anyio
 from anyio.abc import ByteReceiveStream, Process
 
-from ..backends.local.bubblewrap import ancestors
+from ..backends.local.bubblewrap import TOP_LINKS, ancestors
 from ..backends.local.bubblewrap import find_bwrap as find_bwrap  # the one lookup of bubblewrap, shared
 
 logger = logging.getLogger(__name__)
@@ -56,7 +56,6 @@ _ETC_FILES = (
     "localtime",
     "alternatives",
 )
-_TOP_LINKS = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
 
 
 @dataclass(frozen=True)
@@ -140,7 +139,7 @@ def installer_argv(
     argv += ["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
     argv += ["--die-with-parent", "--new-session", "--hostname", "installer", "--cap-drop", "ALL"]
     argv += ["--ro-bind", "/usr", "/usr"]
-    for name in _TOP_LINKS:
+    for name in TOP_LINKS:
         host = "/" + name
         if os.path.islink(host):
             argv += ["--symlink", os.readlink(host), host]

@@ -14,7 +14,7 @@ import errno
 import hashlib
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ..errors import FileTooLarge
@@ -158,6 +158,16 @@ def copy_small(src: int, dest: Path, max_bytes: int, what: str, have: Have) -> t
     digest = hashlib.sha256(data).hexdigest()
     if have(digest):
         return pos, digest, False
+    with new_file(dest) as dst:
+        out = memoryview(data)
+        while out:
+            out = out[os.write(dst, out) :]
+    return pos, digest, True
+
+
+@contextlib.contextmanager
+def new_file(dest: Path) -> Iterator[int]:
+    """A new file at `dest` (its folder made if missing), open for writing; removed again if the block fails."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
         dst = os.open(dest, flags, 0o644)
@@ -165,31 +175,16 @@ def copy_small(src: int, dest: Path, max_bytes: int, what: str, have: Have) -> t
         dest.parent.mkdir(parents=True, exist_ok=True)
         dst = os.open(dest, flags, 0o644)
     try:
-        out = memoryview(data)
-        while out:
-            out = out[os.write(dst, out) :]
+        yield dst
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(dest)
         raise
     finally:
         os.close(dst)
-    return pos, digest, True
 
 
 def copy_to_new(src: int, dest: Path, max_bytes: int, what: str) -> tuple[int, str]:
     """`copy_fd` into a new file at `dest` (its folder made if missing); nothing is left at `dest` on failure."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    try:
-        dst = os.open(dest, flags, 0o644)
-    except FileNotFoundError:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        dst = os.open(dest, flags, 0o644)
-    try:
+    with new_file(dest) as dst:
         return copy_fd(src, dst, max_bytes, what)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(dest)
-        raise
-    finally:
-        os.close(dst)

@@ -57,7 +57,7 @@ _ETC_FILES = (
     "nsswitch.conf",
     "matplotlibrc",
 )
-_TOP_LINKS = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
+TOP_LINKS = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")  # merged-/usr symlinks at the top
 
 
 @dataclass(frozen=True)
@@ -139,7 +139,7 @@ def bwrap_argv(profile: sandbox.Profile, layout: Layout, worker_argv: list[str])
         argv += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
 
     argv += ["--ro-bind", "/usr", "/usr"]
-    for name in _TOP_LINKS:
+    for name in TOP_LINKS:
         host = "/" + name
         if os.path.islink(host):
             argv += ["--symlink", os.readlink(host), host]

@@ -42,6 +42,7 @@ class ClientProfile:
     budget: int  # characters of text + structuredContent
     summary_room: int  # characters of the summary next to structuredContent
     stdio: bool
+    host_paths: bool = True  # results may carry host paths (`local_path`): only to callers allowed to name them
 
     def link_for(self, inline: bool) -> bool:
         """Does a file get a resource_link block? Not when its whole body is already inline, unless asked."""
@@ -80,6 +81,7 @@ def profile_for(settings: Settings, name: str | None, version: str | None) -> Cl
         budget=budget_chars(settings),
         summary_room=summary_room(settings),
         stdio=settings.transport == "stdio",
+        host_paths=settings.host_paths_allowed,
     )
 
 

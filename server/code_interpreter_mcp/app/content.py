@@ -92,7 +92,7 @@ def tool_error(exc: BaseException) -> ToolError:
 
 def run_result(out: RunOutput, p: ClientProfile) -> CallToolResult:
     """run_code: the text, the inline images, a link per file the client should get one for."""
-    r = out.result
+    r = hide_host_paths(out.result, p.host_paths)
     whole = {img.file_id for img in out.images if not img.preview}
     links = [link(f) for f in r.files if p.link_for(f.file_id in whole)]
     images = [ImageContent(data=_b64(img.data), mime_type=img.mime_type) for img in out.images]
@@ -104,7 +104,7 @@ def run_result(out: RunOutput, p: ClientProfile) -> CallToolResult:
 def download_result(out: DownloadOutput, p: ClientProfile) -> CallToolResult:
     """download_file: what was returned and how to get the rest, the body when inline, the link unless the whole
     file is inline."""
-    r = out.result
+    r = hide_host_paths(out.result, p.host_paths)
     body = [_inline_body(r.file, out)] if r.inline and out.data is not None else []
     whole = r.inline and not r.truncated and not r.preview
     links = [link(r.file)] if p.link_for(whole) else []
@@ -112,6 +112,7 @@ def download_result(out: DownloadOutput, p: ClientProfile) -> CallToolResult:
 
 
 def file_list_result(r: FileList, p: ClientProfile) -> CallToolResult:
+    r = hide_host_paths(r, p.host_paths)
     state = "gone: harvested copies"
     if r.container_alive:
         state = "alive" + (f", expires {r.expires_at:%Y-%m-%d %H:%M:%S}Z" if r.expires_at else "")
@@ -128,6 +129,7 @@ def file_list_result(r: FileList, p: ClientProfile) -> CallToolResult:
 
 
 def upload_result(r: UploadResult, p: ClientProfile) -> CallToolResult:
+    r = hide_host_paths(r, p.host_paths)
     text = f"uploaded to session {r.session_id} · container {r.container_id}\n{file_line(r.file)}"
     return _result(p, text, [], dump(r))
 

@@ -164,7 +164,6 @@ async def run_code(
             progress=ctx.report_progress,
             packages=packages,
         )
-        out.result = content.hide_host_paths(out.result, engine.settings.host_paths_allowed)
     return content.run_result(out, client_profile(ctx, engine.settings))
 
 
@@ -191,7 +190,6 @@ async def get_run(
     async with _engine(ctx) as engine:
         wait = engine.settings.default_wait_s if wait_s is None else wait_s
         out = await engine.get_run(run_id, current_owner(), session_id, wait, ctx.report_progress)
-        out.result = content.hide_host_paths(out.result, engine.settings.host_paths_allowed)
     return content.run_result(out, client_profile(ctx, engine.settings))
 
 
@@ -201,7 +199,6 @@ async def cancel_run(
 ) -> Annotated[CallToolResult, RunResult]:
     async with _engine(ctx) as engine:
         out = await engine.cancel_run(run_id, current_owner(), session_id)
-        out.result = content.hide_host_paths(out.result, engine.settings.host_paths_allowed)
     return content.run_result(out, client_profile(ctx, engine.settings))
 
 
@@ -229,7 +226,6 @@ async def list_container_files(
 ) -> Annotated[CallToolResult, FileList]:
     async with _session(ctx, session_id) as (engine, session):
         out = await engine.list_files(session, container_id, all_containers, pattern, limit, cursor)
-        out = content.hide_host_paths(out, engine.settings.host_paths_allowed)
     return content.file_list_result(out, client_profile(ctx, engine.settings))
 
 
@@ -258,7 +254,6 @@ async def download_file(
 ) -> Annotated[CallToolResult, DownloadResult]:
     async with _session(ctx, session_id) as (engine, session):
         out = await engine.download(session, file, container_id, save_to, overwrite, offset, max_bytes)
-        out.result = content.hide_host_paths(out.result, engine.settings.host_paths_allowed)
     return content.download_result(out, client_profile(ctx, engine.settings))
 
 
@@ -278,7 +273,6 @@ async def upload_file(
 ) -> Annotated[CallToolResult, UploadResult]:
     async with _session(ctx, session_id) as (engine, session):
         out = await engine.upload(session, path=path, name=name, content_base64=content_base64, dest_path=dest_path)
-        out = content.hide_host_paths(out, engine.settings.host_paths_allowed)
     return content.upload_result(out, client_profile(ctx, engine.settings))
 
 

@@ -21,7 +21,9 @@ import pytest
 
 from code_interpreter_mcp.backends.local import tree
 from code_interpreter_mcp.backends.local.changes import Changes, ChangeTracker, diff, scan
+from code_interpreter_mcp.backends.local.index import WALK_LIMIT
 from code_interpreter_mcp.backends.local.inotify import IN_Q_OVERFLOW, Event, Inotify, pack
+from code_interpreter_mcp.removal import remove_tree
 
 MiB = 1024 * 1024
 Track = Callable[..., ChangeTracker]
@@ -451,6 +453,83 @@ def test_thousand_deep_tree(root: Path, track: Track) -> None:
         assert_matches_scan(t)
     finally:
         remove_deep(root / "d")
+
+
+def test_a_deep_tree_made_level_by_level_costs_a_few_opens_a_level(
+    root: Path, track: Track, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Code making a tree one level at a time, each level's event read before the next (as the event loop does):
+    paths past PATH_MAX are opened from the deepest directory kept open, not component by component from the
+    root each time (which cost O(depth²) opens: seconds of a stalled event loop at 1,000 levels)."""
+    t = track()
+    opens = [0]
+
+    class CountingOs:
+        def __getattr__(self, name: str) -> object:
+            return getattr(os, name)
+
+        @staticmethod
+        def open(*args: object, **kwargs: object) -> int:
+            opens[0] += 1
+            return os.open(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(tree, "os", CountingOs())
+    levels, name = 700, "level_0000"  # past PATH_MAX from about level 360
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(levels):
+            os.mkdir(name, dir_fd=fd)
+            nfd = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+            leaf = os.open("f", os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=fd)
+            os.write(leaf, b"x")
+            os.close(leaf)
+            t.drain()
+    finally:
+        os.close(fd)
+    assert opens[0] < 12 * levels, opens[0]  # component by component: over 300,000
+    monkeypatch.undo()
+    assert_matches_scan(t)
+    # A deep subtree moved, then removed: the kept directories must not stand for their old paths.
+    mid = "/".join([name] * 400)
+    parent_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(399):
+            nfd = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=parent_fd)
+            os.close(parent_fd)
+            parent_fd = nfd
+        os.rename(name, "moved_back", src_dir_fd=parent_fd, dst_dir_fd=parent_fd)
+    finally:
+        os.close(parent_fd)
+    changes = t.drain()
+    assert f"{mid}/f" in changes.removed and f"{mid[: -len(name)]}moved_back/f" in changes.changed
+    assert_matches_scan(t)
+    remove_tree(root / name)
+    t.drain()
+    assert_matches_scan(t)
+    assert not t.files
+
+
+@pytest.mark.anyio
+async def test_a_big_tree_moved_in_is_walked_by_a_rescan_not_on_the_loop(
+    root: Path, track: Track, tmp_path: Path
+) -> None:
+    """A new directory's walk happens in the pump (the event loop): past WALK_LIMIT entries it stops and leaves
+    the rest to a rescan in a worker thread, so one `mv` of a huge tree cannot stall every session."""
+    t = track()
+    outside = tmp_path / "staging"
+    for d in range(6):
+        for k in range(WALK_LIMIT // 4):
+            write(outside / f"d{d}" / f"f{k}.txt")
+    os.rename(outside, root / "moved")
+    drained = t.drain()
+    assert drained.rescan_needed
+    assert len(drained.changed) <= WALK_LIMIT
+    changes = await t.changes()
+    drained.merge(changes)
+    assert len(drained.changed) == 6 * (WALK_LIMIT // 4) and not changes.rescan_needed
+    assert_matches_scan(t)
 
 
 def test_paths_longer_than_path_max(root: Path, track: Track) -> None:

@@ -73,6 +73,15 @@ async def test_closing_a_session_reclaims_a_1000_level_tree(tmp_path: Path) -> N
         assert not (h.engine.settings.files_dir / s["session_id"]).exists()
 
 
+async def test_making_a_1000_level_tree_does_not_hold_other_sessions(tmp_path: Path) -> None:
+    async with hostile_server(tmp_path) as h:
+        r, worst = await h.during(lambda: h.call("run_code", {"code": DEEP_TREE, "wait_s": 300}))
+        s = structured(r)
+        assert s["status"] == "ok", s
+        assert worst < LATENCY_BOUND_S, worst
+        await h.alive()
+
+
 async def test_running_out_of_file_descriptors_names_the_cause(tmp_path: Path) -> None:
     code = "held = []\nwhile True:\n    held.append(open('/dev/null'))"
     async with hostile_server(tmp_path) as h:

@@ -12,9 +12,12 @@ two states, and the full walk that reads them, never following anything the sand
   longer than PATH_MAX are opened one component at a time.
 - Disk cost is st_blocks*512 per distinct inode (a hard-linked file once): a sparse file counts what it really
   allocated; `holes` keeps the apparent size it did not.
+- `DirFds` keeps the last few deep directories open, so that a chain of new directories past PATH_MAX (one
+  event each) is opened from its nearest kept ancestor: an open or two a level instead of one per component,
+  which made a 1,000-level tree cost O(depth²) opens on the event loop.
 
-Owns: Entry, Changes, Usage, the walk and `scan`. Must not know: inotify, quotas, containers, harvesting.
-All functions block (file system calls); none keeps state.
+Owns: Entry, Changes, Usage, DirFds, the walk and `scan`. Must not know: inotify, quotas, containers, harvesting.
+All functions block (file system calls); none keeps state but what a `DirFds` passed in holds.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import errno
 import os
 import stat
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
@@ -152,9 +156,9 @@ class Snapshot:
     seconds: float
 
 
-def _open_chain(root: str, parts: list[str]) -> int:
-    """The directory root/parts..., each component opened O_NOFOLLOW relative to the last (no PATH_MAX limit)."""
-    fd = os.open(root, _DIR_FLAGS)
+def _open_chain(fd: int, parts: list[str]) -> int:
+    """The directory fd/parts..., each component opened O_NOFOLLOW relative to the last (no PATH_MAX limit).
+    Takes `fd` over: it is closed, and so is every fd but the one returned."""
     for part in parts:
         try:
             nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
@@ -168,11 +172,57 @@ def _short(path: str) -> bool:
     return len(path) < _PATH_LIMIT // 4 or len(os.fsencode(path)) < _PATH_LIMIT
 
 
-def open_dir(root: str, rel: str, ino: int | None, dev: int) -> tuple[int, os.stat_result]:
+class DirFds:
+    """The directories of long paths opened last, kept open (at most `size`), so the next long path below one of
+    them is opened from there. As safe as opening from the root: each kept fd is a directory of the folder, opened
+    component by component O_NOFOLLOW; the sandbox cannot move it off the folder's mount (rename across mounts is
+    EXDEV); and what is opened from it is checked against the inode expected, like any other open. A directory
+    deleted or moved must be `forget`-ten, so that its old path is not opened through it. One thread only."""
+
+    def __init__(self, size: int = 8) -> None:
+        self.size = size
+        self._fds: OrderedDict[str, int] = OrderedDict()  # relative path -> fd of that directory
+
+    def open(self, root: str, rel: str) -> int:
+        """A new fd (the caller's to close) of directory root/rel, opened from the nearest kept ancestor."""
+        best = ""
+        for kept in self._fds:
+            if len(kept) > len(best) and rel.startswith(kept) and (len(rel) == len(kept) or rel[len(kept)] == "/"):
+                best = kept
+        if best:
+            self._fds.move_to_end(best)
+            rest = rel[len(best) + 1 :]
+            fd = _open_chain(os.dup(self._fds[best]), rest.split("/") if rest else [])
+        else:
+            fd = _open_chain(os.open(root, _DIR_FLAGS), rel.split("/") if rel else [])
+        if rel and rel not in self._fds:
+            self._fds[rel] = os.dup(fd)
+            while len(self._fds) > self.size:
+                os.close(self._fds.popitem(last=False)[1])
+        return fd
+
+    def forget(self, rel: str) -> None:
+        """Directory `rel` was deleted or moved: drop it and whatever is kept below it."""
+        prefix = rel + "/"
+        for kept in [k for k in self._fds if k == rel or k.startswith(prefix)]:
+            os.close(self._fds.pop(kept))
+
+    def close(self) -> None:
+        while self._fds:
+            os.close(self._fds.popitem()[1])
+
+
+def _open_long(root: str, rel: str, fds: DirFds | None) -> int:
+    if fds is not None:
+        return fds.open(root, rel)
+    return _open_chain(os.open(root, _DIR_FLAGS), rel.split("/") if rel else [])
+
+
+def open_dir(root: str, rel: str, ino: int | None, dev: int, fds: DirFds | None = None) -> tuple[int, os.stat_result]:
     """An fd of directory root/rel, provided it is inode `ino` (when given) on device `dev`; else OSError
-    (ESTALE when something else now stands there)."""
+    (ESTALE when something else now stands there). A long path goes through `fds` when given."""
     path = f"{root}/{rel}" if rel else root
-    fd = os.open(path, _DIR_FLAGS) if _short(path) else _open_chain(root, rel.split("/"))
+    fd = os.open(path, _DIR_FLAGS) if _short(path) else _open_long(root, rel, fds)
     st = os.fstat(fd)
     if st.st_dev != dev or (ino is not None and st.st_ino != ino):
         os.close(fd)
@@ -180,7 +230,7 @@ def open_dir(root: str, rel: str, ino: int | None, dev: int) -> tuple[int, os.st
     return fd, st
 
 
-def lstat(root: str, rel: str, dev: int) -> os.stat_result | None:
+def lstat(root: str, rel: str, dev: int, fds: DirFds | None = None) -> os.stat_result | None:
     """The entry root/rel itself (never followed), or None when it is gone or not on the folder's device."""
     path = f"{root}/{rel}"
     try:
@@ -188,7 +238,7 @@ def lstat(root: str, rel: str, dev: int) -> os.stat_result | None:
             st = os.lstat(path)
         else:
             parent, _, name = rel.rpartition("/")
-            pfd = _open_chain(root, parent.split("/") if parent else [])
+            pfd = _open_long(root, parent, fds)
             try:
                 st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
             finally:
@@ -201,14 +251,26 @@ def lstat(root: str, rel: str, dev: int) -> os.stat_result | None:
 OnDir = Callable[[str, int, int], None]  # (relative path, open fd, inode), called before the directory is listed
 
 
-def walk(root: str, start: str, start_ino: int, dev: int, on_dir: OnDir | None, out: dict[str, Entry]) -> None:
+def walk(
+    root: str,
+    start: str,
+    start_ino: int,
+    dev: int,
+    on_dir: OnDir | None,
+    out: dict[str, Entry],
+    fds: DirFds | None = None,
+    limit: int | None = None,
+) -> bool:
     """Index everything under root/start into `out` (start itself too, unless it is the root). OSError when
-    `start` itself cannot be opened; what vanishes below it meanwhile is skipped."""
+    `start` itself cannot be opened; what vanishes below it meanwhile is skipped. Long paths go through `fds`.
+    False when it stopped once `out` held `limit` entries (the directories left unlisted), else True."""
     stack: list[tuple[str, int]] = [(start, start_ino)]
     while stack:
+        if limit is not None and len(out) >= limit:
+            return False
         rel, ino = stack.pop()
         try:
-            fd, st = open_dir(root, rel, ino, dev)
+            fd, st = open_dir(root, rel, ino, dev, fds)
         except OSError:
             if rel == start:
                 raise
@@ -234,6 +296,7 @@ def walk(root: str, start: str, start_ino: int, dev: int, on_dir: OnDir | None, 
                         stack.append((path, est.st_ino))
         finally:
             os.close(fd)
+    return True
 
 
 def root_stat(root: str) -> os.stat_result:

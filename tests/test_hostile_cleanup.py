@@ -10,6 +10,7 @@ import pytest
 
 from code_interpreter_mcp.app import content
 from code_interpreter_mcp.app.clients import ClientProfile
+from code_interpreter_mcp.backends.local.sandbox import mount_table_path
 from code_interpreter_mcp.engine import RunOutput
 from code_interpreter_mcp.models import ContainerInfo, RunResult
 from code_interpreter_mcp.removal import remove_tree, remove_tree_strict
@@ -160,3 +161,25 @@ def test_a_result_that_cannot_be_serialised_keeps_stdout_and_files() -> None:
     assert out.structured_content is not None
     assert out.structured_content["stdout"] == "kept\n" and out.structured_content["json"] is None
     assert any("could not be serialised" in w for w in out.structured_content["warnings"])
+
+
+def test_the_mount_table_shows_a_path_within_its_filesystem(tmp_path: Path) -> None:
+    """The kernel prints a bind mount's source relative to its filesystem: with the data folder on a filesystem
+    of its own, the sandbox sees `/containers/...`, not the host's full path (what `doctor` reports)."""
+    table = tmp_path / "mountinfo"
+    table.write_text(
+        "27 1 254:0 / / rw,relatime - ext4 /dev/vda rw\n"
+        "40 27 254:1 / /srv/ci\\040data rw,relatime - ext4 /dev/vdb rw\n"
+        "41 27 254:0 /exported /home/alice/share rw,relatime - ext4 /dev/vda rw\n"
+    )
+    assert mount_table_path(Path("/srv/ci data/containers"), str(table)) == "/containers"
+    assert mount_table_path(Path("/home/alice/share/x/containers"), str(table)) == "/exported/x/containers"
+    assert mount_table_path(Path("/home/bob/containers"), str(table)) == "/home/bob/containers"
+
+
+async def test_the_sandbox_mount_table_shows_what_doctor_reports(tmp_path: Path) -> None:
+    code = "print([l.split()[3] for l in open('/proc/self/mountinfo') if l.split()[4] == '/mnt/data'][0])"
+    async with hostile_server(tmp_path) as h:
+        s = structured(await h.call("run_code", {"code": code}))
+        reported = h.engine.backend.describe()["data_folder_in_mount_table"]
+        assert s["stdout"].strip() == reported.replace("<container>", s["container_id"]), (s["stdout"], reported)

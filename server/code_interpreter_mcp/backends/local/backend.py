@@ -252,6 +252,7 @@ class LocalBackend:
             "memory": self._pool.memory.describe() if self._pool is not None else None,
             "capacity": self._capacity.describe() if self._capacity is not None else None,
             "blas_threads": self._pool.threads if self._pool is not None else None,
+            "data_folder_in_mount_table": sandbox.mount_table_path(s.containers_dir) + "/<container>/data",
             "change_tracking": "inotify" if self._live is not None and self._live.hub is not None else "rescans",
             "matplotlib_font_cache": str(mpl_cache) if mpl_cache else None,
             "containers": len(self._containers),

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,6 +81,34 @@ def profile_facts(profile: Profile | None) -> dict[str, Any]:
         "python": interpreter(),
         "mounts_read_only": python_paths(),
     }
+
+
+def mount_table_path(path: Path, mountinfo: str = "/proc/self/mountinfo") -> str:
+    """What the sandbox's /proc/self/mountinfo shows as the source of a bind of `path`: its path within its own
+    filesystem (the kernel prints a bind mount's root relative to the filesystem, and neither bwrap nor an
+    unprivileged process can mount a neutral filesystem over it). With the data folder on a filesystem of its own
+    this is `/containers/...`, not the host's full path; `doctor` reports it."""
+    target = os.path.realpath(path)
+    best_point, best_root = "", "/"
+    try:
+        with open(mountinfo, encoding="utf-8", errors="surrogateescape") as f:
+            for line in f:
+                fields = line.split(" ")
+                if len(fields) < 5:
+                    continue
+                root, point = (_unescape(fields[3]), _unescape(fields[4]))
+                inside = target == point or target.startswith(point.rstrip("/") + "/")
+                if inside and len(point) >= len(best_point):
+                    best_point, best_root = point, root
+    except OSError:
+        return target
+    rest = target[len(best_point.rstrip("/")) :]
+    return (best_root.rstrip("/") + rest) or "/"
+
+
+def _unescape(field: str) -> str:
+    """mountinfo writes space, tab, newline and backslash as octal escapes (a space is backslash-040)."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
 def python_paths() -> list[str]:

@@ -124,3 +124,18 @@ async def test_guard_unit_limits(tmp_path: Path) -> None:
         assert fine.extracted.value == {"a": 1} and not fine.violations
     finally:
         await guard.aclose()
+
+
+async def test_moving_a_big_tree_does_not_hold_other_sessions(tmp_path: Path) -> None:
+    """One rename of a directory holding 20,000 entries: its walk is left to a worker thread, not the loop."""
+    code = (
+        "import os\nfor d in range(20):\n    os.makedirs(f'a/{d}')\n"
+        "    for i in range(1000): open(f'a/{d}/{i}', 'w').close()\n"
+        "os.rename('a', 'b')\nos.rename('b', 'c')\nlen(os.listdir('c'))"
+    )
+    async with hostile_server(tmp_path) as h:
+        r, worst = await h.during(lambda: h.call("run_code", {"code": code, "wait_s": 300}))
+        s = structured(r)
+        assert s["status"] == "ok" and s["result"] == "20", s
+        assert worst < LATENCY_BOUND_S, worst
+        await h.alive()

@@ -2,6 +2,7 @@
 with the stock Python MCP client. Prints the figures the storage half of issue 8 asks for.
 
     python bench/bench_harvest.py [--files 1000] [--rounds 5] [--mib 50] [--rewrites 5] [--fresh-bytes]
+                                  [--containers-dir /dev/shm]
 
 - 1,000 small files written in one run into /mnt/data (harvested) against the same writes into the sandbox's
   /tmp (not harvested): same server, same session, alternating; medians and their ratio (target <= 3x). Two more
@@ -9,6 +10,8 @@ with the stock Python MCP client. Prints the figures the storage half of issue 8
   that disk, nothing harvested) and plain Python making the same files on the host's disk. The files' bytes are
   the same every round (so from the second round on the owner's store holds them and no copy is written);
   `--fresh-bytes` makes them new every round, so every file costs a copy created on the host.
+- `--containers-dir` puts the live container folders (each one's /mnt/data) there, e.g. on a tmpfs, while the
+  harvested copies stay on the data folder's disk.
 - one file of 50 MiB written and then rewritten five times with other bytes: the host storage of the harvested
   copies after (allocated blocks under the data folder's files/), against the file's size (target <= 2x).
 """
@@ -16,6 +19,7 @@ with the stock Python MCP client. Prints the figures the storage half of issue 8
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import tempfile
@@ -34,9 +38,10 @@ WRITES = (
 FRESH_WRITES = WRITES.replace("str(k) * 20)", "str(k) * 20 + {folder!r})")
 
 
-def server(data_dir: str) -> StdioServerParameters:
+def server(data_dir: str, containers_dir: str | None) -> StdioServerParameters:
+    env = {"CODE_INTERPRETER_LOCAL_CONTAINERS_DIR": containers_dir} if containers_dir else None
     return StdioServerParameters(
-        command=sys.executable, args=["-m", "code_interpreter_mcp", "serve", "--data-dir", data_dir]
+        command=sys.executable, args=["-m", "code_interpreter_mcp", "serve", "--data-dir", data_dir], env=env
     )
 
 
@@ -94,8 +99,13 @@ async def rewrites(client: Client, session_id: str, files_dir: Path, mib: int, t
 
 
 async def main(args: argparse.Namespace) -> None:
-    with tempfile.TemporaryDirectory(prefix="bench-harvest-") as data_dir:
-        async with Client(server(data_dir)) as client:
+    with contextlib.ExitStack() as stack:
+        data_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-harvest-"))
+        live = None
+        if args.containers_dir:
+            live = stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-live-", dir=args.containers_dir))
+            print(f"live container folders in {live} (LOCAL_CONTAINERS_DIR), harvested files in {data_dir}")
+        async with Client(server(data_dir, live)) as client:
             first = await client.call_tool("run_code", {"code": "1+1"})
             assert first.structured_content is not None
             session_id = first.structured_content["session_id"]
@@ -112,4 +122,7 @@ if __name__ == "__main__":
     parser.add_argument("--mib", type=int, default=50)
     parser.add_argument("--rewrites", type=int, default=5)
     parser.add_argument("--fresh-bytes", action="store_true", help="new bytes in every round's files")
+    parser.add_argument(
+        "--containers-dir", help="where the live container folders go (LOCAL_CONTAINERS_DIR), e.g. /dev/shm"
+    )
     anyio.run(main, parser.parse_args())

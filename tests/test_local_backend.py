@@ -27,6 +27,7 @@ from code_interpreter_mcp.backends.base import (
 from code_interpreter_mcp.backends.local import LocalBackend, bubblewrap, uids
 from code_interpreter_mcp.backends.local import sandbox as sandbox_mod
 from code_interpreter_mcp.backends.local.process import WorkerProcess
+from code_interpreter_mcp.backends.local.sandbox import mount_table_path
 from code_interpreter_mcp.config import Settings
 from code_interpreter_mcp.errors import (
     BackendError,
@@ -106,6 +107,19 @@ async def test_container_id_and_data_folder(backend: LocalBackend, container: Co
     assert (data / "made.txt").read_text() == "hi"
     other = await backend.create_container("session-2", 600)
     assert other.id != container.id
+
+
+async def test_live_folders_where_the_operator_puts_them(make_backend: MakeBackend, tmp_path: Path) -> None:
+    """LOCAL_CONTAINERS_DIR (a tmpfs in practice): the live folders go there, not under the data dir, and the
+    sandbox's mount table names them by their path within that filesystem, as doctor says."""
+    live = tmp_path / "live"
+    backend = await make_backend(local_containers_dir=live)
+    container = await backend.create_container("s", 600)
+    out = await run(backend, container, "open('made.txt', 'w').write('hi')")
+    assert out.status == "ok", out
+    assert (live / container.id / "data" / "made.txt").read_text() == "hi"
+    assert not (backend.settings.data_dir / "containers" / container.id).exists()
+    assert backend.describe()["data_folder_in_mount_table"] == mount_table_path(live) + "/<container>/data"
 
 
 async def test_state_persists_between_runs(backend: LocalBackend, container: ContainerState) -> None:

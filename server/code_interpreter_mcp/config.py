@@ -93,6 +93,9 @@ class Settings(BaseModel):
     local_cache_dir: Path | None = Field(
         default=None, description="where that cache lives (default: the user cache dir)"
     )
+    local_containers_dir: Path | None = Field(
+        default=None, description="live containers' folders, each one's /mnt/data (default: <data_dir>/containers)"
+    )
 
     # Capacity of the local backend (live workers, warm spares, threads)
     max_live_containers: int | None = Field(
@@ -143,7 +146,7 @@ class Settings(BaseModel):
     def _expand(cls, v: Any) -> Any:
         return Path(v).expanduser() if isinstance(v, str | Path) else v
 
-    @field_validator("package_cache_dir", mode="before")
+    @field_validator("package_cache_dir", "local_containers_dir", mode="before")
     @classmethod
     def _expand_optional(cls, v: Any) -> Any:
         return Path(v).expanduser() if isinstance(v, str | Path) else v
@@ -181,7 +184,10 @@ class Settings(BaseModel):
 
     @property
     def containers_dir(self) -> Path:
-        return self.data_dir / "containers"
+        """Live containers' folders. Scratch: each run's files are harvested into `files_dir`, and local
+        containers are retired at shutdown, so a tmpfs here (small files at memory speed, none of the host's
+        paths in the sandbox's mount table) loses nothing; its pages count as the writing container's memory."""
+        return self.local_containers_dir if self.local_containers_dir is not None else self.data_dir / "containers"
 
     @property
     def files_dir(self) -> Path:

@@ -149,7 +149,8 @@ def _open_parent(root: Path, parts: list[str], create: bool, uid: int | None, gi
 
 class _Parent:
     """The folder fd of the last file fetched, kept for the next one in the same folder (a batch is sorted by
-    path): two opens and two closes fewer a file. Reached the same link-proof way, so no less safe."""
+    path): two opens and two closes fewer a file; a folder below it is opened from it, so a tree 1,000 levels
+    deep costs an open a level, not one per component. Reached the same link-proof way, so no less safe."""
 
     def __init__(self) -> None:
         self.key: tuple[str, ...] | None = None
@@ -157,10 +158,25 @@ class _Parent:
 
     def open(self, root: Path, parts: list[str], path: str) -> int:
         key = tuple(parts[:-1])
-        if key != self.key:
-            self.close()
-            self.fd = _open_parent(root, parts, False, None, None, path)
-            self.key = key
+        if key == self.key:
+            return self.fd
+        kept = self.key
+        if kept is not None and len(key) > len(kept) and key[: len(kept)] == kept:
+            fd = self.fd
+            try:
+                for part in key[len(kept) :]:
+                    nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                    os.close(fd)
+                    fd = nfd
+            except OSError as exc:
+                os.close(fd)
+                self.key, self.fd = None, -1
+                raise _refuse_or_missing(exc, path) from None
+            self.fd, self.key = fd, key
+            return fd
+        self.close()
+        self.fd = _open_parent(root, parts, False, None, None, path)
+        self.key = key
         return self.fd
 
     def close(self) -> None:

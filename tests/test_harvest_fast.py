@@ -29,19 +29,20 @@ async def test_bytes_the_store_keeps_are_not_copied_again(engine: Engine, monkey
     session = await engine.session_for(None)
     first = await engine.run_code(session, "open('/mnt/data/a.txt', 'w').write('same bytes\\n' * 50)")
     (a,) = first.result.files
-    placed: list[str] = []
-    place = BlobStore.place
+    kept: list[tuple[str, bool]] = []
+    keep = BlobStore.keep
 
-    def spy(self: BlobStore, key: str, tmp: Path, sha: str, what: str) -> object:
-        placed.append(what)
-        return place(self, key, tmp, sha, what)
+    def spy(self: BlobStore, key: str, data: bytes, sha: str, what: str) -> tuple[str, bool]:
+        out = keep(self, key, data, sha, what)
+        kept.append((what, out[1]))
+        return out
 
-    monkeypatch.setattr(BlobStore, "place", spy)
+    monkeypatch.setattr(BlobStore, "keep", spy)
     code = "open('/mnt/data/b.txt', 'w').write('same bytes\\n' * 50)\nopen('/mnt/data/c.txt', 'w').write('new')"
     second = await engine.run_code(session, code)
     b, c = second.result.files
     assert (b.path, c.path) == ("b.txt", "c.txt")
-    assert placed == ["c.txt"]  # b.txt's bytes were kept already: no copy written, nothing placed
+    assert kept == [("b.txt", False), ("c.txt", True)]  # b.txt's bytes were kept already: nothing written
     assert b.sha256 == a.sha256 and b.local_path == a.local_path and b.file_id != a.file_id
     assert Path(b.local_path or "").read_text() == "same bytes\n" * 50
     await engine.close_session(session, delete_files=True)
@@ -72,8 +73,18 @@ def test_a_batch_reuses_a_folder_and_still_refuses_links(tmp_path: Path) -> None
     for name in ("a/x", "a/y", "b/w"):
         (root / name).write_text(name)
     (root / "link").symlink_to(root / "a")
-    items = [(p, out / p.replace("/", "_")) for p in ("a/x", "a/y", "link/x", "a/nope", "b/w")]
-    results = files.fetch_many(root, items, 1 << 20, have=lambda sha: False)
+
+    class Sink:
+        def keep(self, data: bytes, sha256: str, path: str) -> tuple[str, bool]:
+            dest = out / path.replace("/", "_")
+            dest.write_bytes(data)
+            return str(dest), True
+
+        def new_path(self) -> str:
+            raise AssertionError("small files are kept whole")
+
+    paths = ["a/x", "a/y", "link/x", "a/nope", "b/w"]
+    results = files.fetch_many(root, [(p, p) for p in paths], 1 << 20, Sink())
     assert [type(r).__name__ for r in results] == [
         "FetchResult",
         "FetchResult",

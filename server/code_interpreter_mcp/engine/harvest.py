@@ -25,9 +25,9 @@ import anyio.abc
 
 from ..artifacts import guess_mime, safe_name
 from ..backends.base import ExecOutcome, FetchResult, RemoteFile
-from ..errors import CIError, ContainerExpired, StorageQuota
+from ..errors import ContainerExpired, StorageQuota
 from ..sessions import ContainerRecord, FileRecord, Session, new_id
-from ..storage.blobs import owner_key
+from ..storage.blobs import OwnerCopies, owner_key
 from ..storage.history import superseded_to_drop
 from .containers import Containers
 from .context import COPY_THREADS, SMALL_FILE_BYTES, EngineContext
@@ -60,6 +60,7 @@ class Harvest:
         self._listed = False
         self._listing: list[RemoteFile] | None = None  # None: the snapshot stands (unchanged, or not listed)
         self.owner_key = owner_key(session.owner)
+        self._copies = OwnerCopies(ctx.blobs, self.owner_key)
         self.refused: set[str] = set()  # paths the server-wide quota refused: left out of the snapshot, retried
 
     @staticmethod
@@ -164,29 +165,30 @@ class Harvest:
             self.warnings.append(f"Skipped (not harvested, never followed): {shown}: {why}.")
 
     async def _fetch_batch(self, remotes: list[RemoteFile]) -> None:
-        """Copy a batch into the owner's blob store's folder of copies in flight (placed by `finish`)."""
+        """Copy a batch into the owner's blob store: small files straight to their blobs, others into its
+        folder of copies in flight (placed by `finish`)."""
         blobs, state = self.ctx.blobs, self.rec.state
         if blobs.full():  # nothing new fits: not even copied (and tried again by the next harvest)
             for remote in remotes:
                 self._refuse(remote, blobs.quota_error(remote.path))
             return
-        items = [(remote, blobs.tmp_path(self.owner_key)) for remote in remotes]
         try:
-            results = await self.ctx.backend.fetch_files(
-                state, items, self.ctx.settings.max_file_bytes, have=lambda sha: blobs.claim(self.owner_key, sha)
-            )
+            results = await self.ctx.backend.fetch_files(state, remotes, self.ctx.settings.max_file_bytes, self._copies)
         except ContainerExpired:
-            results = [ContainerExpired("expired")] * len(items)
-        for (remote, tmp), res in zip(items, results, strict=True):
-            if isinstance(res, ContainerExpired):
+            results = [ContainerExpired("expired")] * len(remotes)
+        fetched, key = self.fetched, self.key
+        for remote, res in zip(remotes, results, strict=True):
+            if isinstance(res, FetchResult):
+                fetched[key(remote)] = self._record(remote, res)
+            elif isinstance(res, ContainerExpired):
                 self.warnings.append(f"{remote.path} was not harvested: the container expired first.")
                 self.expired = True
-            elif isinstance(res, CIError):  # too large, download failed...: the other files still come back
+            elif isinstance(res, StorageQuota):
+                self._refuse(remote, res)
+            else:  # too large, download failed...: the other files still come back
                 self.warnings.append(f"{remote.path} was not harvested: {res.message}")
-            else:
-                self.fetched[self.key(remote)] = self._record(remote, tmp, res)
 
-    def _record(self, remote: RemoteFile, tmp: Path, res: FetchResult) -> FileRecord:
+    def _record(self, remote: RemoteFile, res: FetchResult) -> FileRecord:
         name = safe_name(remote.path)
         record = FileRecord(
             file_id=new_id("f_", 12),
@@ -199,14 +201,13 @@ class Harvest:
             sha256=res.sha256,
             source="user" if remote.source == "user" else "generated",
             created_at=remote.created_at or time.time(),
-            local_path=str(tmp),  # the copy in flight until `finish` places it in the blob store
+            local_path=res.path,  # a copy in flight (placed by `finish`) unless the store keeps it already
             remote_id=remote.remote_id,
             version=remote.version,
         )
-        if not res.written:  # the blob store kept these bytes already and holds them for this record
-            blobs = self.ctx.blobs
-            record.blob, record.local_path = res.sha256, str(blobs.blob_path(self.owner_key, res.sha256))
-            record.disk_bytes = blobs.cost_of(self.owner_key, res.sha256)
+        if res.kept:  # the blob store holds these bytes for this record already
+            record.blob = res.sha256
+            record.disk_bytes = self.ctx.blobs.cost_of(self.owner_key, res.sha256)
         return record
 
     def _refuse(self, remote: RemoteFile, exc: StorageQuota) -> None:

@@ -10,13 +10,12 @@ real-block usage is what the quota (quota.py) is enforced on. Nothing here knows
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 import anyio
 
 from ...errors import CIError, ContainerExpired
-from ..base import FetchResult, RemoteFile
+from ..base import CopySink, FetchResult, RemoteFile
 from . import files
 from .changes import ChangeTracker, Entry, Inotify
 
@@ -130,12 +129,11 @@ class DataFolder:
         real = self.real_names.get(path, path)
         return await anyio.to_thread.run_sync(files.fetch, self.path, real, Path(dest), int(max_bytes))
 
-    async def fetch_many(
-        self, items: list[tuple[str, Path]], max_bytes: int, have: Callable[[str], bool] | None = None
-    ) -> list[FetchResult | CIError]:
+    async def fetch_many(self, paths: list[str], max_bytes: int, sink: CopySink) -> list[FetchResult | CIError]:
         """A harvest's batch in one thread hop (`files.fetch_many`)."""
-        pairs = [(self.real_names.get(path, path), Path(dest)) for path, dest in items]
-        return await anyio.to_thread.run_sync(files.fetch_many, self.path, pairs, int(max_bytes), have)
+        real = self.real_names
+        items = [(real.get(path, path), path) for path in paths] if real else [(path, path) for path in paths]
+        return await anyio.to_thread.run_sync(files.fetch_many, self.path, items, int(max_bytes), sink)
 
     async def put(self, src: Path, dest_path: str, max_file_bytes: int, quota_bytes: int) -> RemoteFile:
         self.pump()

@@ -68,7 +68,9 @@ def _migrate(db: sqlite3.Connection) -> None:
             added_file_columns = added_file_columns or table == "files"
     if added_file_columns:
         measure_legacy_copies(db)
-    db.execute("CREATE INDEX IF NOT EXISTS files_by_blob ON files(blob)")
+    # No index on files(blob): only the start-up count reads by blob (a full scan either way, no slower without
+    # it), while every harvest paid for it: 1,000 records into 8,000-16,000 took 14-15 ms with it, 9 without.
+    db.execute("DROP INDEX IF EXISTS files_by_blob")
 
 
 class Registry:

@@ -26,7 +26,8 @@ import anyio.abc
 from ..artifacts import guess_mime, safe_name
 from ..backends.base import ExecOutcome, FetchResult, RemoteFile
 from ..errors import ContainerExpired, StorageQuota
-from ..sessions import ContainerRecord, FileRecord, Session, new_id
+from ..records import new_ids
+from ..sessions import ContainerRecord, FileRecord, Session
 from ..storage.blobs import OwnerCopies, owner_key
 from ..storage.history import superseded_to_drop
 from .containers import Containers
@@ -59,6 +60,7 @@ class Harvest:
         self._tg: anyio.abc.TaskGroup | None = None
         self._listed = False
         self._listing: list[RemoteFile] | None = None  # None: the snapshot stands (unchanged, or not listed)
+        self._changed: dict[str, RemoteFile] = {}  # key -> the listing's entry, for those it found changed
         self.owner_key = owner_key(session.owner)
         self._copies = OwnerCopies(ctx.blobs, self.owner_key)
         self.refused: set[str] = set()  # paths the server-wide quota refused: left out of the snapshot, retried
@@ -159,6 +161,7 @@ class Harvest:
                     skipped.setdefault(f.skipped, []).append(f.path)
                 else:
                     changed.append(f)
+        self._changed = {f.remote_id or f.path: f for f in changed}
         self.start(*changed)
         for why, paths in skipped.items():
             shown = ", ".join(paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
@@ -177,9 +180,10 @@ class Harvest:
         except ContainerExpired:
             results = [ContainerExpired("expired")] * len(remotes)
         fetched, key = self.fetched, self.key
+        ids = iter(new_ids("f_", len(remotes), 12))
         for remote, res in zip(remotes, results, strict=True):
             if isinstance(res, FetchResult):
-                fetched[key(remote)] = self._record(remote, res)
+                fetched[key(remote)] = self._record(remote, res, next(ids))
             elif isinstance(res, ContainerExpired):
                 self.warnings.append(f"{remote.path} was not harvested: the container expired first.")
                 self.expired = True
@@ -188,10 +192,10 @@ class Harvest:
             else:  # too large, download failed...: the other files still come back
                 self.warnings.append(f"{remote.path} was not harvested: {res.message}")
 
-    def _record(self, remote: RemoteFile, res: FetchResult) -> FileRecord:
+    def _record(self, remote: RemoteFile, res: FetchResult, file_id: str) -> FileRecord:
         name = safe_name(remote.path)
         record = FileRecord(
-            file_id=new_id("f_", 12),
+            file_id=file_id,
             session_id=self.session.id,
             container_id=self.rec.state.id,
             path=remote.path,
@@ -222,21 +226,31 @@ class Harvest:
         if not self.fetched and self._listing is None and not self.expired:
             return [], self.warnings
         listing = self._listing if self._listing is not None else list(rec.snapshot.values())
-        by_key = {self.key(f): f for f in listing}
+        changed = self._changed  # what the listing found changed: no compare again, and no map of N files
+        by_key: dict[str, RemoteFile] | None = None
         records: list[FileRecord] = []
         unchanged: list[FileRecord] = []
         for k, record in self.fetched.items():
-            listed = by_key.get(k)
+            listed = changed.get(k)
+            if listed is None:  # fetched before the listing (cited): looked up in all of it
+                if by_key is None:
+                    by_key = {f.remote_id or f.path: f for f in listing}
+                listed = by_key.get(k)
+                if listed is not None:
+                    prev = rec.snapshot.get(listed.path)
+                    if prev is not None and prev.version == listed.version:
+                        unchanged.append(record)
+                        continue
             if listed is not None:
-                prev = rec.snapshot.get(listed.path)
-                if prev is not None and prev.version == listed.version:
-                    unchanged.append(record)
-                    continue
                 record.path, record.version = listed.path, listed.version
             records.append(record)
-        if records or unchanged:
+        if unchanged or any(r.blob is None for r in records):  # else every copy is in its blob already
             records = await anyio.to_thread.run_sync(self._place, records, unchanged)
-        rec.snapshot = {f.path: f for f in listing if f.path not in self.refused}
+        refused = self.refused
+        if refused:
+            rec.snapshot = {f.path: f for f in listing if f.path not in refused}
+        else:
+            rec.snapshot = {f.path: f for f in listing}
         rec.listed = self._listing
         records.sort(key=lambda r: r.path)
         await record_with_history(self.ctx, self.session, records)

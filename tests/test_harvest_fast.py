@@ -1,10 +1,14 @@
-"""The fast paths of a harvest of many small files: small files copied in one batch (one thread), and a small
-file whose bytes the owner's blob store keeps already never copied again. Through the engine on the real local
-backend."""
+"""The fast paths of a harvest of many small files: small files copied in one batch (one thread), a small file
+whose bytes the owner's blob store keeps already never copied again, and new small bytes written straight to
+their blob (`BlobStore.keep`: no copy in flight, a leftover never trusted, the quota, writers of the same bytes
+at once). Through the engine on the real local backend, and on the store itself."""
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -12,7 +16,9 @@ import pytest
 from code_interpreter_mcp.backends.local import files
 from code_interpreter_mcp.config import Settings
 from code_interpreter_mcp.engine import Engine, harvest
-from code_interpreter_mcp.storage.blobs import BlobStore
+from code_interpreter_mcp.errors import StorageQuota
+from code_interpreter_mcp.sessions import FileRecord
+from code_interpreter_mcp.storage.blobs import BlobStore, owner_key
 
 pytestmark = pytest.mark.anyio
 
@@ -94,3 +100,56 @@ def test_a_batch_reuses_a_folder_and_still_refuses_links(tmp_path: Path) -> None
     ]
     assert [(out / n).read_text() for n in ("a_x", "a_y", "b_w")] == ["a/x", "a/y", "b/w"]
     assert not (out / "link_x").exists()
+
+
+# ---- small copies straight to their blobs ---------------------------------------------------------------------
+
+
+def _records(store: BlobStore, key: str, sha: str, n: int) -> list[tuple[str, FileRecord]]:
+    rec = FileRecord("f", "s", "c", "p", "p", 0, "text/plain", sha, "generated", 0.0, None, None, "v", blob=sha)
+    return [(key, rec)] * n
+
+
+def test_a_small_copy_goes_straight_to_its_blob_and_replaces_a_file_no_reference_holds(tmp_path: Path) -> None:
+    store, key = BlobStore(tmp_path / "files", 1 << 30), owner_key(None)
+    data = b"row,value\n" * 30
+    sha = hashlib.sha256(data).hexdigest()
+    cut_short = Path(store.blob_file(key, sha))
+    cut_short.parent.mkdir(parents=True)
+    cut_short.write_bytes(data[:7])  # a crash's copy: never trusted, since no record holds it
+    path, written = store.keep(key, data, sha, "a.csv")
+    assert (path, written) == (str(cut_short), True) and cut_short.read_bytes() == data
+    assert store.keep(key, data, sha, "b.csv") == (path, False)  # held now: nothing written again
+    assert store.cost_of(key, sha) > 0 and store.used_bytes == store.cost_of(key, sha)
+    assert not list((tmp_path / "files" / key / "tmp").iterdir())  # its replacement was renamed over it
+    store.release(_records(store, key, sha, 2))
+    assert not cut_short.exists() and store.used_bytes == 0
+
+
+def test_a_small_copy_over_the_quota_is_refused_and_leaves_nothing(tmp_path: Path) -> None:
+    key = owner_key(None)
+    for limit, data in ((100, b"x" * 200), (100, b"y" * 50)):  # refused before writing; after (its blocks)
+        store = BlobStore(tmp_path / f"files{limit}{len(data)}", limit)
+        sha = hashlib.sha256(data).hexdigest()
+        with pytest.raises(StorageQuota):
+            store.keep(key, data, sha, "big.bin")
+        assert not Path(store.blob_file(key, sha)).exists() and store.used_bytes == 0
+        assert store.claim(key, sha) is False  # no reference left behind
+
+
+def test_the_same_bytes_kept_by_many_threads_at_once_make_one_whole_blob(tmp_path: Path) -> None:
+    store, key = BlobStore(tmp_path / "files", 1 << 30), owner_key(None)
+    data = os.urandom(1 << 20)
+    sha = hashlib.sha256(data).hexdigest()
+    with ThreadPoolExecutor(8) as pool:
+        swept = pool.submit(lambda: [store.sweep() for _ in range(20)])  # never removes a blob being written
+        results = list(pool.map(lambda _: store.keep(key, data, sha, "same.bin"), range(8)))
+        swept.result()
+    assert {path for path, _ in results} == {store.blob_file(key, sha)}
+    assert Path(store.blob_file(key, sha)).read_bytes() == data
+    in_flight = tmp_path / "files" / key / "tmp"
+    assert not in_flight.exists() or not list(in_flight.iterdir())  # the copies of the writers that lost
+    store.release(_records(store, key, sha, 7))
+    assert Path(store.blob_file(key, sha)).exists()  # one reference still holds it
+    store.release(_records(store, key, sha, 1))
+    assert not Path(store.blob_file(key, sha)).exists() and store.used_bytes == 0

@@ -1,7 +1,8 @@
 """The fast paths of a harvest of many small files: small files copied in one batch (one thread), a small file
 whose bytes the owner's blob store keeps already never copied again, and new small bytes written straight to
 their blob (`BlobStore.keep`: no copy in flight, a leftover never trusted, the quota, writers of the same bytes
-at once). Through the engine on the real local backend, and on the store itself."""
+at once), and a harvest that compares only the paths a listing says changed. Through the engine on the real
+local backend, and on the store itself."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from code_interpreter_mcp.backends.base import Listing
 from code_interpreter_mcp.backends.local import files
 from code_interpreter_mcp.config import Settings
 from code_interpreter_mcp.engine import Engine, harvest
@@ -153,3 +155,26 @@ def test_the_same_bytes_kept_by_many_threads_at_once_make_one_whole_blob(tmp_pat
     assert Path(store.blob_file(key, sha)).exists()  # one reference still holds it
     store.release(_records(store, key, sha, 1))
     assert not Path(store.blob_file(key, sha)).exists() and store.used_bytes == 0
+
+
+# ---- a listing's difference from the last one ----------------------------------------------------------------
+
+
+async def test_a_harvest_compares_only_what_the_listing_says_changed(engine: Engine) -> None:
+    session = await engine.session_for(None)
+    code = "import os\nos.makedirs('/mnt/data/d', exist_ok=True)\n" + "".join(
+        f"open('/mnt/data/d/{n}.txt', 'w').write('{n}')\n" for n in ("a", "b", "keep")
+    )
+    first = await engine.run_code(session, code)
+    assert [f.path for f in first.result.files] == ["d/a.txt", "d/b.txt", "d/keep.txt"]
+    rec = engine.reg.containers[first.result.container_id]
+    before = rec.listed
+    assert isinstance(before, Listing)
+    code = "import os\nopen('/mnt/data/d/a.txt', 'w').write('A')\nos.remove('/mnt/data/d/b.txt')\n"
+    second = await engine.run_code(session, code + "open('/mnt/data/c.txt', 'w').write('c')\n")
+    assert [f.path for f in second.result.files] == ["c.txt", "d/a.txt"]
+    after = rec.listed
+    assert isinstance(after, Listing) and after.base == before.generation
+    assert set(after.changes) == {"c.txt", "d/a.txt", "d/b.txt"} and after.changes["d/b.txt"] is None
+    assert rec.snapshot == {f.path: f for f in after}  # kept from the changes alone, as a full compare makes it
+    assert [f.path for f in (await engine.run_code(session, "1")).result.files] == []

@@ -10,8 +10,9 @@ to be gone raises `ContainerExpired`, and the engine replaces it and runs again.
 
 from __future__ import annotations
 
+import itertools
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
@@ -59,6 +60,24 @@ class RemoteFile:
     created_at: float = 0.0
     remote_id: str | None = None  # the backend's own id (openai: cfile_...)
     skipped: str | None = None  # why it is listed but never fetched or served, e.g. "a symbolic link"
+
+
+_generations = itertools.count(1)
+
+
+class Listing(list[RemoteFile]):
+    """A listing that says how it differs from the one its backend handed out before it, so that whoever holds
+    that one can update its own view from the difference alone, not by comparing every file (a backend may as
+    well return a plain list). `generation` names this listing, `base` the generation it was made from (None:
+    none), `changes` maps every path whose entry differs from that listing's to its entry here (None: gone)."""
+
+    def __init__(
+        self, files: Iterable[RemoteFile], base: int | None = None, changes: dict[str, RemoteFile | None] | None = None
+    ) -> None:
+        super().__init__(files)
+        self.generation = next(_generations)
+        self.base = base
+        self.changes = changes if changes is not None else {}
 
 
 @dataclass(slots=True)

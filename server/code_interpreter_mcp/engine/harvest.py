@@ -18,13 +18,14 @@ import functools
 import time
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from operator import attrgetter
 from pathlib import Path
 
 import anyio
 import anyio.abc
 
 from ..artifacts import guess_mime, safe_name
-from ..backends.base import ExecOutcome, FetchResult, RemoteFile
+from ..backends.base import ExecOutcome, FetchResult, Listing, RemoteFile
 from ..errors import ContainerExpired, StorageQuota
 from ..records import new_ids
 from ..sessions import ContainerRecord, FileRecord, Session
@@ -33,6 +34,7 @@ from ..storage.history import superseded_to_drop
 from .containers import Containers
 from .context import COPY_THREADS, SMALL_FILE_BYTES, EngineContext
 
+_BY_PATH = attrgetter("path")
 Harvested = tuple[list[FileRecord], list[str]]
 """The records of the files harvested, sorted by path, and warnings about files that could not be."""
 
@@ -61,6 +63,7 @@ class Harvest:
         self._listed = False
         self._listing: list[RemoteFile] | None = None  # None: the snapshot stands (unchanged, or not listed)
         self._changed: dict[str, RemoteFile] = {}  # key -> the listing's entry, for those it found changed
+        self._delta: dict[str, RemoteFile | None] | None = None  # how the listing differs from the snapshot's
         self.owner_key = owner_key(session.owner)
         self._copies = OwnerCopies(ctx.blobs, self.owner_key)
         self.refused: set[str] = set()  # paths the server-wide quota refused: left out of the snapshot, retried
@@ -143,24 +146,29 @@ class Harvest:
             self.warnings.append("The container expired before its files could be listed.")
             self.expired = True
             return
-        snap = self.rec.snapshot
-        if listing is self.rec.listed and len(listing) == len(snap):
+        snap, before = self.rec.snapshot, self.rec.listed
+        if listing is before and len(listing) == len(snap):
             return  # the very listing the snapshot was made from: nothing changed (no compare of N files)
-        if len(listing) == len(snap) and all(
+        delta = None
+        if isinstance(listing, Listing) and isinstance(before, Listing) and listing.base == before.generation:
+            delta = listing.changes  # the snapshot is `before`'s: only these paths can differ from it
+        elif len(listing) == len(snap) and all(
             (p := snap.get(f.path)) is not None and p.version == f.version for f in listing
         ):
             self.rec.listed = listing
             return
-        self._listing = listing
+        self._listing, self._delta = listing, delta
         skipped: dict[str, list[str]] = {}
         changed = []
-        for f in listing:
+        for f in listing if delta is None else (f for f in delta.values() if f is not None):
             prev = snap.get(f.path)
             if prev is None or prev.version != f.version:
                 if f.skipped:
                     skipped.setdefault(f.skipped, []).append(f.path)
                 else:
                     changed.append(f)
+        if delta is not None:
+            changed.sort(key=_BY_PATH)  # as the listing is: a batch's files of one folder come together
         self._changed = {f.remote_id or f.path: f for f in changed}
         self.start(*changed)
         for why, paths in skipped.items():
@@ -246,12 +254,19 @@ class Harvest:
             records.append(record)
         if unchanged or any(r.blob is None for r in records):  # else every copy is in its blob already
             records = await anyio.to_thread.run_sync(self._place, records, unchanged)
-        refused = self.refused
-        if refused:
+        refused, delta = self.refused, self._delta
+        if delta is not None:  # the snapshot was the delta's base: only the paths it names change
+            snap = rec.snapshot
+            for path, f in delta.items():
+                if f is None or path in refused:
+                    snap.pop(path, None)
+                else:
+                    snap[path] = f
+        elif refused:
             rec.snapshot = {f.path: f for f in listing if f.path not in refused}
         else:
             rec.snapshot = {f.path: f for f in listing}
-        rec.listed = self._listing
+        rec.listed = self._listing if not refused else None  # refused paths: retried by a full compare
         records.sort(key=lambda r: r.path)
         await record_with_history(self.ctx, self.session, records)
         if self.expired:

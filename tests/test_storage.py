@@ -270,7 +270,7 @@ async def test_start_sweeps_copies_in_flight_and_blobs_no_record_holds(tmp_path:
     files = tmp_path / "data" / "files"
     store = BlobStore(files, 1 << 30)
     key = owner_key(None)
-    stale = store.tmp_path(key)
+    stale = Path(store.tmp_file(key))
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"half a copy")
     orphan = store.blob_path(key, "ee" * 32)

@@ -96,9 +96,6 @@ class BlobStore:
         """`blob_path` as a string: a harvest asks once a file, and four path joins cost 6 us, this 0.3."""
         return f"{self._root}/{key}/blobs/{sha[:2]}/{sha[2:]}"
 
-    def tmp_path(self, key: str) -> Path:
-        return Path(self.tmp_file(key))
-
     def tmp_file(self, key: str) -> str:
         """A fresh name for a copy in flight, on the blobs' filesystem (so placing it is a rename). The folder
         is made by whoever writes there first (backends make a destination's folder), never on the loop."""
@@ -173,16 +170,6 @@ class BlobStore:
                 self._blob_bytes += cost - self._disk.get(bkey, 0)
                 self._disk[bkey] = cost
         return dest, True
-
-    def claim(self, key: str, sha: str) -> bool:
-        """A copy about to be written holds these bytes' blob instead, when a record holds it already (so it
-        is on disk, and stays while this reference lasts): True, and the caller owes one `release` or record."""
-        with self._lock:
-            left = self._refs.get((key, sha), 0)
-            if left <= 0:
-                return False
-            self._refs[(key, sha)] = left + 1
-            return True
 
     def hold(self, key: str, sha: str) -> None:
         """One more record points at an existing blob (a record copied from another)."""

@@ -167,7 +167,8 @@ class Harvest:
                     skipped.setdefault(f.skipped, []).append(f.path)
                 else:
                     changed.append(f)
-        changed.sort(key=_BY_PATH)  # a listing need not be sorted; a batch's files of one folder come together
+        if delta is not None:
+            changed.sort(key=_BY_PATH)  # as the listing is: a batch's files of one folder come together
         self._changed = {f.remote_id or f.path: f for f in changed}
         self.start(*changed)
         for why, paths in skipped.items():

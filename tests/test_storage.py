@@ -161,7 +161,8 @@ async def test_the_server_quota_refuses_new_files_clearly_and_the_run_still_answ
     full = await engine.run_code(second, "import os\nprint('still here')\n" + write("b.bin", "os.urandom(600_000)"))
     assert full.result.stdout == "still here\n" and full.result.files == []
     assert any("storage_quota" in w and "b.bin" in w for w in full.result.warnings), full.result.warnings
-    assert not list((engine.settings.files_dir / owner_key(None) / "tmp").iterdir())  # no copy left in flight
+    in_flight = engine.settings.files_dir / owner_key(None) / "tmp"  # small files never pass through it
+    assert not in_flight.exists() or not list(in_flight.iterdir())  # no copy left in flight
     await engine.close_session(first, delete_files=True)
     retried = await engine.run_code(second, "1")  # room again: the file refused earlier comes back
     assert [f.path for f in retried.result.files] == ["b.bin"]
@@ -269,7 +270,7 @@ async def test_start_sweeps_copies_in_flight_and_blobs_no_record_holds(tmp_path:
     files = tmp_path / "data" / "files"
     store = BlobStore(files, 1 << 30)
     key = owner_key(None)
-    stale = store.tmp_path(key)
+    stale = Path(store.tmp_file(key))
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"half a copy")
     orphan = store.blob_path(key, "ee" * 32)

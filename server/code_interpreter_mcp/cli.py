@@ -6,6 +6,7 @@ Logs go to stderr only: on stdio, stdout belongs to the protocol.
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.util
 import json
 import logging
@@ -124,6 +125,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     engine = Engine(settings)
     server = build_server(settings, engine=engine)
+    # The start-up heap (modules, models, schemas: some 90,000 objects) lives as long as the process: kept out
+    # of the cyclic collector's full passes, which otherwise walk it all again every few runs (80 ms each).
+    gc.collect()
+    gc.freeze()
     if settings.transport == "stdio":
         anyio.run(_serve_stdio, server, engine)
     else:

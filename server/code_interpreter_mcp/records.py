@@ -18,6 +18,13 @@ def new_id(prefix: str, nbytes: int = 16) -> str:
     return f"{prefix}{secrets.token_hex(nbytes)}"
 
 
+def new_ids(prefix: str, count: int, nbytes: int = 16) -> list[str]:
+    """`count` ids as `new_id` makes them, from one read of the system's random source (one a file of a
+    harvest costs a system call each)."""
+    pool, step = secrets.token_hex(nbytes * count), 2 * nbytes
+    return [prefix + pool[i : i + step] for i in range(0, step * count, step)]
+
+
 @dataclass
 class FileRecord:
     file_id: str

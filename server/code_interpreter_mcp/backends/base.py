@@ -10,8 +10,9 @@ to be gone raises `ContainerExpired`, and the engine replaces it and runs again.
 
 from __future__ import annotations
 
+import itertools
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
@@ -61,11 +62,45 @@ class RemoteFile:
     skipped: str | None = None  # why it is listed but never fetched or served, e.g. "a symbolic link"
 
 
-@dataclass
+_generations = itertools.count(1)
+
+
+class Listing(list[RemoteFile]):
+    """A listing that says how it differs from the one its backend handed out before it, so that whoever holds
+    that one can update its own view from the difference alone, not by comparing every file (a backend may as
+    well return a plain list). `generation` names this listing, `base` the generation it was made from (None:
+    none), `changes` maps every path whose entry differs from that listing's to its entry here (None: gone)."""
+
+    def __init__(
+        self, files: Iterable[RemoteFile], base: int | None = None, changes: dict[str, RemoteFile | None] | None = None
+    ) -> None:
+        super().__init__(files)
+        self.generation = next(_generations)
+        self.base = base
+        self.changes = changes if changes is not None else {}
+
+
+@dataclass(slots=True)
 class FetchResult:
     bytes: int
     sha256: str
-    written: bool = True  # False: the host already kept these bytes (`have` said so) and nothing went to dest
+    written: bool = True  # False: the host kept these bytes already and nothing was written
+    path: str = ""  # where the copy is on the host (fetch_files; fetch_file writes to the dest it is given)
+    kept: bool = False  # True: the sink stores the copy already (`CopySink.keep`); nothing left to place
+
+
+class CopySink(Protocol):
+    """Where a harvest's copies go on the host (the engine's store of one owner), asked from the worker thread
+    that copies. Both may raise a `CIError` (StorageQuota: new bytes do not fit), which is that file's result."""
+
+    def keep(self, data: bytes | bytearray, sha256: str, path: str) -> tuple[str, bool]:
+        """Store the whole bytes of a small file (`path` in the container, for messages): (the host path of the
+        stored copy, whether anything was written: identical bytes are stored once)."""
+        ...
+
+    def new_path(self) -> str:
+        """A new host path (its folder may be missing) for a copy the backend writes itself."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -198,16 +233,12 @@ class Backend(Protocol):
         ...
 
     async def fetch_files(
-        self,
-        container: ContainerState,
-        items: list[tuple[RemoteFile, Path]],
-        max_bytes: int,
-        have: Callable[[str], bool] | None = None,
+        self, container: ContainerState, files: list[RemoteFile], max_bytes: int, sink: CopySink
     ) -> list[FetchResult | CIError]:
-        """`fetch_file` of several files (a harvest's batch): each one's result or its error, in order, so one
-        refused file never costs the others. Many small files are cheap here (local: one worker thread).
-        A backend that knows a file's sha256 before writing its copy may ask `have` (from a worker thread);
-        True means the host keeps those bytes already: nothing is written and the result says `written=False`."""
+        """Copy several files (a harvest's batch) into `sink`: each one's result (`path` says where its copy
+        is) or its error, in order, so one refused file never costs the others. Many small files are cheap here
+        (local: one worker thread). A backend that has a small file's bytes whole before writing them hands them
+        to `sink.keep` (the result says `kept`); any other copy goes to a `sink.new_path()`."""
         ...
 
     async def put_file(self, container: ContainerState, src: Path, dest_path: str) -> RemoteFile:

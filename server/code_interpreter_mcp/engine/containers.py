@@ -136,7 +136,7 @@ class Containers:
         except Exception:
             logger.exception("could not delete container %s", rec.state.id)
         rec.state.status = status
-        rec.snapshot = {}
+        rec.snapshot, rec.listed = {}, None
         for gone in self.retired:
             gone(rec)
         await self.ctx.reg.save_container(rec)

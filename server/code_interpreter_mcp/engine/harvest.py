@@ -18,20 +18,23 @@ import functools
 import time
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from operator import attrgetter
 from pathlib import Path
 
 import anyio
 import anyio.abc
 
 from ..artifacts import guess_mime, safe_name
-from ..backends.base import ExecOutcome, FetchResult, RemoteFile
-from ..errors import CIError, ContainerExpired, StorageQuota
-from ..sessions import ContainerRecord, FileRecord, Session, new_id
-from ..storage.blobs import owner_key
+from ..backends.base import ExecOutcome, FetchResult, Listing, RemoteFile
+from ..errors import ContainerExpired, StorageQuota
+from ..records import new_ids
+from ..sessions import ContainerRecord, FileRecord, Session
+from ..storage.blobs import OwnerCopies, owner_key
 from ..storage.history import superseded_to_drop
 from .containers import Containers
 from .context import COPY_THREADS, SMALL_FILE_BYTES, EngineContext
 
+_BY_PATH = attrgetter("path")
 Harvested = tuple[list[FileRecord], list[str]]
 """The records of the files harvested, sorted by path, and warnings about files that could not be."""
 
@@ -59,7 +62,10 @@ class Harvest:
         self._tg: anyio.abc.TaskGroup | None = None
         self._listed = False
         self._listing: list[RemoteFile] | None = None  # None: the snapshot stands (unchanged, or not listed)
+        self._changed: dict[str, RemoteFile] = {}  # key -> the listing's entry, for those it found changed
+        self._delta: dict[str, RemoteFile | None] | None = None  # how the listing differs from the snapshot's
         self.owner_key = owner_key(session.owner)
+        self._copies = OwnerCopies(ctx.blobs, self.owner_key)
         self.refused: set[str] = set()  # paths the server-wide quota refused: left out of the snapshot, retried
 
     @staticmethod
@@ -140,56 +146,64 @@ class Harvest:
             self.warnings.append("The container expired before its files could be listed.")
             self.expired = True
             return
-        snap = self.rec.snapshot
-        if listing is self.rec.listed and len(listing) == len(snap):
+        snap, before = self.rec.snapshot, self.rec.listed
+        if listing is before and len(listing) == len(snap):
             return  # the very listing the snapshot was made from: nothing changed (no compare of N files)
-        if len(listing) == len(snap) and all(
+        delta = None
+        if isinstance(listing, Listing) and isinstance(before, Listing) and listing.base == before.generation:
+            delta = listing.changes  # the snapshot is `before`'s: only these paths can differ from it
+        elif len(listing) == len(snap) and all(
             (p := snap.get(f.path)) is not None and p.version == f.version for f in listing
         ):
             self.rec.listed = listing
             return
-        self._listing = listing
+        self._listing, self._delta = listing, delta
         skipped: dict[str, list[str]] = {}
         changed = []
-        for f in listing:
+        for f in listing if delta is None else (f for f in delta.values() if f is not None):
             prev = snap.get(f.path)
             if prev is None or prev.version != f.version:
                 if f.skipped:
                     skipped.setdefault(f.skipped, []).append(f.path)
                 else:
                     changed.append(f)
+        if delta is not None:
+            changed.sort(key=_BY_PATH)  # as the listing is: a batch's files of one folder come together
+        self._changed = {f.remote_id or f.path: f for f in changed}
         self.start(*changed)
         for why, paths in skipped.items():
             shown = ", ".join(paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
             self.warnings.append(f"Skipped (not harvested, never followed): {shown}: {why}.")
 
     async def _fetch_batch(self, remotes: list[RemoteFile]) -> None:
-        """Copy a batch into the owner's blob store's folder of copies in flight (placed by `finish`)."""
+        """Copy a batch into the owner's blob store: small files straight to their blobs, others into its
+        folder of copies in flight (placed by `finish`)."""
         blobs, state = self.ctx.blobs, self.rec.state
         if blobs.full():  # nothing new fits: not even copied (and tried again by the next harvest)
             for remote in remotes:
                 self._refuse(remote, blobs.quota_error(remote.path))
             return
-        items = [(remote, blobs.tmp_path(self.owner_key)) for remote in remotes]
         try:
-            results = await self.ctx.backend.fetch_files(
-                state, items, self.ctx.settings.max_file_bytes, have=lambda sha: blobs.claim(self.owner_key, sha)
-            )
+            results = await self.ctx.backend.fetch_files(state, remotes, self.ctx.settings.max_file_bytes, self._copies)
         except ContainerExpired:
-            results = [ContainerExpired("expired")] * len(items)
-        for (remote, tmp), res in zip(items, results, strict=True):
-            if isinstance(res, ContainerExpired):
+            results = [ContainerExpired("expired")] * len(remotes)
+        fetched, key = self.fetched, self.key
+        ids = iter(new_ids("f_", len(remotes), 12))
+        for remote, res in zip(remotes, results, strict=True):
+            if isinstance(res, FetchResult):
+                fetched[key(remote)] = self._record(remote, res, next(ids))
+            elif isinstance(res, ContainerExpired):
                 self.warnings.append(f"{remote.path} was not harvested: the container expired first.")
                 self.expired = True
-            elif isinstance(res, CIError):  # too large, download failed...: the other files still come back
+            elif isinstance(res, StorageQuota):
+                self._refuse(remote, res)
+            else:  # too large, download failed...: the other files still come back
                 self.warnings.append(f"{remote.path} was not harvested: {res.message}")
-            else:
-                self.fetched[self.key(remote)] = self._record(remote, tmp, res)
 
-    def _record(self, remote: RemoteFile, tmp: Path, res: FetchResult) -> FileRecord:
+    def _record(self, remote: RemoteFile, res: FetchResult, file_id: str) -> FileRecord:
         name = safe_name(remote.path)
         record = FileRecord(
-            file_id=new_id("f_", 12),
+            file_id=file_id,
             session_id=self.session.id,
             container_id=self.rec.state.id,
             path=remote.path,
@@ -199,14 +213,13 @@ class Harvest:
             sha256=res.sha256,
             source="user" if remote.source == "user" else "generated",
             created_at=remote.created_at or time.time(),
-            local_path=str(tmp),  # the copy in flight until `finish` places it in the blob store
+            local_path=res.path,  # a copy in flight (placed by `finish`) unless the store keeps it already
             remote_id=remote.remote_id,
             version=remote.version,
         )
-        if not res.written:  # the blob store kept these bytes already and holds them for this record
-            blobs = self.ctx.blobs
-            record.blob, record.local_path = res.sha256, str(blobs.blob_path(self.owner_key, res.sha256))
-            record.disk_bytes = blobs.cost_of(self.owner_key, res.sha256)
+        if res.kept:  # the blob store holds these bytes for this record already
+            record.blob = res.sha256
+            record.disk_bytes = self.ctx.blobs.cost_of(self.owner_key, res.sha256)
         return record
 
     def _refuse(self, remote: RemoteFile, exc: StorageQuota) -> None:
@@ -221,22 +234,39 @@ class Harvest:
         if not self.fetched and self._listing is None and not self.expired:
             return [], self.warnings
         listing = self._listing if self._listing is not None else list(rec.snapshot.values())
-        by_key = {self.key(f): f for f in listing}
+        changed = self._changed  # what the listing found changed: no compare again, and no map of N files
+        by_key: dict[str, RemoteFile] | None = None
         records: list[FileRecord] = []
         unchanged: list[FileRecord] = []
         for k, record in self.fetched.items():
-            listed = by_key.get(k)
+            listed = changed.get(k)
+            if listed is None:  # fetched before the listing (cited): looked up in all of it
+                if by_key is None:
+                    by_key = {f.remote_id or f.path: f for f in listing}
+                listed = by_key.get(k)
+                if listed is not None:
+                    prev = rec.snapshot.get(listed.path)
+                    if prev is not None and prev.version == listed.version:
+                        unchanged.append(record)
+                        continue
             if listed is not None:
-                prev = rec.snapshot.get(listed.path)
-                if prev is not None and prev.version == listed.version:
-                    unchanged.append(record)
-                    continue
                 record.path, record.version = listed.path, listed.version
             records.append(record)
-        if records or unchanged:
+        if unchanged or any(r.blob is None for r in records):  # else every copy is in its blob already
             records = await anyio.to_thread.run_sync(self._place, records, unchanged)
-        rec.snapshot = {f.path: f for f in listing if f.path not in self.refused}
-        rec.listed = self._listing
+        refused, delta = self.refused, self._delta
+        if delta is not None:  # the snapshot was the delta's base: only the paths it names change
+            snap = rec.snapshot
+            for path, f in delta.items():
+                if f is None or path in refused:
+                    snap.pop(path, None)
+                else:
+                    snap[path] = f
+        elif refused:
+            rec.snapshot = {f.path: f for f in listing if f.path not in refused}
+        else:
+            rec.snapshot = {f.path: f for f in listing}
+        rec.listed = self._listing if not refused else None  # refused paths: retried by a full compare
         records.sort(key=lambda r: r.path)
         await record_with_history(self.ctx, self.session, records)
         if self.expired:

@@ -14,7 +14,7 @@ import errno
 import hashlib
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import FileTooLarge
@@ -131,38 +131,29 @@ def copy_fd(src: int, dst: int, max_bytes: int, what: str) -> tuple[int, str]:
 
 
 SMALL_BYTES = CHUNK
-"""A dense file up to this size is read whole and hashed before its copy is made (`copy_small`)."""
-
-Have = Callable[[str], bool]
-"""Asked with a copy's sha256 before it is written: True when the host already keeps those bytes (and has taken a
-reference to them for this copy), so nothing is written."""
+"""A dense file up to this size is read whole and hashed before its copy is made (`read_small`)."""
 
 
-def copy_small(src: int, dest: Path, max_bytes: int, what: str, have: Have) -> tuple[int, str, bool] | None:
-    """A small dense file: read whole, hashed, and written to a new file at `dest` only when `have` does not
-    hold those bytes already (a create costs far more than the read: 0.02 to 1 ms on this host's ext4).
-    (bytes, sha256, written); None when the file is not small or has holes (`copy_to_new` keeps those)."""
-    st = os.fstat(src)
-    if st.st_size > SMALL_BYTES or disk_bytes(st) < st.st_size:
+def read_small(src: int, st: os.stat_result, max_bytes: int, what: str) -> bytes | None:
+    """The whole bytes of the small dense file open at `src` (`st` its fstat), read on past the size seen (a
+    file still growing is read whole); None when it is not small or has holes (`copy_to_new` keeps those). The
+    caller hashes them and writes them only where the host does not keep them already (a create costs far more
+    than the read: 0.02 to 1 ms on this host's ext4)."""
+    size = st.st_size
+    if size > SMALL_BYTES or disk_bytes(st) < size:
         return None
-    view = getattr(_buffers, "view", None)
-    if view is None:
-        view = _buffers.view = memoryview(bytearray(CHUNK))
-    data = bytearray()
-    pos = 0
-    while n := os.preadv(src, [view], pos):  # on past the size seen: a file still growing is read whole
-        data += view[:n]
-        pos += n
-        if pos > max_bytes:
+    data = os.read(src, size + 1)  # one byte more than seen: a short read is the end, so one call a file
+    if len(data) <= size:
+        return data
+    parts, total = [data], len(data)
+    while True:  # grown since the fstat
+        if total > max_bytes:
             raise FileTooLarge(f"{what} grew past the {max_bytes}-byte limit while being copied.")
-    digest = hashlib.sha256(data).hexdigest()
-    if have(digest):
-        return pos, digest, False
-    with new_file(dest) as dst:
-        out = memoryview(data)
-        while out:
-            out = out[os.write(dst, out) :]
-    return pos, digest, True
+        chunk = os.read(src, CHUNK)
+        if not chunk:
+            return b"".join(parts)
+        total += len(chunk)
+        parts.append(chunk)
 
 
 @contextlib.contextmanager

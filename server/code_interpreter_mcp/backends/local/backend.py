@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from ...errors import BackendError, CIError, ContainerExpired
 from ..base import (
     Capabilities,
     ContainerState,
+    CopySink,
     ExecOutcome,
     ExecRequest,
     FetchResult,
@@ -207,14 +207,10 @@ class LocalBackend:
         return await (await self._lookup(container)).folder.fetch(file.path, dest, max_bytes)
 
     async def fetch_files(
-        self,
-        container: ContainerState,
-        items: list[tuple[RemoteFile, Path]],
-        max_bytes: int,
-        have: Callable[[str], bool] | None = None,
+        self, container: ContainerState, files: list[RemoteFile], max_bytes: int, sink: CopySink
     ) -> list[FetchResult | CIError]:
         folder = (await self._lookup(container)).folder
-        return await folder.fetch_many([(f.path, d) for f, d in items], max_bytes, have)
+        return await folder.fetch_many([f.path for f in files], max_bytes, sink)
 
     async def put_file(self, container: ContainerState, src: Path, dest_path: str) -> RemoteFile:
         folder = (await self._lookup(container)).folder

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import stat
 import time
@@ -19,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ...errors import CIError, DownloadFailed, FileNotFound, FileTooLarge, PathRefused
-from ...storage.copying import Have, copy_small, copy_to_new
-from ..base import FetchResult, RemoteFile
+from ...storage.copying import copy_to_new, read_small
+from ..base import CopySink, FetchResult, RemoteFile
 
 CHUNK = 1024 * 1024
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -185,48 +186,64 @@ class _Parent:
             self.key, self.fd = None, -1
 
 
-def fetch(
-    root: Path, path: str, dest: Path, max_bytes: int, have: Have | None = None, parent: _Parent | None = None
-) -> FetchResult:
-    """Copy one regular file out of the data folder to a new file `dest`: in the kernel, hashed in the same
-    pass, holes kept (`storage.copying`). With `have`, a small file is hashed first and not written at all when
-    the host keeps its bytes already."""
+def _open_regular(root: Path, path: str, max_bytes: int, parent: _Parent) -> tuple[int, os.stat_result]:
+    """An fd of the regular file `path` of the data folder, reached without following any link, and its fstat."""
     parts = clean_relative(path)
-    folder = parent if parent is not None else _Parent()
     try:
-        try:
-            dir_fd = folder.open(root, parts, path)
-            fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
-        except OSError as exc:
-            raise _refuse_or_missing(exc, path) from None
-    finally:
-        if parent is None:
-            folder.close()
+        dir_fd = parent.open(root, parts, path)
+        fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError as exc:
+        raise _refuse_or_missing(exc, path) from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise PathRefused(f"{path!r} is not a regular file.")
         if st.st_size > max_bytes:
             raise FileTooLarge(f"{path!r} is {st.st_size} bytes, over the {max_bytes}-byte limit.")
-        if have is not None and (small := copy_small(fd, dest, max_bytes, repr(path), have)) is not None:
-            return FetchResult(bytes=small[0], sha256=small[1], written=small[2])
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
+
+
+def fetch(root: Path, path: str, dest: Path, max_bytes: int) -> FetchResult:
+    """Copy one regular file out of the data folder to a new file `dest`: in the kernel, hashed in the same
+    pass, holes kept (`storage.copying`)."""
+    parent = _Parent()
+    try:
+        fd, _st = _open_regular(root, path, max_bytes, parent)
+    finally:
+        parent.close()
+    try:
         total, digest = copy_to_new(fd, dest, max_bytes, repr(path))
-        return FetchResult(bytes=total, sha256=digest)
+        return FetchResult(bytes=total, sha256=digest, path=str(dest))
     finally:
         os.close(fd)
 
 
-def fetch_many(
-    root: Path, items: list[tuple[str, Path]], max_bytes: int, have: Have | None = None
-) -> list[FetchResult | CIError]:
-    """`fetch` of each (path, dest) in turn, in the calling thread: a harvest's batch of small files pays one
-    thread hop, not one each. A file's error is its entry; the others still come."""
+def fetch_many(root: Path, items: list[tuple[str, str]], max_bytes: int, sink: CopySink) -> list[FetchResult | CIError]:
+    """Each (path, name shown for it) in turn into `sink`, in the calling thread: a harvest's batch of small
+    files pays one thread hop, not one each. A small dense file is read whole and hashed, and `sink.keep`
+    stores it (or finds those bytes stored already); any other is copied in the kernel to a `sink.new_path()`.
+    A file's error is its entry; the others still come."""
     out: list[FetchResult | CIError] = []
     parent = _Parent()
     try:
-        for path, dest in items:
+        for path, shown in items:
             try:
-                out.append(fetch(root, path, dest, max_bytes, have, parent))
+                fd, st = _open_regular(root, path, max_bytes, parent)
+                try:
+                    data = read_small(fd, st, max_bytes, repr(path))
+                    if data is not None:
+                        digest = hashlib.sha256(data).hexdigest()
+                        where, written = sink.keep(data, digest, shown)
+                        out.append(FetchResult(len(data), digest, written, where, True))
+                        continue
+                    dest = sink.new_path()
+                    total, digest = copy_to_new(fd, Path(dest), max_bytes, repr(path))
+                    out.append(FetchResult(total, digest, True, dest))
+                finally:
+                    os.close(fd)
             except CIError as exc:
                 out.append(exc)
             except OSError as exc:

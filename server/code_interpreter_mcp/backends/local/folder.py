@@ -10,15 +10,29 @@ real-block usage is what the quota (quota.py) is enforced on. Nothing here knows
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from operator import attrgetter
 from pathlib import Path
 
 import anyio
 
 from ...errors import CIError, ContainerExpired
-from ..base import FetchResult, RemoteFile
+from ..base import CopySink, FetchResult, Listing, RemoteFile
 from . import files
 from .changes import ChangeTracker, Entry, Inotify
+
+_BY_PATH = attrgetter("path")
+
+
+def _shown(path: str) -> str:
+    """The name a file is listed (and harvested) under: its own, or, when it is not UTF-8 and so cannot be shown
+    in a tool result, its bytes escaped ("bad\\xff.txt"); fetches read the real file behind that name."""
+    if path.isascii():
+        return path
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return os.fsencode(path).decode("utf-8", "backslashreplace")
+    return path
 
 
 async def open_tracker(path: Path, hub: Inotify | None, max_watches: int = 10_000) -> ChangeTracker:
@@ -43,7 +57,9 @@ class DataFolder:
         self.user_versions: dict[str, str] = {}  # path -> version of files put there by upload, unchanged since
         self.tracker: ChangeTracker | None = None
         self._files: dict[str, RemoteFile] = {}
-        self._listing: list[RemoteFile] | None = None  # sorted, None when it must be rebuilt
+        self._listing: Listing | None = None  # sorted, None when it must be rebuilt
+        self._handed: Listing | None = None  # the last listing handed out: the next one's base
+        self._touched: dict[str, None] = {}  # the paths whose entries were set since `_handed` was made
         self.real_names: dict[str, str] = {}  # listed name -> the real (non-UTF-8) name it stands for
 
     async def open(self, hub: Inotify | None) -> None:
@@ -60,7 +76,8 @@ class DataFolder:
         self._files = {}
         for path, entry in tracker.files.items():
             self._set(path, entry)
-        self._listing = None
+        self._listing = self._handed = None
+        self._touched = {}
 
     def close(self) -> None:
         tracker, self.tracker = self.tracker, None
@@ -84,7 +101,7 @@ class DataFolder:
             tracker.hub.pump()
             tracker.check_quota()
 
-    async def list(self) -> list[RemoteFile]:
+    async def list(self) -> Listing:
         tracker = self._require()
         try:
             changes = await tracker.changes()
@@ -96,21 +113,26 @@ class DataFolder:
         for path in (*changes.changed, *changes.removed, *changes.symlinks, *changes.specials):
             self._set(path, index.get(path))
         if self._listing is None:
-            self._listing = sorted(self._files.values(), key=lambda f: f.path)
+            handed, files = self._handed, self._files
+            changes: dict[str, RemoteFile | None] = {}
+            if handed is not None:
+                for path in self._touched:
+                    f = files.get(path)
+                    changes[f.path if f is not None else _shown(path)] = f
+            listing = Listing(files.values(), handed.generation if handed is not None else None, changes)
+            listing.sort(key=_BY_PATH)
+            self._listing = self._handed = listing
+            self._touched = {}
         return self._listing  # the same list while nothing changes (the engine's O(1) unchanged test): read only
 
     def _set(self, path: str, entry: Entry | None) -> None:
         self._listing = None
+        self._touched[path] = None
         if entry is None or entry.kind == "dir":
             self._files.pop(path, None)
             return
-        shown = path
-        try:
-            path.encode("utf-8")
-        except UnicodeEncodeError:
-            # Not representable in a tool result: listed (and harvested) under its bytes escaped ("bad\\xff.txt");
-            # fetches read the real file behind that name.
-            shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+        shown = _shown(path)
+        if shown != path:
             self.real_names[shown] = path
         version = entry.version
         if entry.kind != "file":
@@ -130,12 +152,11 @@ class DataFolder:
         real = self.real_names.get(path, path)
         return await anyio.to_thread.run_sync(files.fetch, self.path, real, Path(dest), int(max_bytes))
 
-    async def fetch_many(
-        self, items: list[tuple[str, Path]], max_bytes: int, have: Callable[[str], bool] | None = None
-    ) -> list[FetchResult | CIError]:
+    async def fetch_many(self, paths: list[str], max_bytes: int, sink: CopySink) -> list[FetchResult | CIError]:
         """A harvest's batch in one thread hop (`files.fetch_many`)."""
-        pairs = [(self.real_names.get(path, path), Path(dest)) for path, dest in items]
-        return await anyio.to_thread.run_sync(files.fetch_many, self.path, pairs, int(max_bytes), have)
+        real = self.real_names
+        items = [(real.get(path, path), path) for path in paths] if real else [(path, path) for path in paths]
+        return await anyio.to_thread.run_sync(files.fetch_many, self.path, items, int(max_bytes), sink)
 
     async def put(self, src: Path, dest_path: str, max_file_bytes: int, quota_bytes: int) -> RemoteFile:
         self.pump()
@@ -156,4 +177,5 @@ class DataFolder:
         self.user_versions[remote.path] = remote.version
         self._files[remote.path] = remote
         self._listing = None
+        self._touched[remote.path] = None
         return remote

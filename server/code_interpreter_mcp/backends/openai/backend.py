@@ -8,7 +8,6 @@ once, so the engine can start their downloads while it lists files and refreshes
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from ...config import Settings
 from ..base import (
     Capabilities,
     ContainerState,
+    CopySink,
     ExecError,
     ExecOutcome,
     ExecRequest,
@@ -173,23 +173,24 @@ class OpenAIBackend:
         )
 
     async def fetch_files(
-        self,
-        container: ContainerState,
-        items: list[tuple[RemoteFile, Path]],
-        max_bytes: int,
-        have: Callable[[str], bool] | None = None,  # the bytes are known only once downloaded: not asked
+        self, container: ContainerState, files: list[RemoteFile], max_bytes: int, sink: CopySink
     ) -> list[FetchResult | errors.CIError]:
-        out: list[FetchResult | errors.CIError] = [errors.DownloadFailed("not fetched")] * len(items)
+        """Each file streamed to a new path of the sink (the bytes are known only once downloaded)."""
+        out: list[FetchResult | errors.CIError] = [errors.DownloadFailed("not fetched")] * len(files)
 
-        async def one(i: int, file: RemoteFile, dest: Path) -> None:
+        async def one(i: int, file: RemoteFile) -> None:
+            dest = sink.new_path()
             try:
-                out[i] = await self.fetch_file(container, file, dest, max_bytes)
+                res = await self.fetch_file(container, file, Path(dest), max_bytes)
             except errors.CIError as exc:
                 out[i] = exc
+            else:
+                res.path = dest
+                out[i] = res
 
         async with anyio.create_task_group() as tg:  # the downloads' own limiter bounds them
-            for i, (file, dest) in enumerate(items):
-                tg.start_soon(one, i, file, dest)
+            for i, file in enumerate(files):
+                tg.start_soon(one, i, file)
         return out
 
     async def put_file(self, container: ContainerState, src: Path, dest_path: str) -> RemoteFile:

@@ -185,8 +185,8 @@ class Settings(BaseModel):
     @property
     def containers_dir(self) -> Path:
         """Live containers' folders. Scratch: each run's files are harvested into `files_dir`, and local
-        containers are retired at shutdown, so a tmpfs here (small files at memory speed, none of the host's
-        paths in the sandbox's mount table) loses nothing; its pages count as the writing container's memory."""
+        containers are retired at shutdown, so a tmpfs here (small files at memory speed, only the tmpfs's own
+        path in the sandbox's mount table) loses nothing; its pages count as the writing container's memory."""
         return self.local_containers_dir if self.local_containers_dir is not None else self.data_dir / "containers"
 
     @property

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from ..errors import StorageQuota
 from ..sessions import FileRecord
-from .copying import disk_bytes
+from .copying import disk_bytes, new_file
 
 BlobKey = tuple[str, str]  # (owner_key, sha256)
 
@@ -261,23 +261,11 @@ class OwnerCopies:
 def _write_new(path: str, data: bytes | bytearray) -> int:
     """`data` in a new file at `path` (its folder made when missing); what it costs on disk. FileExistsError when
     something is there already; nothing is left behind on any other failure."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    try:
-        fd = os.open(path, flags, 0o644)
-    except FileNotFoundError:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd = os.open(path, flags, 0o644)
-    try:
+    with new_file(path) as fd:
         out = memoryview(data)
         while out:
             out = out[os.write(fd, out) :]
         return disk_bytes(os.fstat(fd))
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-        raise
-    finally:
-        os.close(fd)
 
 
 def _entries(folder: Path) -> list[os.DirEntry[str]]:

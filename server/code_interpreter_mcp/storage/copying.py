@@ -157,13 +157,14 @@ def read_small(src: int, st: os.stat_result, max_bytes: int, what: str) -> bytes
 
 
 @contextlib.contextmanager
-def new_file(dest: Path) -> Iterator[int]:
-    """A new file at `dest` (its folder made if missing), open for writing; removed again if the block fails."""
+def new_file(dest: str | Path) -> Iterator[int]:
+    """A new file at `dest` (its folder made if missing), open for writing; removed again if the block fails.
+    FileExistsError when something is there already."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
         dst = os.open(dest, flags, 0o644)
     except FileNotFoundError:
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
         dst = os.open(dest, flags, 0o644)
     try:
         yield dst

@@ -62,6 +62,16 @@ def build_wheel(
     return path
 
 
+def _write_sdist(path: Path, members: dict[str, bytes]) -> Path:
+    """A .tar.gz at `path` holding `members` (archive name -> bytes)."""
+    with tarfile.open(path, "w:gz") as tf:
+        for arc, data in members.items():
+            ti = tarfile.TarInfo(arc)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+    return path
+
+
 def build_sdist(folder: Path, name: str, version: str) -> Path:
     """An sdist only (PKG-INFO and a pyproject.toml): what a package without a wheel looks like."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -74,13 +84,7 @@ def build_sdist(folder: Path, name: str, version: str) -> Path:
         ),
         f"{root}/{dist}/__init__.py": b"",
     }
-    path = folder / f"{root}.tar.gz"
-    with tarfile.open(path, "w:gz") as tf:
-        for arc, data in members.items():
-            ti = tarfile.TarInfo(arc)
-            ti.size = len(data)
-            tf.addfile(ti, io.BytesIO(data))
-    return path
+    return _write_sdist(folder / f"{root}.tar.gz", members)
 
 
 def write_simple_index(files: Path, root: Path) -> Path:
@@ -183,10 +187,4 @@ def build_probing_sdist(folder: Path, name: str, version: str, probe: Path) -> P
         f"{root}/pyproject.toml": (b'[build-system]\nrequires = []\nbuild-backend = "backend"\nbackend-path = ["."]\n'),
         f"{root}/backend.py": _BACKEND.format(name=dist, version=version, probe=str(probe)).encode(),
     }
-    path = folder / f"{root}.tar.gz"
-    with tarfile.open(path, "w:gz") as tf:
-        for arc, data in members.items():
-            ti = tarfile.TarInfo(arc)
-            ti.size = len(data)
-            tf.addfile(ti, io.BytesIO(data))
-    return path
+    return _write_sdist(folder / f"{root}.tar.gz", members)

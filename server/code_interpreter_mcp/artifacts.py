@@ -7,7 +7,6 @@ and never changed; a later change of the same container path becomes a new file 
 
 from __future__ import annotations
 
-import hashlib
 import mimetypes
 import os
 import posixpath
@@ -171,12 +170,6 @@ def image_preview(path: Path, max_bytes: int) -> tuple[bytes, str] | None:
                 return buf.getvalue(), mime
         side = side * 2 // 3
     return None
-
-
-def write_bytes_with_hash(data: bytes, dest: Path) -> str:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.write_bytes(data)
-    return hashlib.sha256(data).hexdigest()
 
 
 def remove_tree(path: Path) -> None:

@@ -295,12 +295,6 @@ def _tail(text: str, limit: int) -> str:
     return text if len(text) <= limit else "…" + text[-limit:]
 
 
-def result_chars(result: CallToolResult) -> int:
-    """A result as the budget counts it: its text (bodies included) plus its structuredContent as JSON."""
-    structured = json_chars(result.structured_content) if result.structured_content is not None else 0
-    return structured + sum(_chars(b) for b in result.content)
-
-
 def _chars(block: ContentBlock) -> int:
     """What a block costs in the budget: images have their own caps; text counts as the model reads it."""
     if isinstance(block, ImageContent):

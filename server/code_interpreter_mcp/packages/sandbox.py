@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import anyio
 from anyio.abc import ByteReceiveStream, Process
 
-from ..backends.local.bubblewrap import TOP_LINKS, ancestors
+from ..backends.local.bubblewrap import ancestors, system_binds
 from ..backends.local.bubblewrap import find_bwrap as find_bwrap  # the one lookup of bubblewrap, shared
 
 logger = logging.getLogger(__name__)
@@ -138,13 +138,7 @@ def installer_argv(
     # The network stays shared: the installer's one job is to reach the index.
     argv += ["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
     argv += ["--die-with-parent", "--new-session", "--hostname", "installer", "--cap-drop", "ALL"]
-    argv += ["--ro-bind", "/usr", "/usr"]
-    for name in TOP_LINKS:
-        host = "/" + name
-        if os.path.islink(host):
-            argv += ["--symlink", os.readlink(host), host]
-        elif os.path.isdir(host):
-            argv += ["--ro-bind", host, host]
+    argv += system_binds()
     argv += dir_("/etc", "0755")
     bound_dirs: list[str] = []
     for name in _ETC_FILES:

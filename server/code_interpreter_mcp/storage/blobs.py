@@ -209,11 +209,6 @@ class BlobStore:
         self.direct_bytes = max(self.direct_bytes - cost, 0)
         return cost
 
-    def forget_direct(self, cost: int) -> None:
-        """Legacy copies removed wholesale (a session's folder deleted): no longer counted."""
-        with self._lock:
-            self.direct_bytes = max(self.direct_bytes - cost, 0)
-
     def cost_of(self, key: str, sha: str) -> int:
         return self._disk.get((key, sha), 0)
 

@@ -115,7 +115,8 @@ class LocalBackend:
             poll_s = float(s.quota_check_interval_s or 2.0)
             service.spawn("inotify", lambda: serve(hub, poll_s=poll_s))
         capacity.refill()
-        logger.info("local backend ready: %s", self.describe())
+        if logger.isEnabledFor(logging.INFO):  # describe() reads the mount table and probes paths
+            logger.info("local backend ready: %s", self.describe())
 
     async def aclose(self) -> None:
         live, self._live = self._live, None

@@ -118,6 +118,19 @@ def ancestors(path: str) -> list[str]:
     return ["/" + "/".join(parts[: i + 1]) for i in range(len(parts))]
 
 
+def system_binds() -> list[str]:
+    """bwrap arguments for the host's /usr, read-only, and its merged-/usr links at the top (/bin, /lib...):
+    what any sandbox here needs to run the host's programs."""
+    argv = ["--ro-bind", "/usr", "/usr"]
+    for name in TOP_LINKS:
+        host = "/" + name
+        if os.path.islink(host):
+            argv += ["--symlink", os.readlink(host), host]
+        elif os.path.isdir(host):
+            argv += ["--ro-bind", host, host]
+    return argv
+
+
 def bwrap_argv(profile: sandbox.Profile, layout: Layout, worker_argv: list[str]) -> list[str]:
     """The full bwrap command line for one worker."""
     info = profile.bwrap
@@ -138,13 +151,7 @@ def bwrap_argv(profile: sandbox.Profile, layout: Layout, worker_argv: list[str])
     if profile.mode == "bwrap-root":
         argv += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
 
-    argv += ["--ro-bind", "/usr", "/usr"]
-    for name in TOP_LINKS:
-        host = "/" + name
-        if os.path.islink(host):
-            argv += ["--symlink", os.readlink(host), host]
-        elif os.path.isdir(host):
-            argv += ["--ro-bind", host, host]
+    argv += system_binds()
     created = {"/", "/usr", "/etc", "/tmp", "/dev", "/proc", "/mnt", "/opt", "/var"}
     argv += dir_("/etc", "0755")
     for name in _ETC_FILES:

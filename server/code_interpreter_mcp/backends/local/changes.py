@@ -77,7 +77,6 @@ class ChangeTracker:
         read: Reader | None = None,
     ) -> None:
         self.root = os.path.abspath(os.fspath(root))
-        self.max_watches = max_watches
         self.last_rescan = 0.0
         self._index = FolderIndex(self.root, self, max_watches)
         self._index.hub = hub

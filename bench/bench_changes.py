@@ -32,8 +32,8 @@ from typing import Any
 
 import anyio
 
-from code_interpreter_mcp.backends.local import files, tree
-from code_interpreter_mcp.backends.local.changes import ChangeTracker
+from code_interpreter_mcp.backends.local.tracking import files, tree
+from code_interpreter_mcp.backends.local.tracking.changes import ChangeTracker
 
 MiB = 1024 * 1024
 

@@ -1,4 +1,4 @@
-"""Bounded live workers (backends/local/capacity.py): the least recently used idle worker makes room and its next
+"""Bounded live workers (backends/local/workers/capacity.py): the least recently used idle worker makes room and its next
 run says state_lost and why; a clear `capacity` error when every worker is busy; the per-owner cap; and the same
 through a real MCP client."""
 
@@ -13,7 +13,7 @@ from mcp import Client
 from code_interpreter_mcp.app import build_server
 from code_interpreter_mcp.backends.base import ContainerState, ExecOutcome, ExecRequest, no_progress
 from code_interpreter_mcp.backends.local import LocalBackend
-from code_interpreter_mcp.backends.local.capacity import default_max_live
+from code_interpreter_mcp.backends.local.workers.capacity import default_max_live
 from code_interpreter_mcp.config import Settings
 from code_interpreter_mcp.engine import Engine
 from code_interpreter_mcp.errors import CapacityError

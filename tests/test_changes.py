@@ -19,10 +19,10 @@ from pathlib import Path
 import anyio
 import pytest
 
-from code_interpreter_mcp.backends.local import tree
-from code_interpreter_mcp.backends.local.changes import Changes, ChangeTracker, diff, scan
-from code_interpreter_mcp.backends.local.index import WALK_LIMIT
-from code_interpreter_mcp.backends.local.inotify import IN_Q_OVERFLOW, Event, Inotify, pack
+from code_interpreter_mcp.backends.local.tracking import tree
+from code_interpreter_mcp.backends.local.tracking.changes import Changes, ChangeTracker, diff, scan
+from code_interpreter_mcp.backends.local.tracking.index import WALK_LIMIT
+from code_interpreter_mcp.backends.local.tracking.inotify import IN_Q_OVERFLOW, Event, Inotify, pack
 from code_interpreter_mcp.removal import remove_tree
 
 MiB = 1024 * 1024
@@ -699,7 +699,7 @@ def test_no_inotify_falls_back_to_scans(root: Path, monkeypatch: pytest.MonkeyPa
     def refuse(*args: object) -> None:
         raise OSError(24, "Too many open files")
 
-    monkeypatch.setattr("code_interpreter_mcp.backends.local.changes.Inotify", refuse)
+    monkeypatch.setattr("code_interpreter_mcp.backends.local.tracking.changes.Inotify", refuse)
     with ChangeTracker(root) as t:
         write(root / "f")
         assert t.drain().rescan_needed

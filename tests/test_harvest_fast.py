@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from code_interpreter_mcp.backends.base import Listing
-from code_interpreter_mcp.backends.local import files
+from code_interpreter_mcp.backends.local.tracking import files
 from code_interpreter_mcp.config import Settings
 from code_interpreter_mcp.engine import Engine, harvest
 from code_interpreter_mcp.errors import StorageQuota

@@ -10,7 +10,7 @@ import pytest
 
 from code_interpreter_mcp.app import content
 from code_interpreter_mcp.app.clients import ClientProfile
-from code_interpreter_mcp.backends.local.sandbox import mount_table_path
+from code_interpreter_mcp.backends.local.sandbox.profile import mount_table_path
 from code_interpreter_mcp.engine import RunOutput
 from code_interpreter_mcp.models import ContainerInfo, RunResult
 from code_interpreter_mcp.removal import remove_tree, remove_tree_strict

@@ -24,10 +24,11 @@ from code_interpreter_mcp.backends.base import (
     StructuredRequest,
     no_progress,
 )
-from code_interpreter_mcp.backends.local import LocalBackend, bubblewrap, uids
-from code_interpreter_mcp.backends.local import sandbox as sandbox_mod
-from code_interpreter_mcp.backends.local.process import WorkerProcess
-from code_interpreter_mcp.backends.local.sandbox import mount_table_path
+from code_interpreter_mcp.backends.local import LocalBackend
+from code_interpreter_mcp.backends.local.sandbox import bubblewrap, uids
+from code_interpreter_mcp.backends.local.sandbox import profile as sandbox_mod
+from code_interpreter_mcp.backends.local.sandbox.profile import mount_table_path
+from code_interpreter_mcp.backends.local.workers.process import WorkerProcess
 from code_interpreter_mcp.config import Settings
 from code_interpreter_mcp.errors import (
     BackendError,

@@ -1,4 +1,4 @@
-"""Memory limited per container, all its processes together (backends/local/memory.py): a cgroup where one can be
+"""Memory limited per container, all its processes together (backends/local/sandbox/memory.py): a cgroup where one can be
 had, else RLIMIT_AS per process plus the RSS sum checked during runs; the mechanism reported by describe()."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from code_interpreter_mcp.backends.base import ExecRequest, no_progress
-from code_interpreter_mcp.backends.local.memory import MemoryLimiter
+from code_interpreter_mcp.backends.local.sandbox.memory import MemoryLimiter
 from tests.helpers import MakeBackend
 
 pytestmark = pytest.mark.anyio

@@ -1,6 +1,6 @@
-"""The disk quota from the folder's change events (backends/local/quota.py): fallocate, sparse files, many writers
+"""The disk quota from the folder's change events (backends/local/workers/quota.py): fallocate, sparse files, many writers
 and processes left running after a run never take the folder more than the stated margin past the quota; and the
-listing kept from the same events (backends/local/folder.py)."""
+listing kept from the same events (backends/local/tracking/folder.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 
 from code_interpreter_mcp.backends.base import ContainerState, ExecOutcome, ExecRequest, no_progress
 from code_interpreter_mcp.backends.local import LocalBackend
-from code_interpreter_mcp.backends.local.quota import HARD_MARGIN
+from code_interpreter_mcp.backends.local.workers.quota import HARD_MARGIN
 from tests.helpers import MakeBackend
 
 pytestmark = pytest.mark.anyio

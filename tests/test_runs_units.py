@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from code_interpreter_mcp.backends.local.streaming import MAX_READ, CaptureTail
+from code_interpreter_mcp.backends.local.workers.streaming import MAX_READ, CaptureTail
 from code_interpreter_mcp.engine.live import RECENT_LINES, LiveOutput
 from code_interpreter_mcp.engine.runs import check_wait
 from code_interpreter_mcp.errors import BadInput, SessionBusy

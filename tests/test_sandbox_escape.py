@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 
 from code_interpreter_mcp.backends.base import ContainerState, ExecOutcome, ExecRequest, RemoteFile, no_progress
-from code_interpreter_mcp.backends.local import LocalBackend, uids
+from code_interpreter_mcp.backends.local import LocalBackend
+from code_interpreter_mcp.backends.local.sandbox import uids
 from code_interpreter_mcp.errors import FileNotFound, PathRefused
 from tests.helpers import MakeBackend
 

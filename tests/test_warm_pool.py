@@ -1,4 +1,4 @@
-"""Warm spares (backends/local/capacity.py): started right after the probe, adopted whole by a new container (its
+"""Warm spares (backends/local/workers/capacity.py): started right after the probe, adopted whole by a new container (its
 first run spawns nothing), refilled in the background, within the live-worker cap; and BLAS threads."""
 
 from __future__ import annotations

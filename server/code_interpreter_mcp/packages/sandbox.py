@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 import anyio
 from anyio.abc import ByteReceiveStream, Process
 
-from ..backends.local.bubblewrap import ancestors, system_binds
-from ..backends.local.bubblewrap import find_bwrap as find_bwrap  # the one lookup of bubblewrap, shared
+from ..backends.local.sandbox.bubblewrap import ancestors, system_binds
+from ..backends.local.sandbox.bubblewrap import find_bwrap as find_bwrap  # the one lookup of bubblewrap, shared
 
 logger = logging.getLogger(__name__)
 

@@ -31,17 +31,19 @@ from ..base import (
     RemoteFile,
     RepairOutcome,
 )
-from . import containers, fonts, sandbox, seccomp
-from .capacity import Capacity
-from .changes import Inotify, serve
-from .containers import Container, ContainerRegistry
-from .memory import MemoryLimiter
-from .pool import WorkerPool, package_sets
-from .probe import IsolationProbe
-from .quota import HARD_MARGIN, QuotaGuard
-from .runs import Runner
-from .service import Service
-from .uids import UidAllocator
+from .sandbox import fonts, seccomp
+from .sandbox import profile as sandbox
+from .sandbox.memory import MemoryLimiter
+from .sandbox.uids import UidAllocator
+from .tracking.changes import Inotify, serve
+from .workers import containers
+from .workers.capacity import Capacity
+from .workers.containers import Container, ContainerRegistry
+from .workers.pool import WorkerPool, package_sets
+from .workers.probe import IsolationProbe
+from .workers.quota import HARD_MARGIN, QuotaGuard
+from .workers.runs import Runner
+from .workers.service import Service
 
 logger = logging.getLogger(__name__)
 

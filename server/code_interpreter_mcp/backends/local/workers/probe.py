@@ -20,14 +20,14 @@ from typing import Any
 
 import anyio
 
-from ...config import Settings
-from ...errors import SandboxUnavailable
-from ...removal import remove_tree
-from . import bubblewrap, uids
+from ....config import Settings
+from ....errors import SandboxUnavailable
+from ....removal import remove_tree
+from ..sandbox import bubblewrap, uids
+from ..sandbox.profile import Mode, Profile
 from .containers import make_folder
 from .pool import WorkerPool
 from .process import WorkerProcess
-from .sandbox import Mode, Profile
 
 logger = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import anyio
 
-from ...config import Settings
-from . import sandbox
+from ....config import Settings
+from . import profile as sandbox
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import contextlib
 import os
 import signal
 
-from . import sandbox
+from . import profile as sandbox
 from .launcher import LaunchedWorker, LaunchSpec, PopenWorker, WorkerFds, pidfd, popen, signal_pid, worker_config
 
 

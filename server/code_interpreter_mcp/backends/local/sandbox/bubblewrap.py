@@ -30,7 +30,8 @@ from pathlib import Path
 
 import anyio
 
-from . import protocol, sandbox
+from ..kernel import protocol
+from . import profile as sandbox
 from .launcher import (
     LaunchedWorker,
     LaunchFailed,
@@ -42,6 +43,7 @@ from .launcher import (
     signal_pid,
     worker_config,
 )
+from .profile import BwrapInfo
 
 _ETC_FILES = (
     "ld.so.cache",
@@ -58,15 +60,6 @@ _ETC_FILES = (
     "matplotlibrc",
 )
 TOP_LINKS = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")  # merged-/usr symlinks at the top
-
-
-@dataclass(frozen=True)
-class BwrapInfo:
-    path: str
-    version: str
-    has_perms: bool
-    has_size: bool
-    has_disable_userns: bool
 
 
 @dataclass

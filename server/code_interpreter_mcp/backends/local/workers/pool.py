@@ -17,15 +17,15 @@ from pathlib import Path
 
 import anyio
 
-from ...config import Settings
-from ...errors import BackendError
-from . import sandbox
-from .bubblewrap import BubblewrapLauncher
+from ....config import Settings
+from ....errors import BackendError
+from ..sandbox import profile as sandbox
+from ..sandbox.bubblewrap import BubblewrapLauncher
+from ..sandbox.launcher import Launcher, LaunchSpec
+from ..sandbox.memory import MemoryLimiter
+from ..sandbox.unsandboxed import UnsandboxedLauncher
 from .containers import Container
-from .launcher import Launcher, LaunchSpec
-from .memory import MemoryLimiter
 from .process import Printed, WorkerGone, WorkerProcess, WorkerStartError
-from .unsandboxed import UnsandboxedLauncher
 
 logger = logging.getLogger(__name__)
 

@@ -19,10 +19,9 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
-if TYPE_CHECKING:
-    from .bubblewrap import BwrapInfo
+from ..kernel import KERNEL_DIR, KERNEL_FILES
 
 Mode = Literal["bwrap-root", "bwrap-userns", "none"]
 
@@ -31,10 +30,20 @@ WORKER_DIR_IN = "/opt/code-interpreter"
 MPL_CACHE_IN = WORKER_DIR_IN + "/mpl-cache"
 MPLCONFIGDIR_IN = "/tmp/matplotlib"
 PACKAGES_IN = "/opt/packages"  # the store's installed package sets, read-only
-HERE = Path(__file__).resolve().parent
-# The worker and the modules it loads by file path (stdlib only): mounted side by side into the sandbox.
-WORKER_FILES = ("worker.py", "cell.py", "protocol.py", "sitepaths.py")
-WORKER_FILE = HERE / "worker.py"
+HERE = KERNEL_DIR  # the worker and the modules it loads by file path, mounted side by side
+WORKER_FILES = KERNEL_FILES
+WORKER_FILE = KERNEL_DIR / "worker.py"
+
+
+@dataclass(frozen=True)
+class BwrapInfo:
+    """The bwrap binary found on this host and the options it supports (bubblewrap.inspect_bwrap)."""
+
+    path: str
+    version: str
+    has_perms: bool
+    has_size: bool
+    has_disable_userns: bool
 
 
 @dataclass

@@ -18,13 +18,13 @@ from pathlib import Path
 
 import anyio
 
-from ...errors import ContainerExpired
-from ...removal import remove_tree
-from ..base import ContainerState
-from .folder import DataFolder
+from ....errors import ContainerExpired
+from ....removal import remove_tree
+from ...base import ContainerState
+from ..sandbox.profile import Profile, passwd_text
+from ..sandbox.uids import UidAllocator
+from ..tracking.folder import DataFolder
 from .process import WorkerProcess
-from .sandbox import Profile, passwd_text
-from .uids import UidAllocator
 
 logger = logging.getLogger(__name__)
 

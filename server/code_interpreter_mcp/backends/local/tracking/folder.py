@@ -15,8 +15,8 @@ from pathlib import Path
 
 import anyio
 
-from ...errors import CIError, ContainerExpired
-from ..base import CopySink, FetchResult, Listing, RemoteFile
+from ....errors import CIError, ContainerExpired
+from ...base import CopySink, FetchResult, Listing, RemoteFile
 from . import files
 from .changes import ChangeTracker, Entry, Inotify
 

@@ -26,9 +26,9 @@ from __future__ import annotations
 import logging
 import signal
 
-from ...config import Settings
-from ..base import ExecError
-from . import procs
+from ....config import Settings
+from ...base import ExecError
+from ..sandbox import procs
 from .containers import Container
 from .outcome import LOST_SUFFIX
 from .pool import WorkerPool

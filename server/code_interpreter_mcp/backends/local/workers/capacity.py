@@ -19,15 +19,15 @@ import logging
 
 import anyio
 
-from ...config import Settings
-from ...errors import CapacityError
-from .changes import ChangeTracker, Inotify
+from ....config import Settings
+from ....errors import CapacityError
+from ..sandbox.profile import Profile
+from ..tracking.changes import ChangeTracker, Inotify
+from ..tracking.folder import open_tracker
 from .containers import Container, ContainerRegistry, NewFolder
-from .folder import open_tracker
 from .outcome import LOST_SUFFIX
 from .pool import WorkerPool
 from .process import WorkerProcess
-from .sandbox import Profile
 from .service import Service
 
 logger = logging.getLogger(__name__)

@@ -19,9 +19,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ...errors import CIError, DownloadFailed, FileNotFound, FileTooLarge, PathRefused
-from ...storage.copying import copy_to_new, read_small
-from ..base import CopySink, FetchResult, RemoteFile
+from ....errors import CIError, DownloadFailed, FileNotFound, FileTooLarge, PathRefused
+from ....storage.copying import copy_to_new, read_small
+from ...base import CopySink, FetchResult, RemoteFile
 from . import tree
 
 CHUNK = 1024 * 1024

@@ -19,8 +19,8 @@ from typing import Any
 
 import anyio
 
-from . import protocol
-from .launcher import LaunchedWorker, Launcher, LaunchFailed, LaunchSpec, WorkerFds
+from ..kernel import protocol
+from ..sandbox.launcher import LaunchedWorker, Launcher, LaunchFailed, LaunchSpec, WorkerFds
 
 # Generous: stdout+stderr+repr are capped by the worker, but the last value's JSON may be large.
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024

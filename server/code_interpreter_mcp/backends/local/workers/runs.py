@@ -15,9 +15,9 @@ from typing import Any
 
 import anyio
 
-from ...config import Settings
-from ...errors import BackendError, ContainerExpired
-from ..base import ExecOutcome, ExecRequest, Progress
+from ....config import Settings
+from ....errors import BackendError, ContainerExpired
+from ...base import ExecOutcome, ExecRequest, Progress
 from . import outcome
 from .containers import Container
 from .pool import WorkerPool

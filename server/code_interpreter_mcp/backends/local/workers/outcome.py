@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from ..base import ExecError, ExecOutcome
+from ...base import ExecError, ExecOutcome
 from .process import Printed
 
 LOST_SUFFIX = "Variables and imports are lost; files in /mnt/data are kept."

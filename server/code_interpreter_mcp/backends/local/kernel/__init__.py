@@ -1,0 +1,20 @@
+"""What runs inside the sandbox: the worker's REPL and everything it loads, stdlib only.
+
+The server never imports these modules to run them: `worker` is started as a script inside the sandbox (or bare in
+unsafe mode) and loads its siblings by file path under private names, so nothing of the server's package is
+importable in there. Only `protocol` (the wire format) is also imported on the host side, by `workers.process` and
+`sandbox.bubblewrap`.
+- `worker`: start-up, the request loop, process hygiene.
+- `cell`: running one cell (compile, run, output capture, the interrupt).
+- `protocol`: the frames between worker and host, and the output budget split.
+- `sitepaths`: the session's installed package sets on sys.path.
+
+Where coming features go: anything that must run next to the user's variables (a snapshot of the namespace, a
+display hook) is a new stdlib-only module here, listed in `KERNEL_FILES` so the sandbox mounts it.
+"""
+
+from pathlib import Path
+
+KERNEL_DIR = Path(__file__).resolve().parent
+# Mounted side by side into the sandbox (sandbox.bubblewrap); the worker loads the others by file path.
+KERNEL_FILES = ("worker.py", "cell.py", "protocol.py", "sitepaths.py")

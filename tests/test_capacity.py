@@ -1,5 +1,5 @@
-"""Bounded live workers (backends/local/workers/capacity.py): the least recently used idle worker makes room and its next
-run says state_lost and why; a clear `capacity` error when every worker is busy; the per-owner cap; and the same
+"""Bounded live workers (backends/local/workers/capacity.py): the least recently used idle worker makes room and its
+next run says state_lost and why; a clear `capacity` error when every worker is busy; the per-owner cap; and the same
 through a real MCP client."""
 
 from __future__ import annotations

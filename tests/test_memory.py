@@ -1,5 +1,5 @@
-"""Memory limited per container, all its processes together (backends/local/sandbox/memory.py): a cgroup where one can be
-had, else RLIMIT_AS per process plus the RSS sum checked during runs; the mechanism reported by describe()."""
+"""Memory limited per container, all its processes together (backends/local/sandbox/memory.py): a cgroup where one can
+be had, else RLIMIT_AS per process plus the RSS sum checked during runs; the mechanism reported by describe()."""
 
 from __future__ import annotations
 

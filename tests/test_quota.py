@@ -1,5 +1,5 @@
-"""The disk quota from the folder's change events (backends/local/workers/quota.py): fallocate, sparse files, many writers
-and processes left running after a run never take the folder more than the stated margin past the quota; and the
+"""The disk quota from the folder's change events (backends/local/workers/quota.py): fallocate, sparse files, many
+writers and processes left running after a run never take the folder more than the stated margin past the quota; and the
 listing kept from the same events (backends/local/tracking/folder.py)."""
 
 from __future__ import annotations

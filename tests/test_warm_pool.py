@@ -1,5 +1,5 @@
-"""Warm spares (backends/local/workers/capacity.py): started right after the probe, adopted whole by a new container (its
-first run spawns nothing), refilled in the background, within the live-worker cap; and BLAS threads."""
+"""Warm spares (backends/local/workers/capacity.py): started right after the probe, adopted whole by a new container
+(its first run spawns nothing), refilled in the background, within the live-worker cap; and BLAS threads."""
 
 from __future__ import annotations
 

@@ -57,6 +57,11 @@ class Settings(BaseModel):
     resource_max_bytes: int = Field(default=32 * 1024 * 1024, ge=0, description="largest file resources/read serves")
     max_inline_images: int = Field(default=4, ge=0)
     max_file_bytes: int = Field(default=100 * 1024 * 1024, gt=0, description="largest file harvested or uploaded")
+    max_message_mb: float | None = Field(
+        default=None,
+        gt=0,
+        description="largest JSON-RPC message: a stdio line, an HTTP body (default 256 on stdio, 4 on HTTP)",
+    )
     structured_strategy: Literal["two_pass_sentinel", "single_pass"] = "two_pass_sentinel"
     schema_time_limit_s: float = Field(
         default=5.0, gt=0, description="longest a schema check or JSON validation may take before it is stopped"
@@ -167,6 +172,13 @@ class Settings(BaseModel):
         if self.packages is not None:
             return self.packages
         return "any" if self.transport == "stdio" else "off"
+
+    def max_message_bytes(self, transport: Literal["stdio", "http"]) -> int:
+        """The message size limit of `transport`. stdio: a 100 MiB upload's base64 fits (the one client of the
+        process sends it). HTTP: the SDK's own 4 MiB, as many callers may post at once and a body is held."""
+        if self.max_message_mb is not None:
+            return int(self.max_message_mb * 1024 * 1024)
+        return 256 * 1024 * 1024 if transport == "stdio" else 4 * 1024 * 1024
 
     @property
     def package_cache_path(self) -> Path:

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from typing import Any
 
 from mcp.server.context import ServerRequestContext
 from mcp.server.lowlevel.helper_types import ReadResourceContents
 from mcp.server.mcpserver import Context, MCPServer
-from mcp.server.transport_security import DEFAULT_MAX_REQUEST_BODY_SIZE as MAX_BODY
 from mcp.types import (
     CallToolResult,
     InputRequiredResult,
@@ -38,6 +38,7 @@ from .auth import auth_options
 from .clients import client_profile
 from .content import for_client
 from .http_screen import JsonRpcScreen
+from .oversize import message_limit
 from .resources import add_file_resources, read_file_resource
 from .schemas import publish_flat_schemas, tools_for_client
 from .stdio import stdio_streams
@@ -83,15 +84,19 @@ class CodeInterpreterServer(MCPServer[Engine]):
 
     async def run_stdio_async(self) -> None:
         """stdio through our transport, which answers every malformed line (the SDK's drops them)."""
-        async with stdio_streams() as (read_stream, write_stream):
+        limit = message_limit(self.ci_settings, "stdio")
+        async with stdio_streams(limit=limit, spill_dir=self.ci_settings.data_dir) as (read_stream, write_stream):
             lowlevel = self._lowlevel_server
             await lowlevel.run(read_stream, write_stream, lowlevel.create_initialization_options())
 
     def streamable_http_app(self, **kwargs: Any) -> Starlette:
         """The SDK's app behind the JSON-RPC screen, which answers every malformed POST per the spec."""
-        app = super().streamable_http_app(**kwargs)
-        path = kwargs.get("streamable_http_path", "/mcp")
-        app.add_middleware(JsonRpcScreen, path=path, max_body=kwargs.get("max_request_body_size", MAX_BODY))
+        limit = message_limit(self.ci_settings, "http")
+        if "max_request_body_size" in kwargs:
+            limit = replace(limit, max_bytes=kwargs["max_request_body_size"])
+        # The SDK's own cap is the same: only the screen meets an over-limit body, and answers it with its id.
+        app = super().streamable_http_app(**{**kwargs, "max_request_body_size": limit.max_bytes})
+        app.add_middleware(JsonRpcScreen, path=kwargs.get("streamable_http_path", "/mcp"), limit=limit)
         return app
 
     async def list_tools(self) -> list[MCPTool]:

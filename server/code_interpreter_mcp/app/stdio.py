@@ -3,10 +3,12 @@ an answer for every line.
 
 The SDK's `stdio_server` turns a line it cannot parse into an exception on the read stream, which its dispatcher
 drops: a malformed request never gets an answer. Here each line goes through `jsonrpc.screen` first and a bad one
-is answered on the wire at once (-32700, -32600); a line over the size cap is drained and refused without being
-held; a response that cannot be serialised (a value too deep for pydantic-core) becomes an error response for its
-request instead of killing the writer. While serving, fd 0 reads the null device and fd 1 goes to stderr, as with
-the SDK, so child processes cannot read the protocol or corrupt it. Knows nothing of tools or the engine.
+is answered on the wire at once (-32700, -32600). A line over the size limit is read through in chunks without
+being held (`LineReader`) and answered with its own id and the limit (`oversize`), so the client that sent a
+500 MB upload is told, not left waiting; the next line is read as usual. A response that cannot be serialised (a
+value too deep for pydantic-core) becomes an error response for its request instead of killing the writer. While
+serving, fd 0 reads the null device and fd 1 goes to stderr, as with the SDK, so child processes cannot read the
+protocol or corrupt it. Knows nothing of tools or the engine.
 """
 
 from __future__ import annotations
@@ -14,23 +16,28 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import BinaryIO
 
 import anyio
 import anyio.to_thread
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 from mcp.shared.message import SessionMessage
-from mcp_types import INTERNAL_ERROR, INVALID_REQUEST, JSONRPCError, JSONRPCResponse
+from mcp_types import INTERNAL_ERROR, JSONRPCError, JSONRPCResponse
 
 from .jsonrpc import error_reply, screen
+from .oversize import IdScanner, MessageLimit, Scan
 
 logger = logging.getLogger(__name__)
 
-# An upload of the largest harvestable file in base64 fits; a line beyond is refused unread.
-MAX_LINE_BYTES = 256 * 1024 * 1024
+# A line longer than this goes on in a spill file: what a line over the limit costs in memory at most.
+HELD_BYTES = 16 * 1024 * 1024
 _CHUNK = 1 << 20
+DEFAULT_LIMIT = MessageLimit(256 * 1024 * 1024, "")
 
 ReadStream = ObjectReceiveStream[SessionMessage | Exception]
 WriteStream = ObjectSendStream[SessionMessage]
@@ -50,23 +57,104 @@ def _release(fd: int, wire: BinaryIO) -> None:
         logger.warning("could not restore fd %d after serving", fd)
 
 
-def _read_line(stdin: BinaryIO) -> tuple[bytes, int]:
-    """One line and its full size (blocking); a line over the cap is drained and comes back empty."""
-    line = stdin.readline(MAX_LINE_BYTES + 1)
-    if len(line) <= MAX_LINE_BYTES or line.endswith(b"\n"):
-        return line, len(line)
-    size = len(line)
-    while line and not line.endswith(b"\n"):
-        line = stdin.readline(_CHUNK)
-        size += len(line)
-    return b"", size
+@dataclass
+class Oversize:
+    """A line over the limit, read through and dropped: its size and what its top level said."""
+
+    size: int
+    scan: Scan
+
+
+class LineReader:
+    """One line at a time from a blocking binary stream, in bounded memory whatever the line's size.
+
+    A line is read in chunks. Up to `HELD_BYTES` it stays in memory (nearly every message); past that it goes on
+    into an unlinked file in `spill_dir` and is read back when it ends, so a large upload that is within the limit
+    still arrives whole while a line over the limit never held more than `HELD_BYTES` of memory: from that
+    point its bytes only pass the id scanner, and once it is over the limit the file is dropped and the rest is
+    drained. Without a usable spill folder the line stays in memory up to the limit (as the SDK would hold it).
+    """
+
+    def __init__(self, stream: BinaryIO, max_bytes: int, spill_dir: Path | None = None) -> None:
+        self.stream = stream
+        self.max_bytes = max_bytes
+        self.spill_dir = spill_dir
+
+    def read(self) -> bytes | Oversize | None:
+        """The next line (without its newline), an `Oversize`, or None at the end of the stream."""
+        held: list[bytes] = []
+        size = 0
+        spill: BinaryIO | None = None
+        scanner: IdScanner | None = None
+        try:
+            while True:
+                part = self.stream.readline(_CHUNK)
+                if not part:
+                    if not size:
+                        return None
+                    break  # the last line had no newline: it is still a message
+                ended = part.endswith(b"\n")
+                if ended:
+                    part = part[:-1]
+                size += len(part)
+                if scanner is not None:
+                    scanner.feed(part)
+                if size > self.max_bytes:
+                    if spill is not None:
+                        spill.close()  # what it held is dropped; from here on the bytes are only scanned
+                        spill = None
+                    if scanner is None:
+                        scanner = IdScanner()  # no spill folder: the held head is all there is to scan
+                        for earlier in (*held, part):
+                            scanner.feed(earlier)
+                    held.clear()
+                elif spill is not None:
+                    spill.write(part)
+                else:
+                    held.append(part)
+                    if size > HELD_BYTES and self.spill_dir is not None:
+                        spill, scanner = self._spill(held)
+                if ended:
+                    break
+            if scanner is not None and size > self.max_bytes:
+                return Oversize(size, scanner.scan)
+            if spill is not None:
+                spill.seek(0)
+                return spill.read()
+            return b"".join(held)
+        finally:
+            if spill is not None:
+                spill.close()
+
+    def _spill(self, held: list[bytes]) -> tuple[BinaryIO | None, IdScanner]:
+        """Move the held head to a spill file, through a scanner; (None, scanner): keep holding in memory."""
+        scanner = IdScanner()
+        for part in held:
+            scanner.feed(part)
+        try:
+            assert self.spill_dir is not None
+            self.spill_dir.mkdir(parents=True, exist_ok=True)
+            spill = tempfile.TemporaryFile(dir=self.spill_dir)
+            for part in held:
+                spill.write(part)
+        except OSError as exc:
+            logger.warning("a large message stays in memory: no spill file in %s (%s)", self.spill_dir, exc)
+            self.spill_dir = None
+            return None, scanner
+        held.clear()
+        return spill, scanner
 
 
 @asynccontextmanager
 async def stdio_streams(
-    stdin: BinaryIO | None = None, stdout: BinaryIO | None = None
+    stdin: BinaryIO | None = None,
+    stdout: BinaryIO | None = None,
+    *,
+    limit: MessageLimit = DEFAULT_LIMIT,
+    spill_dir: Path | None = None,
 ) -> AsyncIterator[tuple[ReadStream, WriteStream]]:
-    """The read and write streams of the MCP server over stdin/stdout (or the binary files given, unclaimed)."""
+    """The read and write streams of the MCP server over stdin/stdout (or the binary files given, unclaimed):
+    lines up to `limit` (longer than `HELD_BYTES`: through a file in `spill_dir`), the rest refused."""
     claimed: list[tuple[int, BinaryIO]] = []
     if stdin is None:
         null = os.open(os.devnull, os.O_RDONLY)
@@ -78,7 +166,7 @@ async def stdio_streams(
     if stdout is None:
         stdout = _claim(1, os.O_WRONLY, 2)
         claimed.append((1, stdout))
-    reader = stdin
+    reader = LineReader(stdin, limit.max_bytes, spill_dir)
     writer = anyio.wrap_file(stdout)
     read_send, read_receive = anyio.create_memory_object_stream[SessionMessage | Exception](0)
     write_send, write_receive = anyio.create_memory_object_stream[SessionMessage](0)
@@ -92,20 +180,26 @@ async def stdio_streams(
     async def read_lines() -> None:
         async with read_send:
             while True:
-                line, size = await anyio.to_thread.run_sync(_read_line, reader)
-                if not size:
+                line = await anyio.to_thread.run_sync(reader.read)
+                if line is None:
                     return  # EOF: the client closed the pipe
+                if isinstance(line, Oversize):
+                    await refuse(line)
+                    continue
                 if not line.strip():
-                    if size > MAX_LINE_BYTES:
-                        too_big = f"Invalid Request: the message is {size} bytes; the limit is {MAX_LINE_BYTES}"
-                        reply = error_reply(INVALID_REQUEST, too_big)
-                        await write(reply.model_dump_json(by_alias=True, exclude_unset=True))
                     continue
                 verdict = screen(line)
                 if verdict.message is not None:
                     await read_send.send(SessionMessage(verdict.message))
                 elif verdict.error is not None:
                     await write(verdict.error.model_dump_json(by_alias=True, exclude_unset=True))
+
+    async def refuse(line: Oversize) -> None:
+        if not line.scan.answered:
+            logger.warning("dropped %s of %d bytes, over the %d-byte limit", line.scan.kind, line.size, limit.max_bytes)
+            return
+        reply = limit.refusal(line.scan, line.size)
+        await write(reply.model_dump_json(by_alias=True, exclude_unset=True))
 
     async def write_messages() -> None:
         async with write_receive:

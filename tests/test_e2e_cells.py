@@ -76,3 +76,15 @@ async def test_pip_line_installs_a_served_wheel(tmp_path: Path, wheels: Path, sa
         assert {d["name"] for d in r["packages"]["distributions"]} == {"alpha", "beta"}
         refused = await c.call_tool("run_code", {"code": "%pip install --index-url https://x.example/simple beta"})
         assert refused.is_error and "--index-url" in text_of(refused)
+
+
+async def test_openai_backend_runs_bang_lines_and_counts_cells(emu: Any, tmp_path: Path) -> None:
+    from tests.helpers import emulator_client
+
+    async with emulator_client(emu, tmp_path) as c:
+        first = await run(c, code="x = 2\n!echo hi")
+        assert first["status"] == "ok" and "hi" in first["stdout"] and first["execution_count"] == 1
+        second = await run(c, code="lines = !printf 'a\\nb'\nprint(lines, x)")
+        assert "['a', 'b'] 2" in second["stdout"] and second["execution_count"] == 2
+        r = await c.call_tool("run_code", {"code": "1", "env": {"FOO": "bar"}})
+        assert r.is_error and "cannot set environment variables" in text_of(r)

@@ -130,6 +130,11 @@ class RunResult(_Model):
     packages: PackagesInfo | None = Field(
         default=None, description="The session's installed packages, first on sys.path (when it asked for any)."
     )
+    execution_count: int | None = Field(
+        default=None,
+        description="The cell's number in its container, as Jupyter counts them (1, 2, 3, ...; a new container "
+        "starts again at 1); null while the run is still going.",
+    )
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, serialize_by_alias=True)
 

@@ -100,6 +100,7 @@ class Session:
     files: list[FileRecord] = field(default_factory=list)
     lock: anyio.Lock = field(default_factory=anyio.Lock)
     packages: list[str] = field(default_factory=list)  # requirements installed for it, restored in a new container
+    env: dict[str, str] = field(default_factory=dict)  # variables kept for every run (persist_env)
 
     def latest_files(self, container_id: str | None = None) -> list[FileRecord]:
         """Newest version of each path (per container when given, else across the session)."""

@@ -47,6 +47,7 @@ CREATE INDEX IF NOT EXISTS containers_by_session ON containers(session_id);
 # `dropped` a superseded version whose copy was let go (its record stays, so a download can name the current one).
 ADDED_COLUMNS = [
     ("sessions", "packages", "TEXT NOT NULL DEFAULT '[]'"),
+    ("sessions", "env", "TEXT NOT NULL DEFAULT '{}'"),
     ("files", "blob", "TEXT"),
     ("files", "disk_bytes", "INTEGER"),
     ("files", "dropped", "INTEGER NOT NULL DEFAULT 0"),
@@ -144,9 +145,11 @@ class Registry:
                 closed=bool(row[4]),
                 current_container=row[5],
             )
-            session.packages = json.loads(
-                self._db.execute("SELECT packages FROM sessions WHERE id = ?", (session_id,)).fetchone()[0]
-            )
+            packages, env = self._db.execute(
+                "SELECT packages, env FROM sessions WHERE id = ?", (session_id,)
+            ).fetchone()
+            session.packages = json.loads(packages)
+            session.env = json.loads(env)
             for c in self._db.execute(
                 "SELECT id, backend, created_at, last_active_at, expires_after_s, status, isolation, runs, extra "
                 "FROM containers WHERE session_id = ?",
@@ -193,6 +196,10 @@ class Registry:
     async def save_packages(self, session: Session, requirements: list[str]) -> None:
         session.packages = list(requirements)
         await self._write(("UPDATE sessions SET packages = ? WHERE id = ?", (json.dumps(session.packages), session.id)))
+
+    async def save_env(self, session: Session, env: dict[str, str]) -> None:
+        session.env = dict(env)
+        await self._write(("UPDATE sessions SET env = ? WHERE id = ?", (json.dumps(session.env), session.id)))
 
     async def forget_files(self, session: Session) -> list[FileRecord]:
         removed, session.files = session.files, []

@@ -53,6 +53,11 @@ expression (like a notebook cell), any error with its traceback, and every file 
   with that run_id (it waits again, cheaply, and returns the full result, files included, once done); call
   cancel_run to stop it. One run at a time per session: run_code meanwhile fails with session_busy naming the
   run_id. wait_s=0 returns at once.
+- Notebook lines work: `!ls` (the sandbox's shell, output captured in order), `x = !cmd`, `%pip install NAME`
+  or `!pip install NAME` on a line of its own (installed like packages), %who, %whos, %time, %timeit, %pwd,
+  %cd, %env, %ls, %run, %%bash, %%writefile, `obj?` (the magics on the local backend; the openai backend runs
+  `!cmd` lines). execution_count counts the cells (1, 2, 3, ...).
+- env: variables for this run only; persist_env=true keeps them for the session.
 """
 
 GET_RUN_DESCRIPTION = """\
@@ -70,6 +75,11 @@ killed (the next result then says state_lost). Returns the run's result with sta
 the files it wrote so far.
 """
 
+_ENV = (
+    'Environment variables for this run only, e.g. {"FOO": "bar"} (os.environ and the shell commands it starts see '
+    "them; afterwards the session's own are as they were). Names of the server's secrets are refused."
+)
+_PERSIST_ENV = "Keep env for this session's later runs too (a name given again takes its new value)."
 _WAIT_S = "Seconds to wait for the result before returning status 'running' (default 45; 0: at once)."
 
 ToolFn = Callable[..., Awaitable[Any]]
@@ -150,6 +160,8 @@ async def run_code(
         Field(description='Requirements to install for this session first, e.g. ["tabulate", "scipy>=1.13"].'),
     ] = None,
     wait_s: Annotated[float | None, Field(description=_WAIT_S, ge=0)] = None,
+    env: Annotated[dict[str, str] | None, Field(description=_ENV)] = None,
+    persist_env: Annotated[bool, Field(description=_PERSIST_ENV)] = False,
 ) -> Annotated[CallToolResult, RunResult]:
     async with _session(ctx, session_id) as (engine, session):
         out = await engine.start_run(
@@ -163,6 +175,8 @@ async def run_code(
             wait_s=tasks.task_wait(wait_s),
             progress=ctx.report_progress,
             packages=packages,
+            env=env,
+            persist_env=persist_env,
         )
     return content.run_result(out, client_profile(ctx, engine.settings))
 
@@ -270,9 +284,21 @@ async def upload_file(
     content_base64: Annotated[str | None, Field(description="The file's bytes, base64-encoded.")] = None,
     dest_path: Annotated[str | None, Field(description="Path inside /mnt/data.")] = None,
     session_id: str | None = None,
+    env: Annotated[
+        dict[str, str] | None, Field(description="Environment variables to keep for the session's runs.")
+    ] = None,
+    persist_env: Annotated[bool, Field(description="Must be true with env: upload_file runs no code.")] = False,
 ) -> Annotated[CallToolResult, UploadResult]:
     async with _session(ctx, session_id) as (engine, session):
-        out = await engine.upload(session, path=path, name=name, content_base64=content_base64, dest_path=dest_path)
+        out = await engine.upload(
+            session,
+            path=path,
+            name=name,
+            content_base64=content_base64,
+            dest_path=dest_path,
+            env=env,
+            persist_env=persist_env,
+        )
     return content.upload_result(out, client_profile(ctx, engine.settings))
 
 

@@ -119,6 +119,8 @@ class Capabilities:
     # packages is refused, and `preinstalled` names what the backend's own image already has.
     packages: bool = False
     preinstalled: str = ""
+    # `ExecRequest.env` is set for the run (and put back after it); without it a run given env is refused.
+    env: bool = False
 
 
 @dataclass
@@ -145,6 +147,9 @@ class ExecRequest:
     # Installed package sets (host folders) to put first on the run's sys.path, for a backend whose capabilities
     # say `packages`. Every run names the session's sets; the worker adds new ones and drops the rest.
     package_paths: list[Path] = field(default_factory=list)
+    # Environment variables for this run only (the session's kept ones and the run's own), for a backend whose
+    # capabilities say `env`; checked by the engine (engine.envs: no server secret is ever among them).
+    env: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass

@@ -29,6 +29,7 @@ from ..sessions import ContainerRecord, FileRecord, Session, new_id
 from ..storage.history import check_not_dropped
 from .containers import Containers
 from .context import EngineContext
+from .envs import check_env, kept_env
 
 
 def check_host_paths(settings: Settings, what: str) -> None:
@@ -116,10 +117,20 @@ class Inputs:
         name: str | None = None,
         content_base64: str | None = None,
         dest_path: str | None = None,
+        env: dict[str, str] | None = None,
+        persist_env: bool = False,
     ) -> UploadResult:
         if (path is None) == (content_base64 is None):
             raise BadInput("Pass either path (a host file) or content_base64 with name.")
         settings = self.ctx.settings
+        keep = check_env(settings, env)
+        if keep and not persist_env:
+            raise BadInput(
+                "upload_file runs no code, so env given to it applies only when kept for the session.",
+                "Pass persist_env=true to keep it for the session's later runs, or give env to run_code.",
+            )
+        if keep and not self.ctx.capabilities.env:
+            raise BadInput(f"The {self.ctx.backend.name} backend cannot set environment variables for runs.")
         await self.ctx.ready()
         async with session.lock:
             if path is not None:
@@ -140,6 +151,8 @@ class Inputs:
                 stored = store_dir(settings.files_dir, session.id, file_id) / safe_name(rel)
                 size, digest = await anyio.to_thread.run_sync(write_base64_with_hash, text, stored)
             rec, _ = await self.containers.acquire(session)
+            if keep:
+                await self.ctx.reg.save_env(session, kept_env(settings, session.env, keep))
             record = await self.containers.put_input(
                 session, rec, stored, rel, file_id=file_id, size=size, sha256=digest
             )

@@ -22,8 +22,10 @@ from ..backends.base import ExecError, ExecOutcome, ExecRequest, StructuredReque
 from ..config import Settings
 from ..errors import BadInput, ContainerExpired
 from ..sessions import ContainerRecord, Session
+from .cells import prepare_cell
 from .containers import Containers
 from .context import EngineContext
+from .envs import check_env, kept_env
 from .harvest import Harvest, Harvested
 from .inputs import Inputs
 from .json_result import resolve_json
@@ -137,6 +139,8 @@ class Runner:
         packages: list[str] | None = None,
         on_output: Callable[[str, str], None] | None = None,
         stop: Stop | None = None,
+        env: dict[str, str] | None = None,
+        persist_env: bool = False,
     ) -> RunOutput:
         """One run, start to result. `on_output` receives what the code prints as it runs (backends that stream
         it); `stop` set while it runs stops it the way a timeout does (interrupt first), and it ends 'cancelled'."""
@@ -144,12 +148,26 @@ class Runner:
         args = check_run_args(self.ctx.settings, code, timeout_s, output_schema, json_strategy, instructions)
         if args.structured is not None:
             await self.ctx.guard.check_schema(args.structured.schema)  # compiled off the loop, time-limited
+        cell = prepare_cell(args.code)  # dedented; its pip lines become requirements
+        args.code = cell.code
+        if cell.requirements and (packages is None or isinstance(packages, list)):
+            packages = [*(packages or []), *cell.requirements]
         wanted = self.packages.wanted(packages, args.code)
+        run_env = check_env(self.ctx.settings, env)
+        if (run_env or session.env) and not self.ctx.capabilities.env:
+            raise BadInput(
+                f"The {self.ctx.backend.name} backend cannot set environment variables for a run "
+                f"({', '.join(sorted({**session.env, **run_env})[:5])}).",
+                "Set them in the code instead (os.environ['NAME'] = ...).",
+            )
         await self.ctx.ready()
         relay = ProgressRelay(progress, args.timeout_s)
         async with session.lock:
             reg = self.ctx.reg
             await reg.touch_session(session)
+            if persist_env and run_env:
+                await reg.save_env(session, kept_env(self.ctx.settings, session.env, run_env))
+            merged_env = {**session.env, **run_env}
             rec, state_lost = await self.containers.acquire(session)
             warnings: list[str] = []
             if files:
@@ -162,6 +180,7 @@ class Runner:
                 structured=args.structured,
                 run_number=rec.runs + 1,
                 package_paths=pkgs.paths if pkgs is not None else [],
+                env=merged_env,
                 on_output=on_output if self.ctx.capabilities.streams_output else None,
             )
             self.relays.add(relay)
@@ -193,6 +212,7 @@ class Runner:
             started,
             code=args.code,
             packages=pkgs.info if pkgs is not None else None,
+            execution_count=rec.runs,
         )
         return RunOutput(result=result, images=await self.shaper.inline_images(result, records))
 

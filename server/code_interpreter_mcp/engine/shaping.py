@@ -138,6 +138,7 @@ class Shaper:
         started: float,
         code: str = "",
         packages: PackagesInfo | None = None,
+        execution_count: int | None = None,
     ) -> RunResult:
         room = structured_room(self.settings)
         truncated = outcome.truncated
@@ -201,6 +202,7 @@ class Shaper:
             files=infos,
             more_files=more,
             packages=packages,
+            execution_count=execution_count,
             container=container_info(rec, state_lost),
             truncated=truncated,
             warnings=warnings,

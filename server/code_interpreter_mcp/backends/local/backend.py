@@ -72,7 +72,7 @@ class LocalBackend:
     """The `local` backend. Construct with `LocalBackend(settings)`, then `await start()`."""
 
     name = "local"
-    capabilities = Capabilities(model=False, signals_code_done=False, packages=True, streams_output=True)
+    capabilities = Capabilities(model=False, signals_code_done=False, packages=True, streams_output=True, env=True)
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings

@@ -7,6 +7,7 @@ once, so the engine can start their downloads while it lists files and refreshes
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from ..base import (
     RepairOutcome,
     no_progress,
 )
-from . import containers, files, parsing, responses
+from . import containers, files, parsing, responses, shell_lines
 from .client import api_key, build_client, endpoint, model_name
 from .failures import Scrubber
 
@@ -138,6 +139,9 @@ class OpenAIBackend:
     # ----- runs ---------------------------------------------------------------------------------------------
 
     async def execute(self, container: ContainerState, request: ExecRequest, progress: Progress) -> ExecOutcome:
+        code = shell_lines.translate(request.code)  # `!cmd` lines as Python: the model is given Python to run
+        if code is not request.code:
+            request = dataclasses.replace(request, code=code)
         kwargs = responses.run_request(self.model, container.id, request)
         deadline = request.timeout_s + self._model_overhead_s
         final: dict[str, Any] | None = None

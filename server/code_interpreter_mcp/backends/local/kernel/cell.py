@@ -93,7 +93,7 @@ def _format_error(exc: BaseException) -> dict[str, str | None]:
         import traceback
     except Exception:  # out of file descriptors or memory: even the import cannot open its source
         return {"type": type(exc).__name__, "message": message, "traceback": f"{type(exc).__name__}: {message}\n"}
-    if isinstance(exc, SyntaxError):
+    if isinstance(exc, SyntaxError) or type(exc).__name__ == "UsageError":  # a magic's own error: no frames
         text = "".join(traceback.format_exception_only(type(exc), exc))
     else:
         tb = _trim_traceback(exc.__traceback__)
@@ -114,9 +114,11 @@ def _safe_str(obj: object) -> str:
 class Runner:
     """Runs cells in one persistent `__main__` namespace and answers each with a result frame."""
 
-    def __init__(self, cfg: Config, protocol: types.ModuleType) -> None:
+    def __init__(self, cfg: Config, protocol: types.ModuleType, load_magics: object = None) -> None:
         self.cfg = cfg
         self._protocol = protocol  # the worker's privately loaded protocol.py (split_budget, clip_capture)
+        self._load_magics = load_magics  # loads magics.py (`!`/`%` lines) when first needed; None: plain Python
+        self._magics: types.ModuleType | None = None
         self.workdir = cfg["workdir"]
         self.out_fd = cfg["out_fd"]
         self.err_fd = cfg["err_fd"]
@@ -125,6 +127,7 @@ class Runner:
         module.__dict__["__builtins__"] = builtins
         self.module = module
         self.ns = module.__dict__
+        self._hidden = {*self.ns, "get_ipython"}  # the worker's names, not the user's (%who)
         self._loop = None
 
     # --- capture
@@ -170,9 +173,28 @@ class Runner:
 
     # --- execution
 
+    def _notebook_lines(self, code: str, filename: str, error: SyntaxError) -> _ast.Module:
+        """A cell that is not plain Python but has `!`/`%` lines: as IPython turns it into Python (magics.py),
+        with `get_ipython()` in the namespace. Else the original SyntaxError."""
+        if self._magics is None and callable(self._load_magics):
+            self._magics = self._load_magics()
+        magics = self._magics
+        if magics is None or not magics.needs_transform(code):
+            raise error
+        try:
+            source = magics.transform(code)
+        except magics.MagicsUnavailable as exc:
+            raise SyntaxError(f"{error.msg}: {exc}", error.args[1] if len(error.args) > 1 else None) from None
+        if "get_ipython" not in self.ns:
+            self.ns["get_ipython"] = magics.Shell(self.ns, self._hidden, self.workdir)
+        return compile(source, filename, "exec", _ONLY_AST | _TOP_LEVEL_AWAIT, dont_inherit=True)
+
     def _compile(self, code: str, filename: str) -> tuple[types.CodeType | None, types.CodeType | None]:
         linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
-        tree = compile(code, filename, "exec", _ONLY_AST | _TOP_LEVEL_AWAIT, dont_inherit=True)
+        try:
+            tree = compile(code, filename, "exec", _ONLY_AST | _TOP_LEVEL_AWAIT, dont_inherit=True)
+        except SyntaxError as exc:  # plain Python first: only a cell that is not gets IPython's transformer
+            tree = self._notebook_lines(code, filename, exc)
         last = None
         if tree.body and isinstance(tree.body[-1], _ast.Expr) and not _ends_with_semicolon(code, tree.body[-1]):
             last = _ast.Expression(tree.body.pop().value)

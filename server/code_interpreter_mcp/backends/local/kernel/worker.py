@@ -203,6 +203,29 @@ def _kill_strays() -> int:
     return reaped
 
 
+# ------------------------------------------------------------------------------------------------ a run's env
+
+
+def _set_env(env: object) -> dict[str, str | None]:
+    """Set a run's variables (checked by the server); what each was before, for `_restore_env`."""
+    saved: dict[str, str | None] = {}
+    if isinstance(env, dict):
+        for name, value in env.items():
+            if isinstance(name, str) and isinstance(value, str):
+                saved[name] = os.environ.get(name)
+                os.environ[name] = value
+    return saved
+
+
+def _restore_env(saved: dict[str, str | None]) -> None:
+    """The run's variables back to what they were: the next run sees the session's own environment."""
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 # ------------------------------------------------------------------------------------------------ main loop
 
 
@@ -222,7 +245,8 @@ def main() -> None:
     _cell.State.pid = os.getpid()
     signal.signal(signal.SIGINT, _cell.on_sigint)
 
-    runner = _cell.Runner(cfg, _protocol)
+    # magics.py only for the first cell that needs it: its imports would cost every worker's start-up.
+    runner = _cell.Runner(cfg, _protocol, lambda: _load_sibling("magics.py", "_ci_worker_magics"))
     sets = _sitepaths.Sets(cfg.get("packages_dir"))
     reaper = _ZombieReaper()
     os.dup2(runner.null_fd, 0)
@@ -259,7 +283,11 @@ def main() -> None:
                     notes = sets.use(req.get("packages"))
                 except (OSError, ValueError, RuntimeError) as exc:
                     notes = [f"the session's packages could not be made importable: {exc}"]
-                resp = runner.execute(req)
+                saved = _set_env(req.get("env"))
+                try:
+                    resp = runner.execute(req)
+                finally:
+                    _restore_env(saved)
                 if notes:
                     resp["warnings"] = notes + list(resp.get("warnings") or [])
                 reaper.reap()

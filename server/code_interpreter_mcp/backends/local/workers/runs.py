@@ -77,6 +77,8 @@ class Runner:
         req = {"op": "exec", "code": request.code, "run": int(request.run_number), "structured": structured, "cap": cap}
         if request.package_paths:
             req["packages"] = self._package_sets(request.package_paths)
+        if request.env:
+            req["env"] = request.env
         grace = float(self.settings.interrupt_grace_s)
         try:
             rid = await worker.send(req)

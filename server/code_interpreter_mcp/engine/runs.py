@@ -41,6 +41,7 @@ from .shaping import RunOutput
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+Verdict = Callable[[], Awaitable[bool]]  # asked when a waiting call is cancelled: True stops its run
 
 KEPT_IN_MEMORY = 256  # finished runs whose full output (images too) stays in memory; older ones come from disk
 LIVE_INTERVAL_S = 0.3  # new output is sent at most about three times a second
@@ -161,9 +162,11 @@ class Runs:
         *,
         wait_s: float | None = None,
         progress: ProgressSink | None = None,
+        abandoned: Verdict | None = None,
         **options: Any,
     ) -> RunOutput:
-        """Start a run in the background and wait for it up to `wait_s` (the setting's default when None)."""
+        """Start a run in the background and wait for it up to `wait_s` (the setting's default when None). When the
+        waiting call is cancelled, `abandoned()` (awaited in the background) says whether the run stops too."""
         settings = self.ctx.settings
         wait = check_wait(wait_s, settings.default_wait_s, settings.max_wait_s)
         check_run_args(  # bad arguments fail the call now, not the run later
@@ -183,7 +186,7 @@ class Runs:
         self.queue.admit(session.id, run)  # SessionBusy when the queue is full
         self._runs[run.id] = run
         self.task_group.start_soon(self._main, run, code, options)
-        return await self._wait(run, wait, progress)
+        return await self._wait(run, wait, progress, abandoned)
 
     async def get(
         self,
@@ -192,6 +195,7 @@ class Runs:
         session_id: str | None = None,
         wait_s: float | None = 0.0,
         progress: ProgressSink | None = None,
+        abandoned: Verdict | None = None,
     ) -> RunOutput:
         """The run's result: final when it ended, else `running` after waiting up to `wait_s` (None: no limit)."""
         if wait_s is not None:
@@ -199,7 +203,7 @@ class Runs:
         run = await self._find(run_id, owner, session_id)
         if isinstance(run, RunOutput):
             return run
-        return await self._wait(run, math.inf if wait_s is None else wait_s, progress)
+        return await self._wait(run, math.inf if wait_s is None else wait_s, progress, abandoned)
 
     async def cancel(self, run_id: str, owner: str | None, session_id: str | None = None) -> RunOutput:
         """Stop a run the way a timeout does and return its result (still `running` if it would not stop yet)."""
@@ -238,12 +242,18 @@ class Runs:
 
     # ---- internals -----------------------------------------------------------------------------------------
 
-    async def _wait(self, run: Run, wait_s: float, progress: ProgressSink | None) -> RunOutput:
+    async def _wait(
+        self, run: Run, wait_s: float, progress: ProgressSink | None, abandoned: Verdict | None = None
+    ) -> RunOutput:
         if progress is not None:
             run.sinks.append(progress)
         try:
             with anyio.move_on_after(wait_s):
                 await run.done.wait()
+        except anyio.get_cancelled_exc_class():
+            if abandoned is not None and self.task_group is not None and not run.done.is_set():
+                self.task_group.start_soon(self._abandoned, run, abandoned)
+            raise
         finally:
             if progress is not None:
                 run.sinks.remove(progress)
@@ -401,6 +411,18 @@ class Runs:
                 self._runs.pop(self._finished.popleft(), None)
             failure = run.failure or RunLost(SHUTDOWN_REASON)
             reg.end_run_later(run.id, status, dump(run.output.result) if run.output is not None else failure.as_dict())
+
+    async def _abandoned(self, run: Run, verdict: Verdict) -> None:
+        """The call that waited for `run` was cancelled: the verdict on why decides whether the run stops (a queued
+        one leaves the queue)."""
+        try:
+            stop = await verdict()
+        except Exception:
+            logger.exception("the cancel verdict of run %s failed", run.id)
+            return
+        if stop and not run.done.is_set():
+            logger.info("run %s stopped: its call was cancelled by the client", run.id)
+            run.stop.set()
 
     async def _turn(self, run: Run) -> bool:
         """Wait in the session's queue until the runs ahead ended; False when it was stopped before its turn."""

@@ -145,3 +145,23 @@ async def test_file_tools_answer_at_once_during_a_run(tmp_path: Path) -> None:
         await call(client, "cancel_run", run_id=long["run_id"])
         quiet = await call(client, "list_container_files", session_id=sid)
         assert quiet["run_in_progress"] is None and quiet["as_of_run"] == long["run_id"]
+
+
+async def _twenty_in_order(client: Client) -> None:
+    sid = structured(await client.call_tool("run_code", {"code": "x = 0"}))["session_id"]
+    results = await parallel(client, [{"code": "x += 1\nx", "session_id": sid} for _ in range(20)])
+    assert [structured(r)["result"] for r in results] == [str(i) for i in range(1, 21)]
+    assert structured(await client.call_tool("run_code", {"code": "x", "session_id": sid}))["result"] == "20"
+
+
+@pytest.mark.slow
+async def test_twenty_parallel_runs_over_stdio_and_http(tmp_path: Path) -> None:
+    """The same through the real server process, over both transports a client uses."""
+    from tests.test_e2e_http import http_server
+    from tests.test_e2e_stdio import params
+
+    async with Client(params(tmp_path / "s")) as over_stdio:
+        await _twenty_in_order(over_stdio)
+    with http_server(tmp_path / "h") as url:
+        async with Client(url) as over_http:
+            await _twenty_in_order(over_http)

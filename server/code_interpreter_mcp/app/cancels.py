@@ -26,6 +26,11 @@ KEPT_RECORDS = 512  # cancels of requests that were not waiting for a run are fo
 NOTIFICATION_WAIT_S = 1.0  # the notification reaches the middleware right after the scope's cancel; a bound only
 
 
+def _connection(session: object) -> object:
+    # The SDK builds a new ServerSession per inbound message; the Connection behind it is the one stable identity.
+    return getattr(session, "_connection", session)
+
+
 def interrupts(reason: str | None, mode: str) -> bool:
     """Whether a client's cancel with this reason stops the run, under `CLIENT_CANCEL=mode`."""
     if mode == "keep":
@@ -54,13 +59,13 @@ class CancelReasons:
         return record
 
     def observed(self, connection: object, request_id: Any, reason: Any) -> None:
-        record = self._record((id(connection), str(request_id)))
+        record = self._record((id(_connection(connection)), str(request_id)))
         record.reason = reason if isinstance(reason, str) else None
         record.seen.set()
 
     def verdict_for(self, connection: object, request_id: Any, mode: str) -> Callable[[], Awaitable[bool]]:
         """For a call waiting on a run: once it is cancelled, whether the run should be interrupted."""
-        key = (id(connection), str(request_id))
+        key = (id(_connection(connection)), str(request_id))
 
         async def verdict() -> bool:
             if mode != "auto":

@@ -89,24 +89,27 @@ async def test_cancel_run_keeps_the_sessions_variables(client: Client) -> None:
     assert (await call(client, "get_run", run_id=r["run_id"]))["status"] == "cancelled"
 
 
-async def test_session_busy_names_the_running_run(client: Client) -> None:
+async def test_a_second_run_queues_and_file_tools_answer_during_a_run(client: Client) -> None:
+    # Was test_session_busy_names_the_running_run: a second run now waits its turn instead of session_busy.
     r = await call(client, "run_code", code="import time; time.sleep(4)", wait_s=0)
     assert r["status"] == "running"
     sid, run_id = r["session_id"], r["run_id"]
-    busy = await client.call_tool("run_code", {"code": "1", "session_id": r["session_id"]})
-    assert busy.is_error
-    text = text_of(busy)
-    assert "[session_busy]" in text and r["run_id"] in text and "get_run" in text
+    queued = await call(client, "run_code", code="1", session_id=sid, wait_s=0)
+    assert queued["status"] == "queued" and queued["position"] == 1 and queued["waits_for"] == run_id
     closing = await client.call_tool("close_session", {"session_id": "s_" + "1" * 32})
     assert closing.is_error  # other calls are answered meanwhile
-    # Calls that need the session's container answer at once instead of waiting for the run's end.
+    # File tools answer at once from the last harvest, naming the run in progress.
     started = time.monotonic()
-    for tool, args in (("list_container_files", {}), ("download_file", {"file": "x.txt"})):
-        refused = await client.call_tool(tool, {**args, "session_id": sid})
-        assert refused.is_error and "[session_busy]" in text_of(refused) and run_id in text_of(refused), tool
+    listed = await call(client, "list_container_files", session_id=sid)
+    assert listed["run_in_progress"] == run_id
+    missing = await client.call_tool("download_file", {"file": "x.txt", "session_id": sid})
+    assert missing.is_error and "[session_busy]" not in text_of(missing)
+    uploading = await client.call_tool("upload_file", {"name": "u.txt", "content_base64": "aGk=", "session_id": sid})
+    assert uploading.is_error and "[session_busy]" in text_of(uploading) and run_id in text_of(uploading)
     assert time.monotonic() - started < 2
-    await call(client, "get_run", run_id=r["run_id"], wait_s=10)
-    assert (await call(client, "run_code", code="3", session_id=r["session_id"]))["status"] == "ok"
+    await call(client, "get_run", run_id=run_id, wait_s=10)
+    assert (await call(client, "get_run", run_id=queued["run_id"], wait_s=10))["result"] == "1"
+    assert (await call(client, "run_code", code="3", session_id=sid))["status"] == "ok"
 
 
 async def test_unknown_and_foreign_runs_are_not_found(client: Client) -> None:
@@ -158,7 +161,8 @@ async def test_a_run_keeps_going_when_the_request_is_abandoned(client: Client) -
             "run_code", {"code": "import time; time.sleep(2); 'kept'", "session_id": r["session_id"]}
         )
     await anyio.sleep(0.2)
-    busy = await client.call_tool("run_code", {"code": "1", "session_id": r["session_id"]})
-    run_id = text_of(busy).split("running ")[1].split(";")[0]
-    done = await call(client, "get_run", run_id=run_id, wait_s=10)
+    # In memory no notifications/cancelled is sent, so the abandoned call's run goes on; the next one queues.
+    queued = await call(client, "run_code", code="1", session_id=r["session_id"], wait_s=0)
+    assert queued["status"] == "queued"
+    done = await call(client, "get_run", run_id=queued["waits_for"], wait_s=10)
     assert done["status"] == "ok" and done["result"] == "'kept'"

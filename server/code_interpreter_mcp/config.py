@@ -50,6 +50,10 @@ class Settings(BaseModel):
     default_wait_s: float = Field(default=45.0, ge=0, description="how long run_code waits before 'running'")
     max_wait_s: float = Field(default=300.0, ge=0, description="the longest wait_s a call may ask for")
     interrupt_grace_s: float = Field(default=2.0, ge=0)
+    max_queued_runs: int = Field(default=32, ge=0, description="runs that may wait behind a session's running one")
+    client_cancel: Literal["auto", "interrupt", "keep"] = Field(
+        default="auto", description="what a client's cancel of a run's call does ('auto': keep it on a timeout)"
+    )
     output_cap_chars: int = Field(default=40_000, ge=1000, description="stdout+stderr kept per run")
     result_budget_tokens: int = Field(default=20_000, ge=1000)
     inline_image_max_bytes: int = Field(default=256 * 1024, ge=0)

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-RunStatus = Literal["ok", "error", "timeout", "running", "cancelled", "lost"]
+RunStatus = Literal["ok", "error", "timeout", "queued", "running", "cancelled", "lost"]
 FileSource = Literal["user", "generated"]
 Isolation = Literal["bubblewrap", "none", "remote"]
 Strategy = Literal["two_pass_sentinel", "single_pass"]
@@ -127,6 +127,10 @@ class RunResult(_Model):
         default=None, description="The run's handle: while status is 'running', pass it to get_run or cancel_run."
     )
     elapsed_s: float | None = Field(default=None, description="Seconds since the run started (while running).")
+    position: int | None = Field(
+        default=None, description="While queued: its place in the session's queue (1 = runs next)."
+    )
+    waits_for: str | None = Field(default=None, description="While queued: the run_id of the run just ahead of it.")
     packages: PackagesInfo | None = Field(
         default=None, description="The session's installed packages, first on sys.path (when it asked for any)."
     )
@@ -149,6 +153,12 @@ class FileList(_Model):
     files: list[FileInfo]
     total: int = Field(default=0, description="Files matching, over all pages.")
     next_cursor: str | None = Field(default=None, description="Pass as cursor for the next page; null at the end.")
+    as_of_run: str | None = Field(
+        default=None, description="The run whose harvest this reflects (the session's last finished run)."
+    )
+    run_in_progress: str | None = Field(
+        default=None, description="The run_id of a run going now: files it writes appear once it ends."
+    )
 
 
 class DownloadResult(_Model):
@@ -160,6 +170,12 @@ class DownloadResult(_Model):
     truncated: bool = Field(default=False, description="True when only part of the file is inline.")
     preview: bool = Field(default=False, description="True when the inline image is a downscaled preview.")
     hint: str | None = None
+    as_of_run: str | None = Field(
+        default=None, description="The run whose harvest this reflects (the session's last finished run)."
+    )
+    run_in_progress: str | None = Field(
+        default=None, description="The run_id of a run going now: files it writes appear once it ends."
+    )
 
 
 class UploadResult(_Model):

@@ -98,7 +98,7 @@ def run_result(out: RunOutput, p: ClientProfile) -> CallToolResult:
     images = [ImageContent(data=_b64(img.data), mime_type=img.mime_type) for img in out.images]
     r, structured = _dumped(r)
     text = full_run_text(r) if p.content_only else run_summary(r)
-    return _result(p, text, [*images, *links], structured, is_error=r.status not in ("ok", "running"))
+    return _result(p, text, [*images, *links], structured, is_error=r.status not in ("ok", "queued", "running"))
 
 
 def download_result(out: DownloadOutput, p: ClientProfile) -> CallToolResult:

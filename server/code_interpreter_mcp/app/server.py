@@ -34,6 +34,7 @@ from starlette.applications import Starlette
 from .. import __version__
 from ..config import Settings
 from ..engine import Engine
+from . import cancels
 from .auth import auth_options
 from .clients import client_profile
 from .content import for_client
@@ -142,7 +143,7 @@ def build_server(settings: Settings, engine: Engine | None = None) -> CodeInterp
         lifespan=lifespan,
         log_level=level if level in _LOG_LEVELS else "WARNING",  # type: ignore[arg-type]
         extensions=[tasks],
-        middleware=[tasks.middleware],
+        middleware=[cancels.REASONS.middleware, tasks.middleware],
         **auth_options(settings),
     )
     _advertise_legacy_tasks(mcp)

@@ -39,7 +39,7 @@ from ..engine import Engine, RunOutput
 from ..errors import CIError, RunNotFound
 from ..models import RunResult
 from ..sessions import new_id
-from . import content
+from . import cancels, content
 from .auth import current_owner
 from .clients import client_profile
 
@@ -68,6 +68,8 @@ def _iso(ts: float) -> str:
 
 
 def _working_message(r: RunResult) -> str:
+    if r.status == "queued":
+        return f"Queued behind {r.waits_for} ({r.position} run(s) of the session go first)."
     last = (r.stdout or r.stderr).rstrip().rsplit("\n", 1)[-1][-200:]
     return f"Running for {r.elapsed_s or 0:.0f} s" + (f"; last output: {last}" if last else ".")
 
@@ -117,7 +119,7 @@ class RunTasks(Extension):
             _task_wait.reset(token)
         wire = dict(result) if isinstance(result, Mapping) else {}
         run = wire.get("structuredContent") or {}
-        if run.get("status") == "running" and run.get("run_id"):
+        if run.get("status") in ("queued", "running") and run.get("run_id"):
             task = self._task_fields(run["run_id"], None, modern)
         elif modern:
             return result  # finished within the brief wait, or refused: the plain result
@@ -139,7 +141,9 @@ class RunTasks(Extension):
 
     async def _cancel(self, ctx: ServerRequestContext[Any, Any], params: CancelTaskRequestParams) -> dict[str, Any]:
         modern = self._check(ctx)
-        if params.task_id not in self._immediate:
+        engine: Engine = ctx.lifespan_context
+        # CLIENT_CANCEL=keep: no cancel of a client stops a run, tasks/cancel neither (cancel_run still does).
+        if params.task_id not in self._immediate and engine.settings.client_cancel != "keep":
             await self._call(ctx, params.task_id, cancel=True)
         if modern:
             return {}
@@ -171,7 +175,8 @@ class RunTasks(Extension):
         try:
             if cancel:
                 return await engine.cancel_run(task_id, current_owner())
-            return await engine.get_run(task_id, current_owner(), None, wait_s)
+            verdict = cancels.REASONS.verdict_for(ctx.session, ctx.request_id, engine.settings.client_cancel)
+            return await engine.get_run(task_id, current_owner(), None, wait_s, None, verdict)
         except RunNotFound:
             raise MCPError(code=INVALID_PARAMS, message="Failed to retrieve task: Task not found") from None
 
@@ -186,7 +191,7 @@ class RunTasks(Extension):
         except CIError as exc:  # the run could not start or went wrong outside the code
             result = CallToolResult(content=[TextContent(text=str(content.tool_error(exc)))], is_error=True)
         else:
-            if out.result.status == "running":
+            if out.result.status in ("queued", "running"):
                 self._working[task_id] = _working_message(out.result)
                 return None
             if out.result.status == "lost":

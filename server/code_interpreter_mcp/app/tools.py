@@ -20,7 +20,7 @@ from ..config import Settings
 from ..engine import Engine
 from ..models import CloseResult, DownloadResult, FileList, RunResult, UploadResult
 from ..sessions import Session
-from . import content, tasks
+from . import cancels, content, tasks
 from .arguments import keep_strings
 from .auth import current_owner
 from .clients import client_profile
@@ -174,11 +174,17 @@ async def run_code(
             json_strategy=json_strategy,
             wait_s=tasks.task_wait(wait_s),
             progress=ctx.report_progress,
+            abandoned=_verdict(ctx, engine),
             packages=packages,
             env=env,
             persist_env=persist_env,
         )
     return content.run_result(out, client_profile(ctx, engine.settings))
+
+
+def _verdict(ctx: Context[Engine], engine: Engine) -> Callable[[], Awaitable[bool]]:
+    """Whether this call's run stops when the client cancels the call (`cancels`: its reason and CLIENT_CANCEL)."""
+    return cancels.REASONS.verdict_for(ctx.session, ctx.request_context.request_id, engine.settings.client_cancel)
 
 
 RunId = Annotated[str, Field(description="The run_id of a result whose status was 'running'.")]
@@ -203,7 +209,8 @@ async def get_run(
 ) -> Annotated[CallToolResult, RunResult]:
     async with _engine(ctx) as engine:
         wait = engine.settings.default_wait_s if wait_s is None else wait_s
-        out = await engine.get_run(run_id, current_owner(), session_id, wait, ctx.report_progress)
+        verdict = _verdict(ctx, engine)
+        out = await engine.get_run(run_id, current_owner(), session_id, wait, ctx.report_progress, verdict)
     return content.run_result(out, client_profile(ctx, engine.settings))
 
 

@@ -51,8 +51,6 @@ class Engine:
         self.ready = self.ctx.ready
         self.session_for = self.sessions.session_for
         self.run_code = self.runner.run_code
-        self.list_files = self.files.list_files
-        self.download = self.files.download
         self.upload = self.inputs.upload
         self.read_resource = self.files.read_resource
         self.reap_expired = self.containers.reap_expired
@@ -60,8 +58,8 @@ class Engine:
         self.start_run = self.runs.start
         self.get_run = self.runs.get
         self.cancel_run = self.runs.cancel
-        self.list_files = self.runs.guard(self.files.list_files, "list its container's files")
-        self.download = self.runs.guard(self.files.download, "download files")
+        self.list_files = self.runs.beside(self.files.list_files)  # file tools answer during a run
+        self.download = self.runs.beside(self.files.download)
         self.upload = self.runs.guard(self.inputs.upload, "take uploads")
 
     @property

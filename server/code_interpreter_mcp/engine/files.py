@@ -15,6 +15,7 @@ from __future__ import annotations
 import codecs
 import fnmatch
 import shutil
+from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,16 +79,21 @@ def decode_part(chunk: bytes, final: bool) -> tuple[str, int] | None:
     return (text, used) if used or final else None
 
 
+def _lock_unless(session: Session, during_run: bool) -> AbstractAsyncContextManager[object]:
+    return nullcontext() if during_run else session.lock
+
+
 class Files:
     def __init__(self, ctx: EngineContext, containers: Containers) -> None:
         self.ctx = ctx
         self.containers = containers
 
     async def _container_for_files(
-        self, session: Session, container_id: str | None
+        self, session: Session, container_id: str | None, harvest: bool = True
     ) -> tuple[ContainerRecord | None, bool]:
-        """The named container (else the current one) and whether it is alive. A live one is harvested first.
-        Another session's container id is NotFound."""
+        """The named container (else the current one) and whether it is alive. A live one is harvested first,
+        unless a run holds it (`harvest` False): then the last harvest answers. Another session's container id is
+        NotFound."""
         rec = self.ctx.reg.container_of(session, container_id)
         if container_id is not None and rec is None:
             raise NotFound(
@@ -96,6 +102,8 @@ class Files:
             )
         if rec is None or rec.state.id != session.current_container or not await self.ctx.backend_usable():
             return rec, False
+        if not harvest:
+            return rec, rec.state.status == "running"
         current, _ = await self.containers.current(session)
         if current is not rec:
             return rec, False
@@ -110,12 +118,16 @@ class Files:
         pattern: str | None = None,
         limit: int = 100,
         cursor: str | None = None,
+        *,
+        during_run: bool = False,
     ) -> FileList:
+        """A page of the session's files. `during_run`: a run holds the container, so the answer comes at once from
+        the last harvest, without the session's lock (the run keeps it until it ends)."""
         if not isinstance(limit, int) or not 1 <= limit <= MAX_LIST_LIMIT:
             raise BadInput(f"limit must be between 1 and {MAX_LIST_LIMIT}, got {limit!r}.")
         start = parse_cursor(cursor)
-        async with session.lock:
-            rec, alive = await self._container_for_files(session, container_id)
+        async with _lock_unless(session, during_run):
+            rec, alive = await self._container_for_files(session, container_id, harvest=not during_run)
             if all_containers:
                 records = session.latest_files()
             elif rec is not None:
@@ -140,7 +152,9 @@ class Files:
             page.next_cursor = f"o{end}" if end < len(records) else None
             return page
 
-    async def _find_record(self, session: Session, file: str, container_id: str | None) -> FileRecord:
+    async def _find_record(
+        self, session: Session, file: str, container_id: str | None, harvest: bool = True
+    ) -> FileRecord:
         if not isinstance(file, str) or not file:
             raise BadInput("file must be a file_id, a resource URI or a path inside the container.")
         parsed = parse_file_uri(file)
@@ -154,7 +168,7 @@ class Files:
         if file.startswith("f_") and "/" not in file and "." not in file:
             raise FileNotFound(f"No file {file!r} in this session.")
         rel = normalize_container_path(file)
-        crec, _alive = await self._container_for_files(session, container_id)
+        crec, _alive = await self._container_for_files(session, container_id, harvest)
         candidates = [r for r in session.files if r.path == rel and (crec is None or r.container_id == crec.state.id)]
         if not candidates:
             candidates = [r for r in session.files if r.path == rel]
@@ -178,13 +192,15 @@ class Files:
         overwrite: bool = False,
         offset: int = 0,
         max_bytes: int | None = None,
+        *,
+        during_run: bool = False,
     ) -> DownloadOutput:
         if not isinstance(offset, int) or offset < 0:
             raise BadInput(f"offset must be a byte offset of 0 or more, got {offset!r}.")
         if max_bytes is not None and (not isinstance(max_bytes, int) or max_bytes < 1):
             raise BadInput(f"max_bytes must be a positive number of bytes, got {max_bytes!r}.")
-        async with session.lock:
-            rec = await self._find_record(session, file, container_id)
+        async with _lock_unless(session, during_run):
+            rec = await self._find_record(session, file, container_id, harvest=not during_run)
         check_not_dropped(session.files, rec)
         info = record_to_info(rec)
         local = Path(rec.local_path) if rec.local_path else None

@@ -2,12 +2,12 @@
 
 A run is started in the engine's own task group, not in the request that asked for it, so a client that times
 out or disconnects loses nothing: it waits `wait_s`, gets `running` with the run's handle and the output so far,
-and collects the result later, from any connection of the same owner. A session runs one piece of code at a time
-(`SessionBusy` names the running run). Finished results stay in memory (the newest few hundred, images too) and
-on disk (the registry's `runs` rows) for the session's lifetime, so after a restart a finished run is still
-reported, and one that was in flight is reported lost, with the session's harvested files. While anyone waits
-for a run, progress notifications carry its newest printed lines, a few a second at most (the engine's
-housekeeping ticks them).
+and collects the result later, from any connection of the same owner. A session runs one piece of code at a time;
+runs that arrive meanwhile wait in its queue (`queue`), reported `queued` until their turn. Finished results stay
+in memory (the newest few hundred, images too) and on disk (the registry's `runs` rows) for the session's
+lifetime, so after a restart a finished run is still reported, and one that was in flight is reported lost, with
+the session's harvested files. While anyone waits for a run, progress notifications carry its newest printed
+lines, a few a second at most (the engine's housekeeping ticks them).
 
 It owns handles, waiting, cancelling, ownership of runs and their live output; how one run goes is `run`'s, and it
 knows no MCP types.
@@ -35,11 +35,13 @@ from .containers import container_info
 from .context import EngineContext
 from .live import LiveOutput
 from .progress import ProgressSink
+from .queue import RunQueue
 from .run import Runner, Stop, check_run_args
 from .shaping import RunOutput
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+Verdict = Callable[[], Awaitable[bool]]  # asked when a waiting call is cancelled: True stops its run
 
 KEPT_IN_MEMORY = 256  # finished runs whose full output (images too) stays in memory; older ones come from disk
 LIVE_INTERVAL_S = 0.3  # new output is sent at most about three times a second
@@ -67,6 +69,7 @@ class Run:
     last_value: float = 0.0
     stage: str = "running"
     sent_at: float = 0.0  # monotonic time of the last progress notification
+    started: bool = False  # False while it waits in the session's queue
 
     @property
     def elapsed(self) -> float:
@@ -115,11 +118,16 @@ class Runs:
         self.task_group: TaskGroup | None = None  # the engine's, set while it runs
         self._runs: dict[str, Run] = {}
         self._active: dict[str, Run] = {}  # session id -> its running run
+        self.queue = RunQueue(ctx.settings.max_queued_runs)
+        self._last_done: dict[str, str] = {}  # session id -> its last finished run (whose harvest files show)
         self._finished: deque[str] = deque()
         self._closing = False
 
     def active(self, session: Session) -> Run | None:
         return self._active.get(session.id)
+
+    def last_done(self, session: Session) -> str | None:
+        return self._last_done.get(session.id)
 
     def guard(self, call: Callable[..., Awaitable[T]], what: str) -> Callable[..., Awaitable[T]]:
         """`call(session, ...)`, refused with SessionBusy while the session runs code: it would otherwise wait for
@@ -133,6 +141,20 @@ class Runs:
 
         return guarded
 
+    def beside(self, call: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+        """`call(session, ...)`, a file tool: it never waits for a run. While one goes it answers from the last
+        harvest (`during_run=True`) and its result says so (`as_of_run`, `run_in_progress`)."""
+
+        async def beside_run(session: Session, *args: Any, **kwargs: Any) -> T:
+            run = self._active.get(session.id)
+            out = await call(session, *args, during_run=run is not None, **kwargs)
+            result = getattr(out, "result", out)  # download_file's output wraps its model
+            result.as_of_run = self._last_done.get(session.id)
+            result.run_in_progress = run.id if run is not None else None
+            return out
+
+        return beside_run
+
     async def start(
         self,
         session: Session,
@@ -140,9 +162,11 @@ class Runs:
         *,
         wait_s: float | None = None,
         progress: ProgressSink | None = None,
+        abandoned: Verdict | None = None,
         **options: Any,
     ) -> RunOutput:
-        """Start a run in the background and wait for it up to `wait_s` (the setting's default when None)."""
+        """Start a run in the background and wait for it up to `wait_s` (the setting's default when None). When the
+        waiting call is cancelled, `abandoned()` (awaited in the background) says whether the run stops too."""
         settings = self.ctx.settings
         wait = check_wait(wait_s, settings.default_wait_s, settings.max_wait_s)
         check_run_args(  # bad arguments fail the call now, not the run later
@@ -156,16 +180,13 @@ class Runs:
         if options.get("output_schema") is not None:  # an invalid schema too, checked off the loop by the guard
             await self.ctx.guard.check_schema(options["output_schema"])
         await self.ctx.ready()
-        busy = self._active.get(session.id)
-        if busy is not None:
-            raise SessionBusy(busy.id)
         if self.task_group is None:
             raise RuntimeError("the engine is not running")
         run = Run(id=new_id("r_"), session=session, started_at=time.time(), live=LiveOutput(settings.output_cap_chars))
-        self._active[session.id] = run
+        self.queue.admit(session.id, run)  # SessionBusy when the queue is full
         self._runs[run.id] = run
         self.task_group.start_soon(self._main, run, code, options)
-        return await self._wait(run, wait, progress)
+        return await self._wait(run, wait, progress, abandoned)
 
     async def get(
         self,
@@ -174,6 +195,7 @@ class Runs:
         session_id: str | None = None,
         wait_s: float | None = 0.0,
         progress: ProgressSink | None = None,
+        abandoned: Verdict | None = None,
     ) -> RunOutput:
         """The run's result: final when it ended, else `running` after waiting up to `wait_s` (None: no limit)."""
         if wait_s is not None:
@@ -181,7 +203,7 @@ class Runs:
         run = await self._find(run_id, owner, session_id)
         if isinstance(run, RunOutput):
             return run
-        return await self._wait(run, math.inf if wait_s is None else wait_s, progress)
+        return await self._wait(run, math.inf if wait_s is None else wait_s, progress, abandoned)
 
     async def cancel(self, run_id: str, owner: str | None, session_id: str | None = None) -> RunOutput:
         """Stop a run the way a timeout does and return its result (still `running` if it would not stop yet)."""
@@ -202,7 +224,7 @@ class Runs:
         """Before the engine closes: running runs are interrupted, harvested and recorded as lost to the shutdown
         (with their output and files so far), within the interrupt grace and a few seconds."""
         self._closing = True
-        runs = list(self._active.values())
+        runs: list[Run] = self.queue.all()  # type: ignore[assignment]
         for run in runs:
             run.stop.set()
         with anyio.move_on_after(self.ctx.settings.interrupt_grace_s + CANCEL_WAIT_S):
@@ -210,20 +232,28 @@ class Runs:
                 await run.done.wait()
 
     async def stop_session(self, session: Session) -> None:
-        """Before a session closes: its running run is stopped and awaited (its files harvested)."""
-        run = self._active.get(session.id)
-        if run is not None:
+        """Before a session closes: its queue is cancelled and its running run stopped and awaited (its files
+        harvested)."""
+        runs: list[Run] = self.queue.of_session(session.id)  # type: ignore[assignment]
+        for run in reversed(runs):  # the waiting ones first, so none of them starts when the running one ends
             run.stop.set()
+        for run in runs:
             await run.done.wait()
 
     # ---- internals -----------------------------------------------------------------------------------------
 
-    async def _wait(self, run: Run, wait_s: float, progress: ProgressSink | None) -> RunOutput:
+    async def _wait(
+        self, run: Run, wait_s: float, progress: ProgressSink | None, abandoned: Verdict | None = None
+    ) -> RunOutput:
         if progress is not None:
             run.sinks.append(progress)
         try:
             with anyio.move_on_after(wait_s):
                 await run.done.wait()
+        except anyio.get_cancelled_exc_class():
+            if abandoned is not None and self.task_group is not None and not run.done.is_set():
+                self.task_group.start_soon(self._abandoned, run, abandoned)
+            raise
         finally:
             if progress is not None:
                 run.sinks.remove(progress)
@@ -287,7 +317,32 @@ class Runs:
             warnings=["Files the session harvested earlier stay downloadable: see list_container_files."],
         )
 
+    def _queued_result(self, run: Run, cancelled: bool = False) -> RunResult:
+        rec = self.ctx.reg.container_of(run.session, None)
+        position, ahead = self.queue.position(run.session.id, run)
+        if cancelled:
+            note = "Cancelled while it waited in the session's queue: it never ran."
+        else:
+            note = (
+                f"Queued: {position} run(s) of this session go first (behind {ahead}). Call "
+                f"get_run(run_id={run.id!r}) to wait for the result, or cancel_run to take it out of the queue."
+            )
+        return RunResult(
+            session_id=run.session.id,
+            container_id=rec.state.id if rec is not None else "",
+            backend=self.ctx.backend.name,
+            status="cancelled" if cancelled else "queued",
+            error=ErrorInfo(type="Cancelled", message=note) if cancelled else None,
+            container=container_info(rec, False) if rec is not None else ContainerInfo(id="", expires_at=None),
+            warnings=[note],
+            run_id=run.id,
+            position=None if cancelled else position,
+            waits_for=None if cancelled else ahead,
+        )
+
     def _running_result(self, run: Run) -> RunResult:
+        if not run.started:
+            return self._queued_result(run)
         rec = self.ctx.reg.container_of(run.session, None)
         stdout, cut_out = run.live.text("stdout")
         stderr, cut_err = run.live.text("stderr")
@@ -315,6 +370,10 @@ class Runs:
         reg.add_run_later(run.id, run.session, run.started_at)  # lost at a crash within the first flush interval
         status = "failed"
         try:
+            if not await self._turn(run):
+                run.output = RunOutput(result=self._queued_result(run, cancelled=True))
+                status = "cancelled"
+                return
             out = await self.runner.run_code(
                 run.session, code, progress=run.relay, on_output=run.live.feed, stop=run.stop, **options
             )
@@ -342,10 +401,41 @@ class Runs:
                 logger.exception("run %s failed", run.id)
                 run.failure = RunLost("The run failed inside the server; details are in its log.")
         finally:
-            self._active.pop(run.session.id, None)
+            if self._active.get(run.session.id) is run:
+                del self._active[run.session.id]
+                self._last_done[run.session.id] = run.id
+            self.queue.leave(run.session.id, run)
             run.done.set()
             self._finished.append(run.id)
             while len(self._finished) > KEPT_IN_MEMORY:
                 self._runs.pop(self._finished.popleft(), None)
             failure = run.failure or RunLost(SHUTDOWN_REASON)
             reg.end_run_later(run.id, status, dump(run.output.result) if run.output is not None else failure.as_dict())
+
+    async def _abandoned(self, run: Run, verdict: Verdict) -> None:
+        """The call that waited for `run` was cancelled: the verdict on why decides whether the run stops (a queued
+        one leaves the queue)."""
+        try:
+            stop = await verdict()
+        except Exception:
+            logger.exception("the cancel verdict of run %s failed", run.id)
+            return
+        if stop and not run.done.is_set():
+            logger.info("run %s stopped: its call was cancelled by the client", run.id)
+            run.stop.set()
+
+    async def _turn(self, run: Run) -> bool:
+        """Wait in the session's queue until the runs ahead ended; False when it was stopped before its turn."""
+        with anyio.CancelScope() as scope:
+            run.stop._scope = scope
+            if run.stop.requested:
+                scope.cancel()
+            try:
+                await self.queue.wait_turn(run.session.id, run)
+            finally:
+                run.stop._scope = None
+        if run.stop.requested:
+            return False
+        run.started, run.started_mono = True, time.monotonic()
+        self._active[run.session.id] = run
+        return True

@@ -138,7 +138,9 @@ async def test_file_tools_answer_at_once_during_a_run(tmp_path: Path) -> None:
         FileList.model_validate(listed)
         got = await call(client, "download_file", session_id=sid, file="a.txt")
         DownloadResult.model_validate(got)
+        read = await client.read_resource(first["files"][0]["uri"])
         assert time.monotonic() - started < 1
+        assert read.contents[0].text == "hello"  # type: ignore[union-attr]
         assert [f["path"] for f in listed["files"]] == ["a.txt"]
         for r in (listed, got):
             assert r["as_of_run"] == first["run_id"] and r["run_in_progress"] == long["run_id"]

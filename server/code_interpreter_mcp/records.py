@@ -98,7 +98,8 @@ class Session:
     closed: bool = False
     current_container: str | None = None
     files: list[FileRecord] = field(default_factory=list)
-    lock: anyio.Lock = field(default_factory=anyio.Lock)
+    # fast_acquire: an uncontended lock costs no trip through the event loop (every run takes it)
+    lock: anyio.Lock = field(default_factory=lambda: anyio.Lock(fast_acquire=True))
     packages: list[str] = field(default_factory=list)  # requirements installed for it, restored in a new container
     env: dict[str, str] = field(default_factory=dict)  # variables kept for every run (persist_env)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+from pydantic import BaseModel
 
 from .backends.base import ContainerState
 from .errors import SessionNotFound
@@ -330,14 +331,15 @@ class Registry:
         sql = "INSERT INTO runs (id, session_id, status, started_at, pid) VALUES (?, ?, 'running', ?, ?)"
         self._run_rows.append((sql, (run_id, session.id, started_at, os.getpid())))
 
-    def end_run_later(self, run_id: str, status: str, result: dict[str, Any]) -> None:
-        """A run ended with `result` (its RunResult, or the error that ended it), JSON-encoded when flushed."""
+    def end_run_later(self, run_id: str, status: str, result: dict[str, Any] | BaseModel) -> None:
+        """A run ended with `result` (its RunResult, or the error that ended it), JSON-encoded when flushed, in the
+        flush's thread: a model is encoded there, not on the run's path."""
         sql = "UPDATE runs SET status = ?, ended_at = ?, result = ? WHERE id = ?"
         self._run_rows.append((sql, (status, time.time(), result, run_id)))
 
     @staticmethod
     def _encoded(rows: list[tuple[str, tuple[Any, ...]]]) -> list[tuple[str, tuple[Any, ...]]]:
-        return [(sql, tuple(json.dumps(p) if isinstance(p, dict) else p for p in params)) for sql, params in rows]
+        return [(sql, tuple(_encode(p) for p in params)) for sql, params in rows]
 
     def _load_run_sync(self, run_id: str) -> RunRow | None:
         with self._db_lock:
@@ -350,3 +352,9 @@ class Registry:
         if not (isinstance(run_id, str) and run_id.startswith("r_") and len(run_id) < 80):
             return None
         return await anyio.to_thread.run_sync(self._load_run_sync, run_id)
+
+
+def _encode(param: Any) -> Any:
+    if isinstance(param, BaseModel):
+        return param.model_dump_json(by_alias=True)
+    return json.dumps(param) if isinstance(param, dict) else param

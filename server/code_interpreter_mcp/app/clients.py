@@ -65,7 +65,24 @@ def protocol_version(rc: Any) -> str | None:
     return version if isinstance(version, str) else None
 
 
+_KNOWN: dict[tuple[int, str | None, str | None], tuple[Settings, ClientProfile]] = {}
+KNOWN_PROFILES = 256  # distinct (settings, client name, version) kept; client names are the caller's to choose
+
+
 def profile_for(settings: Settings, name: str | None, version: str | None) -> ClientProfile:
+    """The profile of one client, worked out once per (settings, name, version): every call asks for it."""
+    key = (id(settings), name, version)
+    known = _KNOWN.get(key)
+    if known is not None and known[0] is settings:
+        return known[1]
+    profile = _profile_for(settings, name, version)
+    if len(_KNOWN) >= KNOWN_PROFILES:
+        _KNOWN.clear()
+    _KNOWN[key] = (settings, profile)
+    return profile
+
+
+def _profile_for(settings: Settings, name: str | None, version: str | None) -> ClientProfile:
     modern = version is None or version >= STRUCTURED_SINCE  # dated versions compare as strings
     shape = settings.result_shape
     if shape == "auto":

@@ -63,6 +63,7 @@ class EngineContext:
 
     async def ready(self) -> None:
         """Wait for the backend's start; raise its error (with its hint) if it could not start."""
-        await self._started.wait()
+        if not self._started.is_set():  # waiting on a set Event still costs a trip through the loop
+            await self._started.wait()
         if self.backend_error is not None:
             raise self.backend_error

@@ -29,7 +29,7 @@ from anyio.abc import TaskGroup
 
 from ..artifacts import record_to_info
 from ..errors import BadInput, CIError, NotFound, RunLost, RunNotFound, SessionBusy, SessionNotFound
-from ..models import ContainerInfo, ErrorInfo, RunResult, dump
+from ..models import ContainerInfo, ErrorInfo, RunResult
 from ..sessions import FileRecord, RunRow, Session, new_id
 from .containers import container_info
 from .context import EngineContext
@@ -410,7 +410,7 @@ class Runs:
             while len(self._finished) > KEPT_IN_MEMORY:
                 self._runs.pop(self._finished.popleft(), None)
             failure = run.failure or RunLost(SHUTDOWN_REASON)
-            reg.end_run_later(run.id, status, dump(run.output.result) if run.output is not None else failure.as_dict())
+            reg.end_run_later(run.id, status, run.output.result if run.output is not None else failure.as_dict())
 
     async def _abandoned(self, run: Run, verdict: Verdict) -> None:
         """The call that waited for `run` was cancelled: the verdict on why decides whether the run stops (a queued
@@ -426,6 +426,10 @@ class Runs:
 
     async def _turn(self, run: Run) -> bool:
         """Wait in the session's queue until the runs ahead ended; False when it was stopped before its turn."""
+        if self.queue.started(run.session.id, run) and not run.stop.requested:
+            run.started, run.started_mono = True, time.monotonic()  # an idle session's run: no wait at all
+            self._active[run.session.id] = run
+            return True
         with anyio.CancelScope() as scope:
             run.stop._scope = scope
             if run.stop.requested:

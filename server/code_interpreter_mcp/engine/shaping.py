@@ -218,13 +218,19 @@ class Shaper:
         """stdout, stderr and text share what the rest of the result leaves of the room: each within the output
         cap, measured as JSON (escapes count), shrunk until the whole result fits."""
         room = structured_room(self.settings)
-        avail = min(room - json_chars(dump(result)), self.settings.output_cap_chars * 2)
-        if result.truncated or sum(json_chars(v) for v in parts.values()) > avail:
+        base = json_chars(dump(result))
+        # Swapping a string field changes the JSON by the difference of the two strings' encodings: the shaped
+        # result's size follows without dumping it again (a warm run's result is measured once).
+        fields = {"stdout": result.stdout, "stderr": result.stderr, "text": result.text}
+        before = sum(json_chars(v) for v in fields.values())
+        sizes = {k: json_chars(v) for k, v in parts.items()}
+        avail = min(room - base, self.settings.output_cap_chars * 2)
+        if result.truncated or sum(sizes.values()) > avail:
             result.warnings.append(OUTPUT_CUT)
             avail -= len(OUTPUT_CUT) + 4
         for _ in range(4):
             streams, cut = dict(parts), False
-            if sum(json_chars(v) for v in streams.values()) > avail:
+            if sum(sizes.values()) > avail:
                 for k, limit in share(streams, max(0, avail)).items():
                     streams[k], clipped = clip(streams[k], max(limit, 200))
                     cut = cut or clipped
@@ -236,7 +242,8 @@ class Shaper:
                     "truncated": result.truncated or cut,
                 }
             )
-            over = json_chars(dump(shaped)) - room
+            after = sum(json_chars(v) for v in (shaped.stdout, shaped.stderr, shaped.text))
+            over = base - before + after - room
             if over <= 0:
                 return shaped
             avail -= over + 200  # escapes made the streams longer as JSON than as text: try again smaller

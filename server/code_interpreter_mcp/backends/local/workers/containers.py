@@ -64,7 +64,7 @@ class Container:
         self.folder = DataFolder(state.id, root / "data", uid, gid)
         self.uid = uid
         self.gid = gid
-        self.lock = anyio.Lock()  # one run (or quota action) at a time
+        self.lock = anyio.Lock(fast_acquire=True)  # one run (or quota action) at a time; uncontended: no yield
         self.worker: WorkerProcess | None = None
         self.had_worker = False  # a worker lived here: a new one means lost state
         self.state_lost_pending = False  # the next run reports state_lost

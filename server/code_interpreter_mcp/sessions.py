@@ -356,5 +356,8 @@ class Registry:
 
 def _encode(param: Any) -> Any:
     if isinstance(param, BaseModel):
-        return param.model_dump_json(by_alias=True)
+        try:
+            return param.model_dump_json(by_alias=True)
+        except (ValueError, RecursionError):  # a JSON value too deep to encode: the row keeps the rest of the run
+            return param.model_dump_json(by_alias=True, exclude={"json_"})
     return json.dumps(param) if isinstance(param, dict) else param

@@ -83,3 +83,19 @@ def test_wait_s_bounds_and_session_busy_text() -> None:
     busy = SessionBusy("r_abc", "take uploads")
     assert busy.code == "session_busy" and "r_abc" in busy.user_text() and "take uploads" in busy.message
     assert "get_run(run_id='r_abc')" in busy.hint
+
+
+def test_a_run_row_with_a_json_value_too_deep_to_encode_keeps_the_rest() -> None:
+    from code_interpreter_mcp.models import ContainerInfo, RunResult
+    from code_interpreter_mcp.sessions import Registry
+
+    deep: list[object] = []
+    for _ in range(3000):
+        deep = [deep]
+    result = RunResult(
+        session_id="s_1", container_id="c_1", backend="local", status="ok", result="1",
+        container=ContainerInfo(id="c_1", expires_at=None), json=deep,
+    )  # fmt: skip
+    ((_, params),) = Registry._encoded([("UPDATE runs SET result = ?", (result,))])
+    kept = RunResult.model_validate_json(params[0])
+    assert kept.result == "1" and kept.json_ is None and kept.status == "ok"

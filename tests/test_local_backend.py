@@ -781,3 +781,23 @@ async def test_worker_start_failure_is_reported(make_backend: MakeBackend, monke
     monkeypatch.setattr(sandbox_mod, "worker_command", real)
     c = await backend.create_container("s", 600)
     assert (await run(backend, c, "1")).result_repr == "1"
+
+
+async def test_a_stop_that_lands_before_the_cell_began_still_interrupts_it(
+    make_backend: MakeBackend,
+) -> None:
+    """The worker ignores SIGINT between runs, so a stop sent right after the request (before the cell began)
+    would leave the cell spinning until the kill at the grace's end; the interrupt is repeated until it answers."""
+    backend = await make_backend(interrupt_grace_s=3.0)
+    container = await backend.create_container("session-1", 600)
+    await run(backend, container, "kept = 5")
+    c = backend._containers.get(container.id)
+    assert c is not None
+    for _ in range(5):
+        worker = c.worker
+        assert worker is not None
+        await worker.send({"op": "exec", "code": "while True:\n    pass", "run": 2, "structured": False, "cap": 1000})
+        started = time.monotonic()
+        await backend._pool.abort(c, worker, 3.0)  # its first SIGINT usually reaches the worker before the cell
+        assert c.worker is worker and time.monotonic() - started < 2.0  # interrupted, not killed at 3 s
+    assert (await run(backend, container, "kept")).result_repr == "5"

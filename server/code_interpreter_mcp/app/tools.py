@@ -51,8 +51,9 @@ expression (like a notebook cell), any error with its traceback, and every file 
 - Long runs: the call waits up to wait_s (default 45 s) for the result. A run still going then returns
   status "running" with a run_id and the output so far, and keeps running in the background. Then call get_run
   with that run_id (it waits again, cheaply, and returns the full result, files included, once done); call
-  cancel_run to stop it. One run at a time per session: run_code meanwhile fails with session_busy naming the
-  run_id. wait_s=0 returns at once.
+  cancel_run to stop it. wait_s=0 returns at once. Runs of one session go in order, like notebook cells: one
+  sent while another runs waits its turn (status "queued" with position and waits_for past wait_s; get_run
+  works the same). An error does not cancel the runs behind it.
 - Notebook lines work: `!ls` (the sandbox's shell, output captured in order), `x = !cmd`, `%pip install NAME`
   or `!pip install NAME` on a line of its own (installed like packages), %who, %whos, %time, %timeit, %pwd,
   %cd, %env, %ls, %run, %%bash, %%writefile, `obj?` (the magics on the local backend; the openai backend runs
@@ -61,15 +62,16 @@ expression (like a notebook cell), any error with its traceback, and every file 
 """
 
 GET_RUN_DESCRIPTION = """\
-Get the result of a run that run_code (or an earlier get_run) returned with status "running": call it whenever
-a result says "running", with that run_id. It waits up to wait_s (default 45 s) for the run to end and returns
+Get the result of a run that run_code (or an earlier get_run) returned with status "running" or "queued": call
+it whenever a result says so, with that run_id. It waits up to wait_s (default 45 s) for the run to end and returns
 the same result as run_code would have (stdout, stderr, result, error, json, files...). If the run is still
 going it returns status "running" again with the output so far: just call get_run again; waiting is cheap and
 the run is not affected. A finished run's result stays available for the session's lifetime.
 """
 
 CANCEL_RUN_DESCRIPTION = """\
-Stop a run that is still going (status "running"), the way a timeout does: the code is interrupted
+Stop a run that is still going (status "running"; a "queued" one is taken out of the queue and never runs),
+the way a timeout does: the code is interrupted
 (KeyboardInterrupt), so the session's variables and imports are kept; only code that ignores the interrupt is
 killed (the next result then says state_lost). Returns the run's result with status "cancelled", its output and
 the files it wrote so far.

@@ -29,6 +29,8 @@ from .process import Printed, WorkerGone, WorkerProcess, WorkerStartError
 
 logger = logging.getLogger(__name__)
 
+REINTERRUPT_S = 0.3  # between SIGINTs while a stopped run has not answered (a cell ends in microseconds on one)
+
 
 def _bubblewrap(profile: sandbox.Profile, seccomp: bytes | None) -> Launcher:
     return BubblewrapLauncher(profile, seccomp if profile.seccomp else None)
@@ -143,14 +145,21 @@ class WorkerPool:
                         tg.start_soon(self.stop, c)
 
     async def abort(self, c: Container, worker: WorkerProcess, grace: float) -> None:
-        """The caller went away mid-run: interrupt, and kill if it does not stop in time."""
-        worker.interrupt()
+        """The caller went away mid-run: interrupt, and kill if it does not stop in time. The interrupt is sent
+        again every `REINTERRUPT_S` until the result comes: a SIGINT that lands before the cell has started (a
+        stop right after the run began) is ignored by the worker, and the cell would then spin until the kill."""
         try:
             with anyio.fail_after(grace):
+                again = 0.0
                 while True:
-                    frame = await worker.receive()
-                    if frame.get("op") == "result":
-                        break
+                    now = anyio.current_time()
+                    if now >= again:
+                        worker.interrupt()
+                        again = now + REINTERRUPT_S
+                    with anyio.move_on_after(again - now):
+                        frame = await worker.receive()  # cancellation-safe: a partial frame stays buffered
+                        if frame.get("op") == "result":
+                            break
         except (TimeoutError, WorkerGone):
             await self._discard(c, worker)
             return

@@ -6,6 +6,8 @@ queue, tasks/cancel does the same for an MCP task, and CLIENT_CANCEL overrides t
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +31,15 @@ def test_the_rule_on_reasons() -> None:
     assert not interrupts(None, "keep") and not interrupts("caller cancelled", "keep")
 
 
-async def server(tmp_path: Path, mode: str = "auto", version: str = "2025-11-25") -> RawStdio:
+@asynccontextmanager
+async def server(tmp_path: Path, mode: str = "auto", version: str = "2025-11-25") -> AsyncIterator[RawStdio]:
+    """The real server over stdio with a short interrupt grace and `CLIENT_CANCEL=mode`, closed afterwards."""
     env = {"CODE_INTERPRETER_INTERRUPT_GRACE_S": str(GRACE_S), "CODE_INTERPRETER_CLIENT_CANCEL": mode}
-    return await raw_server(tmp_path / "d", version, "test-client", env=env)
+    raw = await raw_server(tmp_path / "d", version, "test-client", env=env)
+    try:
+        yield raw
+    finally:
+        await close(raw)
 
 
 async def start(raw: RawStdio, params: dict[str, Any], method: str = "tools/call") -> int:
@@ -63,22 +71,18 @@ async def spin_cancelled(raw: RawStdio, sid: str, reason: str | None) -> float:
 
 @pytest.mark.slow
 async def test_a_cancel_without_reason_interrupts_and_the_next_call_runs_at_once(tmp_path: Path) -> None:
-    raw = await server(tmp_path)
-    try:
+    async with server(tmp_path) as raw:
         sid = structured(await raw.call("run_code", code="kept = 42"))["session_id"]
         sent = await spin_cancelled(raw, sid, None)
         after = structured(await raw.call("run_code", code="kept, i > 0", session_id=sid))
         assert time.monotonic() - sent < GRACE_S + 1 + 1.0  # + the next run itself, generously
         assert after["status"] == "ok" and after["result"] == "(42, True)", after
         assert after["container"]["state_lost"] is False
-    finally:
-        await close(raw)
 
 
 @pytest.mark.slow
 async def test_the_typescript_timeout_keeps_the_run_for_get_run(tmp_path: Path) -> None:
-    raw = await server(tmp_path)
-    try:
+    async with server(tmp_path) as raw:
         sid = structured(await raw.call("run_code", code="x = 1"))["session_id"]
         code = "import time; time.sleep(3); x = 2; 'done'"
         rid = await start(raw, {"name": "run_code", "arguments": {"code": code, "session_id": sid, "wait_s": 60}})
@@ -90,14 +94,11 @@ async def test_the_typescript_timeout_keeps_the_run_for_get_run(tmp_path: Path) 
         kept = structured(await raw.call("get_run", run_id=probe["waits_for"], wait_s=20))
         assert kept["status"] == "ok" and kept["result"] == "'done'"
         assert structured(await raw.call("get_run", run_id=probe["run_id"], wait_s=20))["result"] == "2"
-    finally:
-        await close(raw)
 
 
 @pytest.mark.slow
 async def test_a_cancelled_queued_call_leaves_the_queue(tmp_path: Path) -> None:
-    raw = await server(tmp_path)
-    try:
+    async with server(tmp_path) as raw:
         long = structured(await raw.call("run_code", code="import time; time.sleep(2.5)", wait_s=0))
         sid = long["session_id"]
         side = {"code": "open('side.txt', 'w').write('ran')", "session_id": sid, "wait_s": 60}
@@ -107,15 +108,12 @@ async def test_a_cancelled_queued_call_leaves_the_queue(tmp_path: Path) -> None:
         after = structured(await raw.call("run_code", code="import os; os.path.exists('side.txt')", session_id=sid))
         assert after["status"] == "ok" and after["result"] == "False"
         assert structured(await raw.call("get_run", run_id=long["run_id"]))["status"] == "ok"
-    finally:
-        await close(raw)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("mode", "reason", "stops"), [("interrupt", TS_TIMEOUT, True), ("keep", None, False)])
 async def test_client_cancel_setting(tmp_path: Path, mode: str, reason: str | None, stops: bool) -> None:
-    raw = await server(tmp_path, mode)
-    try:
+    async with server(tmp_path, mode) as raw:
         sid = structured(await raw.call("run_code", code="kept = 7"))["session_id"]
         await spin_cancelled(raw, sid, reason)
         probe = structured(await raw.call("run_code", code="kept", session_id=sid, wait_s=GRACE_S + 2.5))
@@ -125,8 +123,6 @@ async def test_client_cancel_setting(tmp_path: Path, mode: str, reason: str | No
             assert probe["status"] == "queued", probe  # the spinning run goes on
             stopped = await raw.call("cancel_run", run_id=probe["waits_for"])
             assert stopped["structuredContent"]["status"] == "cancelled"  # an error result: the run did not finish
-    finally:
-        await close(raw)
 
 
 async def task_of_spin(raw: RawStdio, sid: str) -> str:
@@ -139,8 +135,7 @@ async def task_of_spin(raw: RawStdio, sid: str) -> str:
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["auto", "keep"])
 async def test_tasks_cancel_follows_the_setting(tmp_path: Path, mode: str) -> None:
-    raw = await server(tmp_path, mode)
-    try:
+    async with server(tmp_path, mode) as raw:
         sid = structured(await raw.call("run_code", code="kept = 9"))["session_id"]
         task_id = await task_of_spin(raw, sid)
         with anyio.fail_after(GRACE_S + 8):
@@ -150,14 +145,11 @@ async def test_tasks_cancel_follows_the_setting(tmp_path: Path, mode: str) -> No
             await raw.call("cancel_run", run_id=task_id)
         after = structured(await raw.call("run_code", code="kept", session_id=sid))
         assert after["status"] == "ok" and after["result"] == "9"
-    finally:
-        await close(raw)
 
 
 @pytest.mark.slow
 async def test_a_cancelled_tasks_result_wait_interrupts_unless_it_timed_out(tmp_path: Path) -> None:
-    raw = await server(tmp_path)
-    try:
+    async with server(tmp_path) as raw:
         sid = structured(await raw.call("run_code", code="kept = 3"))["session_id"]
         task_id = await task_of_spin(raw, sid)
         rid = await start(raw, {"taskId": task_id}, "tasks/result")
@@ -171,5 +163,3 @@ async def test_a_cancelled_tasks_result_wait_interrupts_unless_it_timed_out(tmp_
         after = structured(await raw.call("run_code", code="kept", session_id=sid, wait_s=GRACE_S + 3))
         assert after["status"] == "ok" and after["result"] == "3"
         assert (await raw.request("tasks/get", {"taskId": task_id}))["status"] == "cancelled"
-    finally:
-        await close(raw)

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,6 +96,18 @@ class Stop:
         if self._scope is not None:
             self._scope.cancel()
 
+    @contextmanager
+    def scope(self) -> Iterator[anyio.CancelScope]:
+        """A cancel scope that `set()` cancels, at once when the stop was asked for already."""
+        with anyio.CancelScope() as scope:
+            self._scope = scope
+            if self.requested:
+                scope.cancel()
+            try:
+                yield scope
+            finally:
+                self._scope = None
+
 
 async def stoppable(
     execute: Awaitable[tuple[ExecOutcome, ContainerRecord, bool]], stop: Stop | None, rec: ContainerRecord
@@ -103,14 +116,8 @@ async def stoppable(
     run goes on to its harvest with a 'cancelled' outcome instead of ending with the request."""
     if stop is None:
         return await execute
-    with anyio.CancelScope() as scope:
-        stop._scope = scope
-        if stop.requested:
-            scope.cancel()
-        try:
-            return await execute
-        finally:
-            stop._scope = None
+    with stop.scope():
+        return await execute
     return ExecOutcome(status="cancelled", error=ExecError("Cancelled", CANCELLED_MESSAGE)), rec, False
 
 

@@ -126,9 +126,6 @@ class Runs:
     def active(self, session: Session) -> Run | None:
         return self._active.get(session.id)
 
-    def last_done(self, session: Session) -> str | None:
-        return self._last_done.get(session.id)
-
     def guard(self, call: Callable[..., Awaitable[T]], what: str) -> Callable[..., Awaitable[T]]:
         """`call(session, ...)`, refused with SessionBusy while the session runs code: it would otherwise wait for
         the container until the run ends, past any client's timeout."""
@@ -426,20 +423,11 @@ class Runs:
 
     async def _turn(self, run: Run) -> bool:
         """Wait in the session's queue until the runs ahead ended; False when it was stopped before its turn."""
-        if self.queue.started(run.session.id, run) and not run.stop.requested:
-            run.started, run.started_mono = True, time.monotonic()  # an idle session's run: no wait at all
-            self._active[run.session.id] = run
-            return True
-        with anyio.CancelScope() as scope:
-            run.stop._scope = scope
-            if run.stop.requested:
-                scope.cancel()
-            try:
+        if run.stop.requested or not self.queue.started(run.session.id, run):  # an idle session's run: no wait
+            with run.stop.scope():
                 await self.queue.wait_turn(run.session.id, run)
-            finally:
-                run.stop._scope = None
-        if run.stop.requested:
-            return False
+            if run.stop.requested:
+                return False
         run.started, run.started_mono = True, time.monotonic()
         self._active[run.session.id] = run
         return True

@@ -223,7 +223,11 @@ class BlobStore:
             return 0
         for owner in owners:
             for entry in _entries(Path(owner.path) / "tmp"):
-                if entry.stat(follow_symlinks=False).st_mtime < self.started_at:
+                try:
+                    stale = entry.stat(follow_symlinks=False).st_mtime < self.started_at
+                except FileNotFoundError:
+                    continue  # a copy in flight that became its blob (or was dropped) since the listing
+                if stale:
                     with contextlib.suppress(OSError):
                         os.unlink(entry.path)
                         removed += 1

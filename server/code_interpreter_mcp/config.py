@@ -86,6 +86,14 @@ class Settings(BaseModel):
 
     # Local sandbox
     unsafe_no_sandbox: bool = False
+    snapshots: Literal["auto", "off"] = Field(
+        default="auto",
+        description="keep each session's variables across expiry, eviction, crashes and restarts (auto: on for the "
+        "local backend)",
+    )
+    snapshot_max_mb: float = Field(
+        default=256, gt=0, description="per session: the largest namespace snapshot (bigger names left out first)"
+    )
     memory_mb: int = Field(default=2048, ge=128)
     cpu_seconds: int = Field(default=3600, ge=1, description="CPU-time budget of one worker's life")
     max_processes: int = Field(default=64, ge=4)

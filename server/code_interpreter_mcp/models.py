@@ -36,6 +36,23 @@ class ErrorInfo(_Model):
     traceback: str | None = None
 
 
+class SkippedName(_Model):
+    name: str
+    reason: str
+
+
+class StateRestored(_Model):
+    from_run: int | None = Field(
+        default=None, description="execution_count of the run whose namespace this is (in its container)"
+    )
+    saved_at: datetime | None = Field(default=None, description="When that snapshot was written (UTC).")
+    restored: list[str] = Field(default_factory=list, description="Names that came back, values equal to before.")
+    skipped: list[SkippedName] = Field(
+        default_factory=list, description="Names that did not come back, each with why (open files, generators...)."
+    )
+    seconds: float = Field(default=0.0, description="Time the new worker took to load them.")
+
+
 class ContainerInfo(_Model):
     id: str
     expires_at: datetime | None = Field(description="When the container expires if left idle (UTC).")
@@ -43,6 +60,11 @@ class ContainerInfo(_Model):
         default=False,
         description="True when an earlier container expired or was restarted: variables and imports are gone "
         "(files made earlier are still downloadable).",
+    )
+    state_restored: StateRestored | None = Field(
+        default=None,
+        description="Set when this container is new (expiry, eviction, a crash, a server restart) and the session's "
+        "variables were loaded from its last snapshot before this run.",
     )
     isolation: Isolation = "bubblewrap"
 

@@ -14,12 +14,13 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import anyio
 
 from ..artifacts import guess_mime, safe_name
 from ..errors import CIError
-from ..models import ContainerInfo
+from ..models import ContainerInfo, SkippedName, StateRestored
 from ..sessions import ContainerRecord, FileRecord, Session, new_id
 from .context import EngineContext
 
@@ -30,9 +31,27 @@ def utc(ts: float | None) -> datetime | None:
     return datetime.fromtimestamp(ts, UTC) if ts is not None and math.isfinite(ts) else None
 
 
-def container_info(rec: ContainerRecord, state_lost: bool) -> ContainerInfo:
+def container_info(
+    rec: ContainerRecord, state_lost: bool, state_restored: dict[str, Any] | None = None
+) -> ContainerInfo:
     iso = rec.state.isolation if rec.state.isolation in ("bubblewrap", "none", "remote") else "bubblewrap"
-    return ContainerInfo(id=rec.state.id, expires_at=utc(rec.state.expires_at), state_lost=state_lost, isolation=iso)  # type: ignore[arg-type]
+    restored = None
+    if state_restored is not None:
+        saved = state_restored.get("saved_at")
+        restored = StateRestored(
+            from_run=state_restored.get("from_run") if isinstance(state_restored.get("from_run"), int) else None,
+            saved_at=utc(saved) if isinstance(saved, int | float) else None,
+            restored=list(state_restored.get("restored") or []),
+            skipped=[SkippedName(**s) for s in state_restored.get("skipped") or []],
+            seconds=float(state_restored.get("seconds") or 0.0),
+        )
+    return ContainerInfo(
+        id=rec.state.id,
+        expires_at=utc(rec.state.expires_at),
+        state_lost=state_lost,
+        state_restored=restored,
+        isolation=iso,  # type: ignore[arg-type]
+    )
 
 
 class Containers:

@@ -14,6 +14,7 @@ from ..config import Settings
 from ..errors import CIError
 from ..sessions import Registry
 from ..storage.blobs import BlobStore
+from ..storage.snapshots import SnapshotStore
 from ..structured.guard import Guard
 
 COPY_THREADS = 2
@@ -33,6 +34,13 @@ class EngineContext:
         self.capabilities: Capabilities = backend.capabilities
         self.registry: Registry | None = None
         self.blobs = BlobStore(settings.files_dir, int(settings.max_stored_mb * 1024 * 1024))
+        # The backend's snapshots of namespaces (local backend) count against the same store of files.
+        snapshots = getattr(backend, "snapshots", None)
+        self.snapshots: SnapshotStore | None = snapshots if isinstance(snapshots, SnapshotStore) else None
+        if self.snapshots is not None:
+            store, blobs = self.snapshots, self.blobs
+            blobs.extra_bytes = lambda: store.used_bytes
+            store.room = lambda extra: blobs.used_bytes + extra <= blobs.max_bytes
         self.backend_error: CIError | None = None
         self._started = anyio.Event()
         self.guard = Guard(settings.schema_time_limit_s)  # schema checks and JSON validation, off the event loop

@@ -200,7 +200,10 @@ class Runner:
             if pkgs is not None:
                 self.packages.adopt(rec, pkgs)
             self.packages.settle()
-            state_lost = state_lost or lost_again or outcome.state_lost
+            if outcome.state_restored is not None:
+                state_lost = outcome.state_lost  # what an earlier loss took came back; only this run's own counts
+            else:
+                state_lost = state_lost or lost_again or outcome.state_lost
             if instructions and not self.ctx.capabilities.model:
                 warnings.append("instructions were ignored: they guide the model of the openai backend only.")
             rec.runs += 1

@@ -203,7 +203,7 @@ class Shaper:
             more_files=more,
             packages=packages,
             execution_count=execution_count,
-            container=container_info(rec, state_lost),
+            container=container_info(rec, state_lost, outcome.state_restored),
             truncated=truncated,
             warnings=warnings,
             text="" if text is not None else None,

@@ -24,6 +24,7 @@ import os
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +63,7 @@ class BlobStore:
         self.direct_bytes = 0  # records of the earlier one-folder-per-file layout, read where they lie
         self._root = os.fspath(files_dir)
         self._writing: set[BlobKey] = set()  # blobs `keep` is writing: not swept, not written twice at once
+        self.extra_bytes: Callable[[], int] = lambda: 0  # other bytes under the same quota (namespace snapshots)
 
     # ---- loading ----------------------------------------------------------------------------------------
 
@@ -77,7 +79,7 @@ class BlobStore:
 
     @property
     def used_bytes(self) -> int:
-        return self._blob_bytes + self.direct_bytes
+        return self._blob_bytes + self.direct_bytes + self.extra_bytes()
 
     def full(self) -> bool:
         return self.used_bytes >= self.max_bytes

@@ -10,6 +10,7 @@ them up and keeps none of their logic.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 from pathlib import Path
@@ -20,6 +21,7 @@ import anyio.lowlevel
 
 from ...config import Settings
 from ...errors import BackendError, CIError, ContainerExpired
+from ...storage.snapshots import SnapshotStore
 from ..base import (
     Capabilities,
     ContainerState,
@@ -44,6 +46,7 @@ from .workers.probe import IsolationProbe
 from .workers.quota import HARD_MARGIN, QuotaGuard
 from .workers.runs import Runner
 from .workers.service import Service
+from .workers.snapshots import Keeper
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +62,7 @@ class _Started:
         capacity: Capacity,
         service: Service,
         hub: Inotify | None,
+        keeper: Keeper | None = None,
     ) -> None:
         self.pool = pool
         self.quota = quota
@@ -66,6 +70,7 @@ class _Started:
         self.capacity = capacity
         self.service = service
         self.hub = hub
+        self.keeper = keeper
 
 
 class LocalBackend:
@@ -86,6 +91,9 @@ class LocalBackend:
         self._pool: WorkerPool | None = None  # kept after aclose(), for describe()
         self._capacity: Capacity | None = None
         self._live: _Started | None = None
+        # Sessions' namespace snapshots: the engine counts them against its store and deletes a closed session's.
+        self.snapshots = SnapshotStore(settings.files_dir)
+        self.snapshots_off: str | None = snapshots_off(settings)  # why they are off, None when on
 
     # ------------------------------------------------------------------------------------------ lifecycle
 
@@ -112,7 +120,14 @@ class LocalBackend:
         quota = QuotaGuard(s, pool, service)
         capacity = Capacity(s, self._containers, pool, profile, service, hub)
         self._pool, self._capacity = pool, capacity
-        self._live = _Started(pool, quota, Runner(s, pool, quota), capacity, service, hub)
+        keeper = None
+        if self.snapshots_off is None:
+            await anyio.to_thread.run_sync(self.snapshots.scan)
+            keeper = Keeper(self.snapshots, int(s.snapshot_max_mb * 2**20), service.spawn)
+            keeper.find = self._container_of
+            pool.snapshot_max_bytes = keeper.max_bytes
+            pool.started = keeper.listen
+        self._live = _Started(pool, quota, Runner(s, pool, quota, keeper), capacity, service, hub, keeper)
         if hub is not None:
             poll_s = float(s.quota_check_interval_s or 2.0)
             service.spawn("inotify", lambda: serve(hub, poll_s=poll_s))
@@ -124,6 +139,9 @@ class LocalBackend:
         live, self._live = self._live, None
         if live is not None:
             with anyio.CancelScope(shield=True):
+                if live.keeper is not None:
+                    await live.keeper.drain(5.0)  # a restart keeps the last run's variables
+                    live.keeper.close()
                 await live.capacity.aclose()
                 await live.service.aclose()
                 await live.pool.stop_all(self._containers.live())
@@ -132,6 +150,12 @@ class LocalBackend:
                 if live.hub is not None:
                     live.hub.close()
                 live.pool.memory.sweep()
+
+    def _container_of(self, worker: object) -> Container | None:
+        for c in self._containers.live():
+            if c.worker is worker:
+                return c
+        return None
 
     def _require_started(self) -> _Started:
         if self._live is None:
@@ -254,10 +278,20 @@ class LocalBackend:
             "data_folder_in_mount_table": sandbox.mount_table_path(s.containers_dir) + "/<container>/data",
             "change_tracking": "inotify" if self._live is not None and self._live.hub is not None else "rescans",
             "matplotlib_font_cache": str(mpl_cache) if mpl_cache else None,
+            "snapshots": "on" if self.snapshots_off is None else f"off ({self.snapshots_off})",
             "containers": len(self._containers),
             "notes": list(self.profile.notes) if self.profile is not None else [],
             "probe_failures": list(self._probe.failures),
         }
+
+
+def snapshots_off(settings: Settings) -> str | None:
+    """Why namespace snapshots are off on this server, or None when they are on."""
+    if settings.snapshots == "off":
+        return "SNAPSHOTS=off"
+    if importlib.util.find_spec("dill") is None:
+        return "dill is not installed"
+    return None
 
 
 def _prepare_package_sets(sets: Path) -> None:

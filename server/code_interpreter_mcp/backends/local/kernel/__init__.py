@@ -18,4 +18,4 @@ from pathlib import Path
 
 KERNEL_DIR = Path(__file__).resolve().parent
 # Mounted side by side into the sandbox (sandbox.bubblewrap); the worker loads the others by file path.
-KERNEL_FILES = ("worker.py", "cell.py", "protocol.py", "sitepaths.py", "magics.py")
+KERNEL_FILES = ("worker.py", "cell.py", "protocol.py", "sitepaths.py", "magics.py", "snapshot.py")

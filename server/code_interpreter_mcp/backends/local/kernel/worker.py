@@ -41,6 +41,7 @@ def _load_sibling(filename: str, name: str) -> types.ModuleType:
 _protocol = _load_sibling("protocol.py", "_ci_worker_protocol")
 _cell = _load_sibling("cell.py", "_ci_worker_cell")
 _sitepaths = _load_sibling("sitepaths.py", "_ci_worker_sitepaths")
+_snapshot = _load_sibling("snapshot.py", "_ci_worker_snapshot")
 
 Config = dict  # the JSON config from argv (a plain alias: `typing` costs ~9 ms at start-up)
 
@@ -115,8 +116,9 @@ def _prepare_matplotlib(cfg: Config) -> None:
 class _ZombieReaper:
     """Remembers the zombies a live Popen/Process owns, so each is looked up once, not after every run."""
 
-    def __init__(self) -> None:
+    def __init__(self, ours: set[int] | None = None) -> None:
         self._owned_zombies: set[int] = set()
+        self._ours = ours if ours is not None else set()  # the snapshot child: reaped by its own code
 
     def reap(self) -> None:
         """Reap exited children nobody will wait for (e.g. what is left of a fork bomb): zombies count against
@@ -141,7 +143,7 @@ class _ZombieReaper:
                         zombies.append(child)
             except OSError:
                 continue
-        candidates = [z for z in zombies if z not in self._owned_zombies]
+        candidates = [z for z in zombies if z not in self._owned_zombies and z not in self._ours]
         if not candidates:
             return
         owned = _owned_child_pids()
@@ -233,8 +235,10 @@ def main() -> None:
     cfg = json.loads(sys.argv[1])
     sys.argv = [""]
     req_fd, resp_fd = cfg["req_fd"], cfg["resp_fd"]
-    for fd in (req_fd, resp_fd, cfg["out_fd"], cfg["err_fd"]):
-        os.set_inheritable(fd, False)
+    ctl_fd = cfg.get("ctl_fd")
+    for fd in (req_fd, resp_fd, cfg["out_fd"], cfg["err_fd"], ctl_fd):
+        if fd is not None:
+            os.set_inheritable(fd, False)
     _apply_limits(cfg.get("limits") or {})
     if cfg.get("uid") is not None:
         _drop_privileges(int(cfg["uid"]), int(cfg["gid"]))
@@ -248,7 +252,8 @@ def main() -> None:
     # magics.py only for the first cell that needs it: its imports would cost every worker's start-up.
     runner = _cell.Runner(cfg, _protocol, lambda: _load_sibling("magics.py", "_ci_worker_magics"))
     sets = _sitepaths.Sets(cfg.get("packages_dir"))
-    reaper = _ZombieReaper()
+    snaps = _snapshot.Snapshots(runner, runner._hidden, ctl_fd, int(cfg.get("snapshot_max_bytes") or 0))
+    reaper = _ZombieReaper(snaps.pids)
     os.dup2(runner.null_fd, 0)
     os.dup2(runner.null_fd, 1)
     os.dup2(runner.null_fd, 2)
@@ -274,6 +279,8 @@ def main() -> None:
     while True:
         req = None
         try:
+            if snaps.pending() and decoder.pending == 0:
+                snaps.idle(req_fd)  # a snapshot waits for the one being written: start it when that one ends
             req = _protocol.read_frame(req_fd, decoder)
             if req is None:
                 break  # the host closed the pipe: shut down
@@ -288,9 +295,20 @@ def main() -> None:
                     resp = runner.execute(req)
                 finally:
                     _restore_env(saved)
+                notes.extend(snaps.over_cap_warnings())
                 if notes:
                     resp["warnings"] = notes + list(resp.get("warnings") or [])
                 reaper.reap()
+                resp["id"] = req.get("id")
+                _protocol.write_all(resp_fd, _protocol.encode(resp))
+                snaps.ran(int(req.get("run", 0) or 0))  # after the answer: the result never waits for it
+                continue
+            elif op == "restore":
+                try:
+                    sets.use(req.get("packages"))  # the session's packages before its values are loaded
+                except (OSError, ValueError, RuntimeError):
+                    pass
+                resp = snaps.restore(req)
             elif op == "ping":
                 resp = {"op": "pong"}
             elif op == "kill_strays":

@@ -37,9 +37,11 @@ class WorkerFds:
     resp_w: int
     out_fd: int
     err_fd: int
+    ctl: int | None = None  # the worker's end of its control socket (snapshots), when snapshots are on
 
     def all(self) -> list[int]:
-        return [self.req_r, self.resp_w, self.out_fd, self.err_fd]
+        fds = [self.req_r, self.resp_w, self.out_fd, self.err_fd]
+        return fds if self.ctl is None else [*fds, self.ctl]
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,7 @@ class LaunchSpec:
     mpl_cache: Path | None  # the prebuilt matplotlib font list (fonts.py)
     packages: Path | None = None  # the folder of installed package sets, readable (never writable) by the worker
     threads: int = 1  # BLAS/OpenMP threads (the CPUs the sandbox may use)
+    snapshot_max_bytes: int = 0  # the cap of a namespace snapshot; 0: snapshots off (no control socket)
 
 
 def worker_config(
@@ -81,6 +84,8 @@ def worker_config(
         "resp_fd": fds.resp_w,
         "out_fd": fds.out_fd,
         "err_fd": fds.err_fd,
+        "ctl_fd": fds.ctl,
+        "snapshot_max_bytes": spec.snapshot_max_bytes,
     }
 
 

@@ -20,6 +20,7 @@ import anyio
 
 from ....errors import ContainerExpired
 from ....removal import remove_tree
+from ....storage.blobs import owner_key
 from ...base import ContainerState
 from ..sandbox.profile import Profile, passwd_text
 from ..sandbox.uids import UidAllocator
@@ -75,6 +76,11 @@ class Container:
         self.quota_hit: int | None = None  # set by the quota guard when a run overfilled the folder
         self.quota_killed = False  # the guard killed the sandbox mid-run: the folder kept growing
         self.wake: anyio.CancelScope | None = None  # the run's wait, cancelled by the guard to react at once
+        # Whose namespace snapshots it keeps (kept in state.extra, so a container resumed after a restart knows).
+        session = state.extra.get("session")
+        key = state.extra.get("owner_key")
+        self.session_id: str | None = session if isinstance(session, str) else None
+        self.owner_key: str | None = key if isinstance(key, str) else None
 
     @property
     def data(self) -> Path:
@@ -173,7 +179,7 @@ class ContainerRegistry:
             expires_after_s=float(expires_after_s),
             status="running",
             isolation=profile.isolation,
-            extra={"uid": uid} if uid is not None else {},
+            extra={**({"uid": uid} if uid is not None else {}), "session": session_id, "owner_key": owner_key(owner)},
         )
         c = Container(state, folder.root, uid, gid, owner)
         self._by_id[cid] = c

@@ -83,6 +83,8 @@ class WorkerPool:
         self.threads = blas_threads(settings)
         # Asked before each worker start for room under the caps (capacity.py sets it); raises CapacityError.
         self.make_room: Callable[[Container], Awaitable[None]] | None = None
+        self.snapshot_max_bytes = 0  # > 0: workers get a control socket and save their namespace (snapshots.py)
+        self.started: Callable[[WorkerProcess], None] | None = None  # told of each new worker (its snapshots)
 
     @property
     def sandboxed(self) -> bool:
@@ -103,8 +105,11 @@ class WorkerPool:
             mpl_cache=self.mpl_cache,
             packages=self.packages,
             threads=self.threads,
+            snapshot_max_bytes=self.snapshot_max_bytes,
         )
         worker = await WorkerProcess.spawn(self.launcher, spec)
+        if self.started is not None:
+            self.started(worker)
         # Before any user code runs (the worker waits for its first request): what it starts stays in the group.
         if group is not None:
             self.memory.place(group, list(worker.process.pids().values()))

@@ -12,6 +12,7 @@ import contextlib
 import errno
 import os
 import signal
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,6 +104,8 @@ class WorkerProcess:
         self._next_id = 0
         self._closed = False
         self.dead = False
+        self.ctl: socket.socket | None = None  # the control socket (snapshots), when they are on
+        self.fresh = True  # nothing has run in it yet: the session's snapshot is loaded before its first run
 
     @property
     def sandboxed(self) -> bool:
@@ -123,16 +126,29 @@ class WorkerProcess:
         out_fd, err_fd, log_fd = await anyio.to_thread.run_sync(_prepare_files, spec.root)
         req_r, req_w = os.pipe2(os.O_CLOEXEC)
         resp_r, resp_w = os.pipe2(os.O_CLOEXEC)
-        fds = WorkerFds(req_r, resp_w, out_fd, err_fd)
+        ctl: socket.socket | None = None
+        ctl_theirs: socket.socket | None = None
+        if spec.snapshot_max_bytes > 0:
+            # Message boundaries kept, and fds pass both ways: snapshot streams out, part files in (snapshots.py).
+            ctl, ctl_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        fds = WorkerFds(req_r, resp_w, out_fd, err_fd, ctl_theirs.fileno() if ctl_theirs is not None else None)
         try:
             process = await launcher.launch(spec, fds, log_fd)
         except BaseException:
-            _close_all((*fds.all(), req_w, resp_r, log_fd))
+            _close_all((req_r, resp_w, out_fd, err_fd, req_w, resp_r, log_fd))
+            for sock in (ctl, ctl_theirs):
+                if sock is not None:
+                    sock.close()
             raise
         _close_all((req_r, resp_w, log_fd))
+        if ctl_theirs is not None:
+            ctl_theirs.close()
+        if ctl is not None:
+            ctl.setblocking(False)
         os.set_blocking(req_w, False)
         os.set_blocking(resp_r, False)
         proc = cls(process, req_w, resp_r, out_fd, err_fd, spec.root / "worker.log")
+        proc.ctl = ctl
         try:
             with anyio.fail_after(ready_timeout):
                 ready = await proc.receive()
@@ -284,4 +300,9 @@ class WorkerProcess:
             return
         self._closed = True
         _close_all((self.req_w, self.resp_r, self.out_fd, self.err_fd))
+        ctl, self.ctl = self.ctl, None
+        if ctl is not None:
+            with contextlib.suppress(RuntimeError):
+                anyio.notify_closing(ctl)  # its listener (snapshots.py) wakes up and ends
+            ctl.close()
         self.process.close()

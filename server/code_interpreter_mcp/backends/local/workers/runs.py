@@ -23,6 +23,7 @@ from .containers import Container
 from .pool import WorkerPool
 from .process import WorkerGone, WorkerProcess
 from .quota import HARD_MARGIN, QuotaGuard
+from .snapshots import Keeper, Restored
 from .streaming import CaptureTail
 
 logger = logging.getLogger(__name__)
@@ -35,10 +36,11 @@ SPIN_S = 0.0002
 class Runner:
     """Runs code in containers' workers, one run per container at a time."""
 
-    def __init__(self, settings: Settings, pool: WorkerPool, quota: QuotaGuard) -> None:
+    def __init__(self, settings: Settings, pool: WorkerPool, quota: QuotaGuard, keeper: Keeper | None = None) -> None:
         self.settings = settings
         self.pool = pool
         self.quota = quota
+        self.keeper = keeper  # namespace snapshots (None: off)
 
     async def execute(self, c: Container, request: ExecRequest, progress: Progress) -> ExecOutcome:
         async with c.lock:
@@ -52,6 +54,13 @@ class Runner:
             c.state_lost_pending = False
             c.quota_hit = None
             worker, restarted = await self.pool.ensure(c)
+            restored = Restored()
+            if worker.fresh:
+                worker.fresh = False
+                if self.keeper is not None:
+                    worker, restored = await self._restore(c, worker, request)
+            if self.keeper is not None:
+                warnings.extend(self.keeper.take_notes(c))
             c.running = True
             try:
                 result = await self._run(c, worker, request, progress)
@@ -59,7 +68,12 @@ class Runner:
                 c.folder.pump()  # a breach by the run's last writes is the run's, not a background writer's
                 c.running = False
                 c.quota_killed = False
-            result.state_lost = result.state_lost or state_lost or restarted
+            if restored.info is not None:
+                result.state_restored = restored.info  # the earlier loss was made good: only this run's own counts
+            else:
+                result.state_lost = result.state_lost or state_lost or restarted or restored.lost is not None
+            if restored.lost is not None:
+                warnings.append(f"the session's variables could not be restored: {restored.lost}")
             over = self.quota.over_quota_warning(c)
             if over is not None:
                 warnings.append(over)
@@ -70,6 +84,22 @@ class Runner:
             c.state.last_active_at = time.time()
             result.container = c.snapshot()
             return result
+
+    async def _restore(
+        self, c: Container, worker: WorkerProcess, request: ExecRequest
+    ) -> tuple[WorkerProcess, Restored]:
+        """The session's last snapshot into a worker that has not run anything; a worker that dies or hangs on
+        it is replaced (and that one is not tried again), so a snapshot never fails the run."""
+        assert self.keeper is not None
+        packages = self._package_sets(request.package_paths) if request.package_paths else []
+        try:
+            return worker, await self.keeper.restore(c, worker, packages, float(request.timeout_s))
+        except (WorkerGone, TimeoutError) as exc:
+            logger.info("restoring the snapshot of %s failed: %s", c.state.id, exc)
+            await self.pool.retire(c, worker)
+            worker, _ = await self.pool.ensure(c)
+            worker.fresh = False
+            return worker, Restored(lost=f"loading the snapshot stopped the worker ({exc})")
 
     async def _run(self, c: Container, worker: WorkerProcess, request: ExecRequest, progress: Progress) -> ExecOutcome:
         structured = request.structured is not None

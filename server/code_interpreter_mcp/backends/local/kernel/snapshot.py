@@ -1,0 +1,470 @@
+"""The session's namespace, saved after runs and loaded into a new worker: runs inside the sandbox, stdlib + dill.
+
+Saving is off the run's path. After a run's answer is sent the worker forks; the child (idle CPU priority, first
+to go when memory runs out) pickles each user name on its own with dill (protocol 5, large buffers out of band, so
+a DataFrame's arrays are never copied), hashes it, and streams it to the host over a socket pair of its own whose
+other end the worker hands the host over its control socket (SCM_RIGHTS). The host asks for the bytes of a name
+only when its digest changed, and writes the files: no path of a snapshot is ever visible in the sandbox. One
+child at a time: a snapshot due while one is being written waits for it (like Redis's background save), so a burst
+of quick runs costs one more snapshot, not one each, and a big namespace's snapshot is never starved.
+
+Loading: the host sends read-only fds of the part files over the control socket; each name is loaded on its own,
+so one that fails (a package gone, another Python) is named and the others come back. Modules are kept by name.
+Classes and functions bound to one name and used by another's value are pickled as references to that name, so
+`isinstance(obj, Cls)` still holds after a restore.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import struct
+import sys
+import time
+import types
+
+# socket, select and hashlib are imported when first needed: a worker's start-up is on the path of every new
+# container, and a worker that never saves anything must not pay for them.
+
+HEADER = struct.Struct(">I")
+MAX_FDS = 64  # per control message: read and closed before the next, well under RLIMIT_NOFILE
+CHILD_TIMEOUT_S = 600  # a child stuck (e.g. on a lock a thread held at fork) is killed by its own alarm
+_SKIP = ("_", "__builtins__", "__name__", "__doc__", "__package__", "__loader__", "__spec__")
+
+
+class _OverCap(Exception):
+    pass
+
+
+class _CapWriter(io.RawIOBase):
+    """A pickle's in-band bytes, refused past the cap (so a huge value never fills the child's memory)."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.parts: list[bytes] = []
+        self.size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: object) -> int:
+        data = bytes(b)  # type: ignore[call-overload]
+        self.size += len(data)
+        if self.size > self.cap:
+            raise _OverCap
+        self.parts.append(data)
+        return len(data)
+
+
+def _reason(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _human(n: int) -> str:
+    for unit, size in (("GB", 2**30), ("MB", 2**20), ("KB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def _estimate(value: object) -> int:
+    """A cheap lower bound of a value's pickled size: arrays, frames, bytes, strings; 0 when unknown."""
+    try:
+        if isinstance(value, (bytes, bytearray, str)):
+            return len(value)
+        nbytes = getattr(type(value), "nbytes", None)
+        if nbytes is not None and type(value).__module__.split(".")[0] == "numpy":
+            return int(value.nbytes)  # type: ignore[attr-defined]
+        if type(value).__module__.split(".")[0] == "pandas" and hasattr(value, "memory_usage"):
+            usage = value.memory_usage(index=True, deep=False)  # type: ignore[attr-defined]
+            return int(usage.sum()) if hasattr(usage, "sum") else int(usage)
+    except Exception:
+        return 0
+    return 0
+
+
+class Snapshots:
+    """The worker's side of snapshots: when to save, the saving child, and loading."""
+
+    def __init__(self, runner: object, hidden: set[str], ctl_fd: int | None, max_bytes: int) -> None:
+        self.ns: dict[str, object] = runner.ns  # type: ignore[attr-defined]
+        self.hidden = hidden
+        self.ctl_fd = ctl_fd
+        self._ctl: object = None
+        self.max_bytes = max_bytes
+        self.dirty = False
+        self.child: int | None = None
+        self.child_fd: int | None = None  # its pidfd: readable once it exited
+        self.run = 0
+        self.known: dict[str, int] = {}  # name -> id(value) after the last run: rebound names are estimated
+        self.warned: set[str] = set()
+        self.pids: set[int] = set()  # children of ours, which the zombie reaper must leave alone
+
+    @property
+    def enabled(self) -> bool:
+        return self.ctl_fd is not None
+
+    @property
+    def ctl(self):
+        if self._ctl is None and self.ctl_fd is not None:
+            import socket
+
+            self._ctl = socket.socket(fileno=self.ctl_fd)
+        return self._ctl
+
+    def names(self) -> list[str]:
+        return [n for n in self.ns if n not in self.hidden and n not in _SKIP and not n.startswith("__")]
+
+    # ---- after a run (parent) -----------------------------------------------------------------------------
+
+    def over_cap_warnings(self) -> list[str]:
+        """Warnings for names rebound by the run that alone exceed the cap (estimated, so said in the same run's
+        result; the child's exact sizes catch the rest and the host says those with the next result)."""
+        if not self.enabled:
+            return []
+        out = []
+        known, self.known = self.known, {}
+        for name in self.names():
+            value = self.ns[name]
+            self.known[name] = id(value)
+            if known.get(name) == id(value) or name in self.warned:
+                continue
+            size = _estimate(value)
+            if size > self.max_bytes:
+                self.warned.add(name)
+                out.append(
+                    f"not kept across restarts: {name} ({_human(size)}; SNAPSHOT_MAX_MB is {self.max_bytes // 2**20})"
+                )
+        return out
+
+    def ran(self, run: int) -> None:
+        """A run ended (its answer was sent): save the namespace now, or as soon as the child in flight ends."""
+        if not self.enabled:
+            return
+        self.run = run
+        self.dirty = True
+        self._reap()
+        if self.child is None:
+            self._start()
+
+    def pending(self) -> bool:
+        return self.dirty and self.child is not None
+
+    def idle(self, req_fd: int) -> None:
+        """Between runs, while a snapshot waits for the child in flight: start it when that child ends; return
+        when a request arrives."""
+        import select
+
+        while self.pending() and self.child_fd is not None:
+            ready, _, _ = select.select([req_fd, self.child_fd], [], [])
+            if req_fd in ready:
+                return
+            self._reap()
+            if self.child is None and self.dirty:
+                self._start()
+
+    def _reap(self) -> None:
+        if self.child is None:
+            return
+        try:
+            pid, _status = os.waitpid(self.child, os.WNOHANG)
+        except ChildProcessError:
+            pid = self.child
+        if pid == 0:
+            return
+        self.pids.discard(self.child)
+        self.child = None
+        if self.child_fd is not None:
+            os.close(self.child_fd)
+            self.child_fd = None
+
+    def _start(self) -> None:
+        assert self.ctl is not None
+        try:
+            import dill  # noqa: F401  (once, in the parent: every child then has it)
+        except ImportError:
+            self.ctl_fd = None  # the server checks for dill before turning snapshots on; never retried
+            return
+        import socket
+
+        try:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError:
+            return  # out of fds: the next run tries again
+        try:
+            pid = os.fork()
+        except OSError:
+            ours.close()
+            theirs.close()
+            return
+        if pid == 0:
+            theirs.close()
+            code = 1
+            try:
+                self._child(ours)
+                code = 0
+            except BaseException:
+                pass
+            os._exit(code)
+        ours.close()
+        self.dirty = False
+        self.child = pid
+        self.pids.add(pid)
+        try:
+            self.child_fd = os.pidfd_open(pid)
+        except (AttributeError, OSError):
+            self.child_fd = None
+        try:
+            socket.send_fds(self.ctl, [json.dumps({"op": "snapshot", "run": self.run}).encode()], [theirs.fileno()])
+        except OSError:
+            os.kill(pid, signal.SIGKILL)  # the host is not listening: nobody would read it
+        finally:
+            theirs.close()
+
+    # ---- the child ----------------------------------------------------------------------------------------
+
+    def _child(self, sock: object) -> None:
+        import hashlib
+
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM, signal.SIGPIPE):
+            signal.signal(sig, signal.SIG_DFL if sig != signal.SIGINT else signal.SIG_IGN)
+        signal.alarm(CHILD_TIMEOUT_S)
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        except (AttributeError, OSError):
+            os.nice(19)
+        try:
+            with open("/proc/self/oom_score_adj", "w") as fh:
+                fh.write("1000")
+        except OSError:
+            pass
+        os.dup2(os.open(os.devnull, os.O_RDWR), 1)  # nothing the pickling prints reaches a run's capture
+        os.dup2(1, 2)
+        import dill
+
+        names = self.names()
+        tops = {id(self.ns[n]): n for n in names if isinstance(self.ns[n], (type, types.FunctionType))}
+        ns = self.ns
+
+        class Pickler(dill.Pickler):  # type: ignore[misc, name-defined]
+            current = ""
+
+            def persistent_id(self, obj: object) -> object:
+                if isinstance(obj, (type, types.FunctionType)):
+                    name = tops.get(id(obj))
+                    if name is not None and name != self.current and ns.get(name) is obj:
+                        return name
+                return None
+
+        parts: list[dict[str, object]] = []
+        skipped: list[dict[str, str]] = []
+        bodies: dict[str, tuple[list[bytes], list[memoryview]]] = {}
+        for name in names:
+            value = ns[name]
+            if isinstance(value, types.ModuleType):
+                parts.append({"name": name, "kind": "module", "module": value.__name__})
+                continue
+            writer = _CapWriter(self.max_bytes)
+            buffers: list[memoryview] = []
+            size = [0]
+
+            def keep(buf: object, buffers: list[memoryview] = buffers, size: list[int] = size) -> None:
+                view = buf.raw()  # type: ignore[attr-defined]
+                size[0] += view.nbytes
+                if size[0] > self.max_bytes:
+                    raise _OverCap
+                buffers.append(view)
+
+            pickler = Pickler(writer, protocol=5, buffer_callback=keep)
+            pickler.current = name
+            try:
+                pickler.dump(value)
+            except _OverCap:
+                parts.append({"name": name, "kind": "over", "bytes": max(writer.size + size[0], self.max_bytes + 1)})
+                continue
+            except BaseException as exc:
+                skipped.append({"name": name, "reason": _reason(exc)})
+                continue
+            digest = hashlib.sha256()
+            for chunk in writer.parts:
+                digest.update(chunk)
+            for view in buffers:
+                digest.update(view)
+            parts.append(
+                {
+                    "name": name,
+                    "kind": "value",
+                    "digest": digest.hexdigest(),
+                    "pickle": writer.size,
+                    "buffers": [v.nbytes for v in buffers],
+                    "bytes": writer.size + sum(v.nbytes for v in buffers),
+                }
+            )
+            bodies[name] = (writer.parts, buffers)
+        # Over the cap all together: the biggest names go first.
+        over = [p for p in parts if p["kind"] == "over"]
+        kept = [p for p in parts if p["kind"] != "over"]
+        total = sum(int(p.get("bytes", 0)) for p in kept)  # type: ignore[call-overload]
+        for p in sorted(kept, key=lambda p: -int(p.get("bytes", 0))):  # type: ignore[call-overload]
+            if total <= self.max_bytes:
+                break
+            if p["kind"] == "value":
+                total -= int(p["bytes"])  # type: ignore[call-overload]
+                over.append(p)
+        over_names = {p["name"] for p in over}
+        kept = [p for p in kept if p["name"] not in over_names]
+
+        send = sock.sendall  # type: ignore[attr-defined]
+        version = ".".join(map(str, sys.version_info[:3]))
+        send(_frame({"op": "begin", "run": self.run, "python": version, "dill": dill.__version__}))
+        for p in kept:
+            send(_frame({"op": "part", **p}))
+            if p["kind"] != "value":
+                continue
+            answer = sock.recv(1)  # type: ignore[attr-defined]
+            if answer == b"1":
+                chunks, buffers = bodies[p["name"]]  # type: ignore[index]
+                for chunk in chunks:
+                    send(chunk)
+                for view in buffers:
+                    send(view)
+            elif answer != b"0":
+                return  # the host hung up
+        over_list = [{"name": p["name"], "bytes": int(p["bytes"])} for p in over]  # type: ignore[call-overload]
+        send(_frame({"op": "end", "skipped": skipped, "over": over_list}))
+        sock.recv(1)  # type: ignore[attr-defined]  # the host's ack: it has everything
+
+    # ---- loading into a new worker (parent, before any run) ------------------------------------------------
+
+    def restore(self, req: dict[str, object]) -> dict[str, object]:
+        started = time.monotonic()
+        parts = [p for p in req.get("parts") or [] if isinstance(p, dict)]  # type: ignore[union-attr]
+        values = [p for p in parts if p.get("kind") == "value"]
+        datas = self._receive_parts(values)
+        restored: list[str] = []
+        skipped: list[dict[str, str]] = []
+        try:
+            import dill
+        except ImportError as exc:
+            dill = None
+            missing = _reason(exc)
+        for p in parts:
+            if p.get("kind") == "module":
+                try:
+                    import importlib
+
+                    self.ns[str(p["name"])] = importlib.import_module(str(p["module"]))
+                    restored.append(str(p["name"]))
+                except BaseException as exc:
+                    skipped.append({"name": str(p["name"]), "reason": f"module {p['module']!r}: {_reason(exc)}"})
+        ns = self.ns
+        waiting: list[tuple[dict[str, object], object]] = list(zip(values, datas, strict=True))
+        # Several passes: a value may refer to a class or function another name holds (restored first).
+        failures: dict[str, str] = {}
+        while waiting:
+            progress = False
+            later = []
+            for p, data in waiting:
+                name = str(p.get("name"))
+                if isinstance(data, str):
+                    failures[name] = data
+                    continue
+                if dill is None:
+                    failures[name] = missing
+                    continue
+                try:
+                    ns[name] = _load(dill, ns, p, data)  # type: ignore[arg-type]
+                    restored.append(name)
+                    failures.pop(name, None)
+                    progress = True
+                except _NeedsName as exc:
+                    failures[name] = f"it needs {exc.args[0]!r}, which was not restored"
+                    later.append((p, data))
+                except BaseException as exc:
+                    failures[name] = _reason(exc)
+            if not progress:
+                break
+            waiting = later
+        skipped.extend({"name": n, "reason": r} for n, r in failures.items())
+        self.known = {n: id(ns[n]) for n in self.names()}
+        order = {str(p.get("name")): i for i, p in enumerate(parts)}
+        restored.sort(key=lambda n: order.get(n, 0))
+        return {"op": "restored", "restored": restored, "skipped": skipped,
+                "seconds": round(time.monotonic() - started, 4)}  # fmt: skip
+
+    def _receive_parts(self, values: list[dict[str, object]]) -> list[object]:
+        """Each value part's bytes (a bytearray), or why it cannot be had (a str); fds come in batches, each read
+        and closed before the next."""
+        import socket
+
+        out: list[object] = []
+        if self.ctl is None:
+            return ["snapshots are off in this worker"] * len(values)
+        self.ctl.settimeout(30)
+        try:
+            while len(out) < len(values):
+                try:
+                    msg, fds, _flags, _addr = socket.recv_fds(self.ctl, 64, MAX_FDS)
+                except OSError as exc:
+                    out.extend([f"its part could not be received ({exc})"] * (len(values) - len(out)))
+                    break
+                if not msg and not fds:
+                    break
+                for fd in fds:
+                    p = values[len(out)] if len(out) < len(values) else {}
+                    try:
+                        out.append(_read_part(p, fd))
+                    except (OSError, ValueError) as exc:
+                        out.append(str(exc))
+                    finally:
+                        os.close(fd)
+        finally:
+            self.ctl.settimeout(None)
+        out.extend(["its part of the snapshot never arrived"] * (len(values) - len(out)))
+        return out[: len(values)]
+
+
+class _NeedsName(Exception):
+    pass
+
+
+def _read_part(p: dict[str, object], fd: int) -> bytearray:
+    size = os.fstat(fd).st_size
+    total = int(p.get("bytes", 0))  # type: ignore[call-overload]
+    if size != total:
+        raise ValueError(f"its part is {size} bytes, the snapshot says {total} (truncated)")
+    data = bytearray(size)
+    view = memoryview(data)
+    got = 0
+    while got < size:
+        n = os.preadv(fd, [view[got:]], got)
+        if n <= 0:
+            raise ValueError("its part ended early (truncated)")
+        got += n
+    return data
+
+
+def _load(dill: types.ModuleType, ns: dict[str, object], p: dict[str, object], data: bytearray) -> object:
+    view = memoryview(data)
+    pickle_len = int(p.get("pickle", 0))  # type: ignore[call-overload]
+    buffers = []
+    offset = pickle_len
+    for length in p.get("buffers") or []:  # type: ignore[union-attr]
+        buffers.append(view[offset : offset + int(length)])
+        offset += int(length)
+
+    class Unpickler(dill.Unpickler):  # type: ignore[misc, name-defined]
+        def persistent_load(self, pid: object) -> object:
+            if isinstance(pid, str) and pid in ns:
+                return ns[pid]
+            raise _NeedsName(pid)
+
+    return Unpickler(io.BytesIO(view[:pickle_len]), buffers=buffers).load()
+
+
+def _frame(obj: dict[str, object]) -> bytes:
+    body = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "surrogatepass")
+    return HEADER.pack(len(body)) + body

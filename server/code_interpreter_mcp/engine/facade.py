@@ -21,6 +21,7 @@ from ..config import Settings
 from ..errors import BackendError, CIError
 from ..models import CloseResult
 from ..sessions import Registry, Session
+from ..storage.blobs import owner_key
 from .containers import Containers
 from .context import EngineContext
 from .files import Files
@@ -175,6 +176,8 @@ class Engine:
             if delete_files:
                 await self.files.delete_all(session)
             await self.reg.close_session(session)
+            if self.ctx.snapshots is not None:  # its workers are gone: no snapshot of it is being written any more
+                await anyio.to_thread.run_sync(self.ctx.snapshots.delete, owner_key(session.owner), session.id)
             self.sessions.forget(session)
             return CloseResult(
                 session_id=session.id, closed=True, containers_stopped=stopped, files_kept=not delete_files

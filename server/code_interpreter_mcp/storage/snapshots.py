@@ -118,6 +118,9 @@ class Writer:
         while dest.exists():
             seq += 1
             dest = folder / f"run-{seq}"
+        if self.store.is_closed(self.owner_key, self.session_id):
+            self.abort()
+            return None
         os.rename(self.tmp, dest)
         self.store.prune(self.owner_key, self.session_id, keep=seq)
         return Snapshot(dest, seq, manifest)
@@ -134,6 +137,7 @@ class SnapshotStore:
         self._lock = threading.Lock()
         self._bytes: dict[tuple[str, str], int] = {}  # (owner_key, session) -> bytes of its newest snapshot
         self.room: Callable[[int], bool] = lambda extra: True  # set by the engine: does the store have room?
+        self._closed: set[tuple[str, str]] = set()  # sessions deleted: a snapshot still in flight is dropped
 
     def folder(self, owner_key: str, session_id: str) -> Path:
         if not _OWNER.fullmatch(owner_key) or not _SESSION.fullmatch(session_id):
@@ -163,6 +167,10 @@ class SnapshotStore:
     def has(self, owner_key: str, session_id: str) -> bool:
         """Whether the session has a snapshot (from memory: asked before every new worker's first run)."""
         return (owner_key, session_id) in self._bytes
+
+    def is_closed(self, owner_key: str, session_id: str) -> bool:
+        with self._lock:
+            return (owner_key, session_id) in self._closed
 
     def sessions(self) -> list[tuple[str, str]]:
         with self._lock:
@@ -213,7 +221,9 @@ class SnapshotStore:
             self._bytes[(owner_key, session_id)] = _disk_bytes(folder / f"run-{keep}")
 
     def delete(self, owner_key: str, session_id: str) -> None:
-        """The session's snapshots, all gone (close_session, or a session the registry no longer has)."""
+        """The session's snapshots, all gone, and none written for it again (close_session)."""
+        with self._lock:
+            self._closed.add((owner_key, session_id))
         with contextlib.suppress(ValueError):
             shutil.rmtree(self.folder(owner_key, session_id), ignore_errors=True)
         with self._lock:

@@ -102,6 +102,7 @@ class Snapshots:
         self.known: dict[str, int] = {}  # name -> id(value) after the last run: rebound names are estimated
         self.warned: set[str] = set()
         self.pids: set[int] = set()  # children of ours, which the zombie reaper must leave alone
+        self.saved = False  # a snapshot was started (or restored): an empty namespace must then be saved too
 
     @property
     def enabled(self) -> bool:
@@ -145,6 +146,8 @@ class Snapshots:
         if not self.enabled:
             return
         self.run = run
+        if not self.saved and not self.names():
+            return  # nothing was ever kept, nothing to keep: no snapshot at all
         self.dirty = True
         self._reap()
         if self.child is None:
@@ -211,6 +214,7 @@ class Snapshots:
             os._exit(code)
         ours.close()
         self.dirty = False
+        self.saved = True
         self.child = pid
         self.pids.add(pid)
         try:
@@ -333,7 +337,10 @@ class Snapshots:
                     send(view)
             elif answer != b"0":
                 return  # the host hung up
-        over_list = [{"name": p["name"], "bytes": int(p["bytes"])} for p in over]  # type: ignore[call-overload]
+        over_list = [
+            {"name": p["name"], "bytes": int(p["bytes"]), "warned": p["name"] in self.warned}  # type: ignore[call-overload]
+            for p in over
+        ]
         send(_frame({"op": "end", "skipped": skipped, "over": over_list}))
         sock.recv(1)  # type: ignore[attr-defined]  # the host's ack: it has everything
 
@@ -390,6 +397,7 @@ class Snapshots:
             waiting = later
         skipped.extend({"name": n, "reason": r} for n, r in failures.items())
         self.known = {n: id(ns[n]) for n in self.names()}
+        self.saved = True
         order = {str(p.get("name")): i for i, p in enumerate(parts)}
         restored.sort(key=lambda n: order.get(n, 0))
         return {"op": "restored", "restored": restored, "skipped": skipped,

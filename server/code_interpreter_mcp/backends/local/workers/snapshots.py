@@ -125,6 +125,7 @@ def _named_reasons(value: object, key: str) -> list[dict[str, Any]]:
                 entry["reason"] = str(item.get("reason", ""))[:300]
             else:
                 entry["bytes"] = int(item["bytes"]) if isinstance(item.get("bytes"), int) else 0
+                entry["warned"] = item.get("warned") is True  # the worker said so in the run's own result
             out.append(entry)
         if len(out) >= 10_000:
             break
@@ -247,7 +248,7 @@ class Keeper:
                 "dill": str(begin.get("dill", ""))[:40],
                 "saved_at": time.time(),
                 "skipped": skipped,
-                "over": over,
+                "over": [{"name": o["name"], "bytes": o["bytes"]} for o in over],
             }
             writer.commit(meta)
         except BaseException:
@@ -255,7 +256,7 @@ class Keeper:
             raise
         with contextlib.suppress(OSError):
             sock.sendall(b"1")
-        return [(o["name"], o["bytes"]) for o in over]
+        return [(o["name"], o["bytes"]) for o in over if not o["warned"]]
 
     async def drain(self, within: float) -> None:
         """Let snapshots being written finish (a graceful stop keeps the last run's variables)."""

@@ -38,3 +38,15 @@ async def emulator_client(emu: Emulator, tmp_path: Path, **overrides: Any) -> As
     backend = OpenAIBackend(settings, http_client=emu.http_client(), retry_base_s=0.01, retry_cap_s=0.05)
     async with Client(build_server(settings, engine=Engine(settings, backend=backend)), raise_exceptions=True) as c:
         yield c
+
+
+async def snapshot_saved(backend: LocalBackend, session_id: str, run: int = 1, within: float = 20.0) -> None:
+    """Wait until the session's namespace snapshot of its `run`-th run (or a later one) is on disk."""
+    import anyio
+
+    with anyio.fail_after(within):
+        while True:
+            snap = backend.snapshots.latest("o_none", session_id)
+            if snap is not None and (snap.manifest.get("run") or 0) >= run:
+                return
+            await anyio.sleep(0.02)

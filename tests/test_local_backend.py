@@ -38,7 +38,7 @@ from code_interpreter_mcp.errors import (
     PathRefused,
     SandboxUnavailable,
 )
-from tests.helpers import MakeBackend
+from tests.helpers import MakeBackend, snapshot_saved
 
 pytestmark = pytest.mark.anyio
 
@@ -347,6 +347,7 @@ async def test_sigint_ignored_gets_killed_and_respawned(make_backend: MakeBacken
     backend = await make_backend(interrupt_grace_s=0.5)
     c = await backend.create_container("s", 600)
     await run(backend, c, "kept = 1")
+    await snapshot_saved(backend, "s")
     old_pid = worker_of(backend, c.id).worker_pid  # type: ignore[union-attr]
     code = "import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nprint('stubborn')\nwhile True:\n    pass"
     out = await run(backend, c, code, timeout=0.3)
@@ -356,8 +357,8 @@ async def test_sigint_ignored_gets_killed_and_respawned(make_backend: MakeBacken
     assert out.stdout == "stubborn\n"  # read from the host's copy of the capture file
     assert old_pid is not None and not pid_alive(old_pid)
     nxt = await run(backend, c, "'kept' in dir()")
-    assert nxt.status == "ok" and nxt.result_repr == "False"
-    assert not nxt.state_lost  # the loss was reported once, by the run that caused it
+    assert nxt.status == "ok" and nxt.result_repr == "True"  # the new worker loaded the snapshot
+    assert not nxt.state_lost and nxt.state_restored is not None and nxt.state_restored["restored"] == ["kept"]
 
 
 async def test_cancellation_interrupts_the_run(backend: LocalBackend, container: ContainerState) -> None:
@@ -375,13 +376,14 @@ async def test_cancellation_kills_a_stubborn_run(make_backend: MakeBackend) -> N
     backend = await make_backend(interrupt_grace_s=0.3)
     c = await backend.create_container("s", 600)
     await run(backend, c, "kept = 1")
+    await snapshot_saved(backend, "s")
     code = "import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nwhile True:\n    pass"
     with anyio.move_on_after(0.3) as scope:
         await run(backend, c, code, timeout=60)
     assert scope.cancelled_caught
     out = await run(backend, c, "'kept' in dir()")
-    assert out.status == "ok" and out.result_repr == "False"
-    assert out.state_lost
+    assert out.status == "ok" and out.result_repr == "True"  # killed, then its variables loaded again
+    assert not out.state_lost and out.state_restored is not None
 
 
 async def test_cpu_budget_exhausted(make_backend: MakeBackend) -> None:
@@ -752,8 +754,8 @@ async def test_background_writer_over_quota_is_stopped(make_backend: MakeBackend
     assert sum(p.stat().st_size for p in data.iterdir()) == used  # the writer is gone
     assert 16 * 2**20 < used < 48 * 2**20
     out = await run(backend, c, "import glob, os\nfor p in glob.glob('bg*'):\n    os.remove(p)\n'kept' in dir()")
-    assert out.status == "ok" and out.result_repr == "False"
-    assert out.state_lost
+    assert out.status == "ok" and out.result_repr == "True"  # the stopped worker's variables came back
+    assert not out.state_lost and out.state_restored is not None
     assert any("background writer" in w for w in out.warnings)
 
 

@@ -39,8 +39,9 @@ expression (like a notebook cell), any error with its traceback, and every file 
   ===BEGIN_JSON=== and ===END_JSON=== (the last such block wins; works on every backend at no extra cost), or,
   on the local backend, as the value of the code's LAST EXPRESSION (e.g. end with `result`, a dict). On the
   openai backend, code that prints no block gets the JSON written by the model from the code's output.
-- Each result says when the container expires (idle expiry); after that a new container starts (state_lost:
-  true), input files are uploaded again, and earlier files remain downloadable.
+- Each result says when the container expires (idle expiry); after that a new container starts, input files are
+  uploaded again, and earlier files remain downloadable. On the local backend the session's variables come back
+  from their last snapshot (container.state_restored names them); elsewhere they are gone (state_lost: true).
 - No network access inside the sandbox. timeout_s stops runaway code (interrupt first, then restart).
 - packages: PEP 508 requirements to install first, e.g. ["tabulate", "scikit-learn>=1.5"] (a PEP 723
   `# /// script` block with `dependencies = [...]` at the top of the code works too). They are installed outside
@@ -73,7 +74,8 @@ CANCEL_RUN_DESCRIPTION = """\
 Stop a run that is still going (status "running"; a "queued" one is taken out of the queue and never runs),
 the way a timeout does: the code is interrupted
 (KeyboardInterrupt), so the session's variables and imports are kept; only code that ignores the interrupt is
-killed (the next result then says state_lost). Returns the run's result with status "cancelled", its output and
+killed (its variables then come back from their last snapshot on the local backend, else the result says
+state_lost). Returns the run's result with status "cancelled", its output and
 the files it wrote so far.
 """
 

@@ -280,3 +280,26 @@ async def test_off_keeps_the_old_behaviour_and_close_session_leaves_nothing(tmp_
         closed = structured(await c.call_tool("close_session", {"session_id": sid}))
         assert closed["closed"] is True
         assert not snap_dir(data, sid).exists()
+
+
+async def test_no_path_in_the_sandbox_reaches_a_snapshot(tmp_path: Path) -> None:
+    data = tmp_path / "d"
+    async with client(data) as (c, engine):
+        mine = (await call(c, "secret = 'mine'"))["session_id"]
+        other = (await engine.reg.create_session(None)).id
+        assert (await call(c, "secret = 'theirs'", other))["status"] == "ok"
+        theirs = await saved(data, other, 1)
+        await saved(data, mine, 1)
+        probe = (
+            "import os\n"
+            f"paths = [{str(theirs / 'manifest.json')!r}, {str(snap_dir(data, mine))!r}, {str(data / 'files')!r}]\n"
+            "reachable = [p for p in paths if os.path.exists(p)]\n"
+            "mounts = open('/proc/self/mountinfo').read()\n"
+            "found = [p for p in ('snapshots', 'files/o_') if p in mounts]\n"
+            "listed = sorted(os.listdir('/mnt/data'))\n"
+            "(reachable, found, listed)"
+        )
+        out = await call(c, probe, mine)
+        assert out["status"] == "ok" and out["result"] == "([], [], [])", out
+        files = structured(await c.call_tool("list_container_files", {"session_id": mine}))
+        assert files["files"] == []

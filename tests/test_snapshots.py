@@ -303,3 +303,18 @@ async def test_no_path_in_the_sandbox_reaches_a_snapshot(tmp_path: Path) -> None
         assert out["status"] == "ok" and out["result"] == "([], [], [])", out
         files = structured(await c.call_tool("list_container_files", {"session_id": mine}))
         assert files["files"] == []
+
+
+async def test_a_restored_large_array_is_writable_and_its_snapshot_unchanged(tmp_path: Path) -> None:
+    data = tmp_path / "d"
+    async with client(data) as (c, _engine):
+        sid = (await call(c, "import numpy as np\nbig = np.arange(1_000_000, dtype=np.float64)"))["session_id"]
+        folder = await saved(data, sid, 1)
+        part = next(p for p in json.loads((folder / "manifest.json").read_text())["parts"] if p["name"] == "big")
+        assert part["buffers"] == [8_000_000]  # the array's memory went out of band, not copied into the pickle
+        before = (folder / part["file"]).read_bytes()
+        with open(folder / part["file"], "rb") as kept:  # the file itself, even once a newer snapshot replaced it
+            await call(c, "import os, signal; os.kill(os.getpid(), signal.SIGKILL)", sid)
+            back = await call(c, "big[0] = -1.0\nfloat(big.sum()), big.flags.writeable", sid)
+            assert back["result"] == f"({sum(range(1_000_000)) - 1.0}, True)", back
+            assert kept.read() == before  # written through a private copy, never the file

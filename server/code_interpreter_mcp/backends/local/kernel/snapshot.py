@@ -30,6 +30,8 @@ import types
 
 HEADER = struct.Struct(">I")
 MAX_FDS = 64  # per control message: read and closed before the next, well under RLIMIT_NOFILE
+MMAP_MIN = 1 << 20  # parts from this size with buffers are mapped rather than read
+MMAP_MAX = 32  # mapped parts at most: Python's mmap keeps a duplicate of its fd open for its whole life
 CHILD_TIMEOUT_S = 600  # a child stuck (e.g. on a lock a thread held at fork) is killed by its own alarm
 _SKIP = ("_", "__builtins__", "__name__", "__doc__", "__package__", "__loader__", "__spec__")
 
@@ -254,6 +256,9 @@ class Snapshots:
         ns = self.ns
 
         class Pickler(dill.Pickler):  # type: ignore[misc, name-defined]
+            # dill's own rule pickles a plain ndarray through __reduce__, in band (a full copy); without it
+            # numpy's protocol-5 reduction hands the array's memory out of band, never copied.
+            dispatch = _dispatch_without_ndarray(dill)
             current = ""
 
             def persistent_id(self, obj: object) -> object:
@@ -435,15 +440,33 @@ class Snapshots:
         return out[: len(values)]
 
 
+def _dispatch_without_ndarray(dill: types.ModuleType) -> dict[type, object]:
+    table = type(dill.Pickler.dispatch)(dill.Pickler.dispatch)  # its class answers metaclasses too
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        table.pop(numpy.ndarray, None)
+    return table  # type: ignore[no-any-return]
+
+
 class _NeedsName(Exception):
     pass
 
 
-def _read_part(p: dict[str, object], fd: int) -> bytearray:
+_MAPPED = [0]
+
+
+def _read_part(p: dict[str, object], fd: int) -> object:
+    """The part's bytes: a private copy-on-write mapping when it has out-of-band buffers (arrays come back at once,
+    backed by the file's pages, and stay writable without ever changing the file), else read into memory."""
     size = os.fstat(fd).st_size
     total = int(p.get("bytes", 0))  # type: ignore[call-overload]
     if size != total:
         raise ValueError(f"its part is {size} bytes, the snapshot says {total} (truncated)")
+    if p.get("buffers") and size >= MMAP_MIN and _MAPPED[0] < MMAP_MAX:
+        import mmap
+
+        _MAPPED[0] += 1
+        return mmap.mmap(fd, size, access=mmap.ACCESS_COPY)
     data = bytearray(size)
     view = memoryview(data)
     got = 0
@@ -455,7 +478,7 @@ def _read_part(p: dict[str, object], fd: int) -> bytearray:
     return data
 
 
-def _load(dill: types.ModuleType, ns: dict[str, object], p: dict[str, object], data: bytearray) -> object:
+def _load(dill: types.ModuleType, ns: dict[str, object], p: dict[str, object], data: object) -> object:
     view = memoryview(data)
     pickle_len = int(p.get("pickle", 0))  # type: ignore[call-overload]
     buffers = []

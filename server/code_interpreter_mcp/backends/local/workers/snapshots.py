@@ -31,7 +31,7 @@ from .process import WorkerGone, WorkerProcess
 
 logger = logging.getLogger(__name__)
 
-RECV_TIMEOUT_S = 120.0  # one read of a stream: its child runs at idle priority, so a busy host slows it down
+RECV_TIMEOUT_S = 60.0  # one read of a stream: its child runs at idle priority, so a busy host slows it down
 MAX_FRAME = 1 << 20
 MAX_PARTS = 100_000
 MAX_FDS = 64  # per control message, as the worker reads them (kernel/snapshot.py)
@@ -139,7 +139,9 @@ class Keeper:
         self.store = store
         self.max_bytes = max_bytes
         self.spawn = spawn  # Service.spawn: runs a background task on the event loop
-        self.limiter = anyio.CapacityLimiter(8)
+        # Streams being read at once (a thread each): a session that stalls its own stream holds one for at most
+        # RECV_TIMEOUT_S per read, so a few such sessions cannot hold up everyone's snapshots.
+        self.limiter = anyio.CapacityLimiter(32)
         self.inflight: dict[str, anyio.Event] = {}  # session id -> set when its stream is done
         self.warned: dict[str, set[str]] = {}  # session id -> names already said to be over the cap
         self.notes: dict[str, list[str]] = {}  # session id -> warnings for its next run
@@ -174,9 +176,13 @@ class Keeper:
 
     async def _receive(self, c: Container, fd: int) -> None:
         session_id, key = str(c.session_id), str(c.owner_key)
+        try:
+            sock = socket.socket(fileno=fd)  # what user code sent on the socket need not be a socket at all
+        except OSError:
+            os.close(fd)
+            return
         done = anyio.Event()
         self.inflight[session_id] = done
-        sock = socket.socket(fileno=fd)
         self._socks.add(sock)
         try:
             over = await anyio.to_thread.run_sync(self._receive_sync, sock, key, session_id, limiter=self.limiter)

@@ -32,6 +32,8 @@ HEADER = struct.Struct(">I")
 MAX_FDS = 64  # per control message: read and closed before the next, well under RLIMIT_NOFILE
 MMAP_MIN = 1 << 20  # parts from this size with buffers are mapped rather than read
 MMAP_MAX = 32  # mapped parts at most: Python's mmap keeps a duplicate of its fd open for its whole life
+QUIET_S = 0.01  # a snapshot starts once the session sent no request for this long
+MAX_DEFER_S = 2.0  # ... or once it has waited this long, however busy the session is
 CHILD_TIMEOUT_S = 600  # a child stuck (e.g. on a lock a thread held at fork) is killed by its own alarm
 _SKIP = ("_", "__builtins__", "__name__", "__doc__", "__package__", "__loader__", "__spec__")
 
@@ -98,6 +100,7 @@ class Snapshots:
         self._ctl: object = None
         self.max_bytes = max_bytes
         self.dirty = False
+        self.dirty_since = 0.0
         self.child: int | None = None
         self.child_fd: int | None = None  # its pidfd: readable once it exited
         self.run = 0
@@ -144,32 +147,38 @@ class Snapshots:
         return out
 
     def ran(self, run: int) -> None:
-        """A run ended (its answer was sent): save the namespace now, or as soon as the child in flight ends."""
+        """A run ended (its answer was sent): the namespace is saved once the session pauses (`idle`)."""
         if not self.enabled:
             return
         self.run = run
         if not self.saved and not self.names():
             return  # nothing was ever kept, nothing to keep: no snapshot at all
+        if not self.dirty:
+            self.dirty_since = time.monotonic()
         self.dirty = True
-        self._reap()
-        if self.child is None:
-            self._start()
 
     def pending(self) -> bool:
-        return self.dirty and self.child is not None
+        return self.dirty
 
     def idle(self, req_fd: int) -> None:
-        """Between runs, while a snapshot waits for the child in flight: start it when that child ends; return
-        when a request arrives."""
+        """Between runs, while a snapshot is due: return as soon as a request arrives; start the snapshot once
+        no request came for `QUIET_S` (or it has waited `MAX_DEFER_S`) and no child is still writing the last
+        one. A burst of quick runs thus forks once, after it, and runs never share the CPU or pay copy-on-write
+        faults for a child they did not need."""
         import select
 
-        while self.pending() and self.child_fd is not None:
-            ready, _, _ = select.select([req_fd, self.child_fd], [], [])
-            if req_fd in ready:
-                return
+        while self.dirty:
             self._reap()
-            if self.child is None and self.dirty:
-                self._start()
+            if self.child is not None and self.child_fd is not None:
+                ready, _, _ = select.select([req_fd, self.child_fd], [], [])
+                if req_fd in ready:
+                    return
+                continue
+            wait = min(QUIET_S, max(0.0, self.dirty_since + MAX_DEFER_S - time.monotonic()))
+            ready, _, _ = select.select([req_fd], [], [], wait)
+            if ready:
+                return
+            self._start()
 
     def _reap(self) -> None:
         if self.child is None:
@@ -188,6 +197,7 @@ class Snapshots:
 
     def _start(self) -> None:
         assert self.ctl is not None
+        self.dirty = False  # whatever happens below, the next try is after the next run
         try:
             import dill  # noqa: F401  (once, in the parent: every child then has it)
         except ImportError:
@@ -215,7 +225,6 @@ class Snapshots:
                 pass
             os._exit(code)
         ours.close()
-        self.dirty = False
         self.saved = True
         self.child = pid
         self.pids.add(pid)

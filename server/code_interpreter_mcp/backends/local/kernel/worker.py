@@ -280,7 +280,7 @@ def main() -> None:
         req = None
         try:
             if snaps.pending() and decoder.pending == 0:
-                snaps.idle(req_fd)  # a snapshot waits for the one being written: start it when that one ends
+                snaps.idle(req_fd)  # a snapshot is due: it starts when the session pauses
             req = _protocol.read_frame(req_fd, decoder)
             if req is None:
                 break  # the host closed the pipe: shut down

@@ -8,9 +8,11 @@ importable in there. Only `protocol` (the wire format) is also imported on the h
 - `cell`: running one cell (compile, run, output capture, the interrupt).
 - `protocol`: the frames between worker and host, and the output budget split.
 - `sitepaths`: the session's installed package sets on sys.path.
+- `snapshot` / `restore`: the namespace saved after runs (a forked child streams it to the host), and loaded into
+  a new worker before its first run.
 - `magics`: `!`/`%` lines through IPython's transformer, and the small `get_ipython()` shell that answers them.
 
-Where coming features go: anything that must run next to the user's variables (a snapshot of the namespace, a
+Where coming features go: anything that must run next to the user's variables (a
 display hook) is a new stdlib-only module here, listed in `KERNEL_FILES` so the sandbox mounts it.
 """
 
@@ -18,4 +20,4 @@ from pathlib import Path
 
 KERNEL_DIR = Path(__file__).resolve().parent
 # Mounted side by side into the sandbox (sandbox.bubblewrap); the worker loads the others by file path.
-KERNEL_FILES = ("worker.py", "cell.py", "protocol.py", "sitepaths.py", "magics.py", "snapshot.py")
+KERNEL_FILES = ("worker.py", "cell.py", "protocol.py", "sitepaths.py", "magics.py", "snapshot.py", "restore.py")

@@ -8,10 +8,8 @@ only when its digest changed, and writes the files: no path of a snapshot is eve
 child at a time: a snapshot due while one is being written waits for it (like Redis's background save), so a burst
 of quick runs costs one more snapshot, not one each, and a big namespace's snapshot is never starved.
 
-Loading: the host sends read-only fds of the part files over the control socket; each name is loaded on its own,
-so one that fails (a package gone, another Python) is named and the others come back. Modules are kept by name.
-Classes and functions bound to one name and used by another's value are pickled as references to that name, so
-`isinstance(obj, Cls)` still holds after a restore.
+Modules are kept by name. Classes and functions bound to one name and used by another's value are pickled as
+references to that name, so `isinstance(obj, Cls)` still holds after a restore. Loading is restore.py's.
 """
 
 from __future__ import annotations
@@ -29,9 +27,6 @@ import types
 # container, and a worker that never saves anything must not pay for them.
 
 HEADER = struct.Struct(">I")
-MAX_FDS = 64  # per control message: read and closed before the next, well under RLIMIT_NOFILE
-MMAP_MIN = 1 << 20  # parts from this size with buffers are mapped rather than read
-MMAP_MAX = 32  # mapped parts at most: Python's mmap keeps a duplicate of its fd open for its whole life
 QUIET_S = 0.01  # a snapshot starts once the session sent no request for this long
 MAX_DEFER_S = 2.0  # ... or once it has waited this long, however busy the session is
 CHILD_TIMEOUT_S = 600  # a child stuck (e.g. on a lock a thread held at fork) is killed by its own alarm
@@ -360,93 +355,10 @@ class Snapshots:
 
     # ---- loading into a new worker (parent, before any run) ------------------------------------------------
 
-    def restore(self, req: dict[str, object]) -> dict[str, object]:
-        started = time.monotonic()
-        parts = [p for p in req.get("parts") or [] if isinstance(p, dict)]  # type: ignore[union-attr]
-        values = [p for p in parts if p.get("kind") == "value"]
-        datas = self._receive_parts(values)
-        restored: list[str] = []
-        skipped: list[dict[str, str]] = []
-        try:
-            import dill
-        except ImportError as exc:
-            dill = None
-            missing = _reason(exc)
-        for p in parts:
-            if p.get("kind") == "module":
-                try:
-                    import importlib
-
-                    self.ns[str(p["name"])] = importlib.import_module(str(p["module"]))
-                    restored.append(str(p["name"]))
-                except BaseException as exc:
-                    skipped.append({"name": str(p["name"]), "reason": f"module {p['module']!r}: {_reason(exc)}"})
-        ns = self.ns
-        waiting: list[tuple[dict[str, object], object]] = list(zip(values, datas, strict=True))
-        # Several passes: a value may refer to a class or function another name holds (restored first).
-        failures: dict[str, str] = {}
-        while waiting:
-            progress = False
-            later = []
-            for p, data in waiting:
-                name = str(p.get("name"))
-                if isinstance(data, str):
-                    failures[name] = data
-                    continue
-                if dill is None:
-                    failures[name] = missing
-                    continue
-                try:
-                    ns[name] = _load(dill, ns, p, data)  # type: ignore[arg-type]
-                    restored.append(name)
-                    failures.pop(name, None)
-                    progress = True
-                except _NeedsName as exc:
-                    failures[name] = f"it needs {exc.args[0]!r}, which was not restored"
-                    later.append((p, data))
-                except BaseException as exc:
-                    failures[name] = _reason(exc)
-            if not progress:
-                break
-            waiting = later
-        skipped.extend({"name": n, "reason": r} for n, r in failures.items())
-        self.known = {n: id(ns[n]) for n in self.names()}
+    def restored(self) -> None:
+        """A new worker loaded the last snapshot: later runs compare with what it loaded."""
+        self.known = {n: id(self.ns[n]) for n in self.names()}
         self.saved = True
-        order = {str(p.get("name")): i for i, p in enumerate(parts)}
-        restored.sort(key=lambda n: order.get(n, 0))
-        return {"op": "restored", "restored": restored, "skipped": skipped,
-                "seconds": round(time.monotonic() - started, 4)}  # fmt: skip
-
-    def _receive_parts(self, values: list[dict[str, object]]) -> list[object]:
-        """Each value part's bytes (a bytearray), or why it cannot be had (a str); fds come in batches, each read
-        and closed before the next."""
-        import socket
-
-        out: list[object] = []
-        if self.ctl is None:
-            return ["snapshots are off in this worker"] * len(values)
-        self.ctl.settimeout(30)
-        try:
-            while len(out) < len(values):
-                try:
-                    msg, fds, _flags, _addr = socket.recv_fds(self.ctl, 64, MAX_FDS)
-                except OSError as exc:
-                    out.extend([f"its part could not be received ({exc})"] * (len(values) - len(out)))
-                    break
-                if not msg and not fds:
-                    break
-                for fd in fds:
-                    p = values[len(out)] if len(out) < len(values) else {}
-                    try:
-                        out.append(_read_part(p, fd))
-                    except (OSError, ValueError) as exc:
-                        out.append(str(exc))
-                    finally:
-                        os.close(fd)
-        finally:
-            self.ctl.settimeout(None)
-        out.extend(["its part of the snapshot never arrived"] * (len(values) - len(out)))
-        return out[: len(values)]
 
 
 def _dispatch_without_ndarray(dill: types.ModuleType) -> dict[type, object]:
@@ -455,54 +367,6 @@ def _dispatch_without_ndarray(dill: types.ModuleType) -> dict[type, object]:
     if numpy is not None:
         table.pop(numpy.ndarray, None)
     return table  # type: ignore[no-any-return]
-
-
-class _NeedsName(Exception):
-    pass
-
-
-_MAPPED = [0]
-
-
-def _read_part(p: dict[str, object], fd: int) -> object:
-    """The part's bytes: a private copy-on-write mapping when it has out-of-band buffers (arrays come back at once,
-    backed by the file's pages, and stay writable without ever changing the file), else read into memory."""
-    size = os.fstat(fd).st_size
-    total = int(p.get("bytes", 0))  # type: ignore[call-overload]
-    if size != total:
-        raise ValueError(f"its part is {size} bytes, the snapshot says {total} (truncated)")
-    if p.get("buffers") and size >= MMAP_MIN and _MAPPED[0] < MMAP_MAX:
-        import mmap
-
-        _MAPPED[0] += 1
-        return mmap.mmap(fd, size, access=mmap.ACCESS_COPY)
-    data = bytearray(size)
-    view = memoryview(data)
-    got = 0
-    while got < size:
-        n = os.preadv(fd, [view[got:]], got)
-        if n <= 0:
-            raise ValueError("its part ended early (truncated)")
-        got += n
-    return data
-
-
-def _load(dill: types.ModuleType, ns: dict[str, object], p: dict[str, object], data: object) -> object:
-    view = memoryview(data)
-    pickle_len = int(p.get("pickle", 0))  # type: ignore[call-overload]
-    buffers = []
-    offset = pickle_len
-    for length in p.get("buffers") or []:  # type: ignore[union-attr]
-        buffers.append(view[offset : offset + int(length)])
-        offset += int(length)
-
-    class Unpickler(dill.Unpickler):  # type: ignore[misc, name-defined]
-        def persistent_load(self, pid: object) -> object:
-            if isinstance(pid, str) and pid in ns:
-                return ns[pid]
-            raise _NeedsName(pid)
-
-    return Unpickler(io.BytesIO(view[:pickle_len]), buffers=buffers).load()
 
 
 def _frame(obj: dict[str, object]) -> bytes:

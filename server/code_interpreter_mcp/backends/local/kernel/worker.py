@@ -42,6 +42,7 @@ _protocol = _load_sibling("protocol.py", "_ci_worker_protocol")
 _cell = _load_sibling("cell.py", "_ci_worker_cell")
 _sitepaths = _load_sibling("sitepaths.py", "_ci_worker_sitepaths")
 _snapshot = _load_sibling("snapshot.py", "_ci_worker_snapshot")
+_restore = _load_sibling("restore.py", "_ci_worker_restore")
 
 Config = dict  # the JSON config from argv (a plain alias: `typing` costs ~9 ms at start-up)
 
@@ -308,7 +309,7 @@ def main() -> None:
                     sets.use(req.get("packages"))  # the session's packages before its values are loaded
                 except (OSError, ValueError, RuntimeError):
                     pass
-                resp = snaps.restore(req)
+                resp = _restore.restore(snaps, req)
             elif op == "ping":
                 resp = {"op": "pong"}
             elif op == "kill_strays":

@@ -41,10 +41,10 @@ async def test_lru_idle_worker_is_evicted_and_its_next_run_says_why(make_backend
     c = await backend.create_container("s-c", 600)
     assert live_workers(backend) == 2
     assert backend._containers.get(b.id).worker is None  # type: ignore[union-attr]
-    again = await run(backend, b, "'x' in dir()")
-    assert again.status == "ok" and again.result_repr == "False"
-    assert again.state_lost
-    assert any("make room" in w and "MAX_LIVE_CONTAINERS=2" in w for w in again.warnings)
+    again = await run(backend, b, "x")
+    assert again.status == "ok" and again.result_repr == "'b'"  # saved before the eviction, loaded after it
+    assert not again.state_lost and again.state_restored is not None
+    assert any("make room" in w and "MAX_LIVE_CONTAINERS=2" in w and "came back" in w for w in again.warnings)
     assert live_workers(backend) == 2  # b's return evicted the next LRU idle one (a)
     files = await backend.list_files(a)
     assert [f.path for f in files] == ["kept.txt"]  # an evicted container keeps its files

@@ -62,7 +62,9 @@ async def test_modern_era_client_and_restart(tmp_path: Path) -> None:
                 "session_id": s["session_id"],
             },
         )
-        assert again.structured_content["container"]["state_lost"] is True
+        # A graceful stop saved the variables; the restarted server's new worker loaded them.
+        assert again.structured_content["container"]["state_lost"] is False
+        assert again.structured_content["container"]["state_restored"]["restored"] == ["a"]
 
 
 async def test_stdout_stays_clean_and_errors_are_results(tmp_path: Path) -> None:

@@ -657,8 +657,8 @@ async def test_resume_container_after_restart(make_backend: MakeBackend, tmp_pat
     assert (await second.refresh(c)).status == "running"
     out = await run(second, c, "import os\n('x' in dir(), open('kept.txt').read(), os.getuid())")
     assert out.status == "ok", out
-    assert out.state_lost
-    assert out.result_repr is not None and out.result_repr.startswith("(False, 'on disk',")
+    assert not out.state_lost and out.state_restored is not None  # saved at the stop, loaded after the start
+    assert out.result_repr is not None and out.result_repr.startswith("(True, 'on disk',")
     again = await run(second, c, "1")
     assert not again.state_lost
 

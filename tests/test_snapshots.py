@@ -318,3 +318,21 @@ async def test_a_restored_large_array_is_writable_and_its_snapshot_unchanged(tmp
             back = await call(c, "big[0] = -1.0\nfloat(big.sum()), big.flags.writeable", sid)
             assert back["result"] == f"({sum(range(1_000_000)) - 1.0}, True)", back
             assert kept.read() == before  # written through a private copy, never the file
+
+
+async def test_snapshots_count_against_the_store_and_a_full_one_is_said(tmp_path: Path) -> None:
+    data = tmp_path / "d"
+    async with client(data, max_stored_mb=1) as (c, engine):
+        sid = (await call(c, "small = 'fits'"))["session_id"]
+        await saved(data, sid, 1)
+        assert engine.ctx.blobs.used_bytes >= engine.ctx.snapshots.used_bytes > 0  # type: ignore[union-attr]
+        await call(c, "import numpy as np\nbig = np.ones(300_000)", sid)
+        deadline = time.monotonic() + 20
+        while True:  # the stream is dropped when the store has no room; the next run says so
+            later = await call(c, "1", sid)
+            if any("store of files and snapshots is full" in w for w in later["warnings"]):
+                break
+            assert time.monotonic() < deadline, later
+            await anyio.sleep(0.1)
+        manifest = json.loads((newest(data, sid) / "manifest.json").read_text())  # type: ignore[operator]
+        assert [p["name"] for p in manifest["parts"]] == ["small"]  # the last snapshot that fit is kept

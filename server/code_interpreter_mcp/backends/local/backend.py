@@ -127,6 +127,7 @@ class LocalBackend:
             keeper.find = self._container_of
             pool.snapshot_max_bytes = keeper.max_bytes
             pool.started = keeper.listen
+            pool.flush = keeper.flush
         self._live = _Started(pool, quota, Runner(s, pool, quota, keeper), capacity, service, hub, keeper)
         if hub is not None:
             poll_s = float(s.quota_check_interval_s or 2.0)
@@ -139,8 +140,12 @@ class LocalBackend:
         live, self._live = self._live, None
         if live is not None:
             with anyio.CancelScope(shield=True):
-                if live.keeper is not None:
-                    await live.keeper.drain(5.0)  # a restart keeps the last run's variables
+                if live.keeper is not None:  # a restart keeps the last run's variables
+                    async with anyio.create_task_group() as tg:
+                        for c in self._containers.live():
+                            if c.worker is not None and not c.lock.locked():
+                                tg.start_soon(live.keeper.flush, c, 5.0)
+                    await live.keeper.drain(5.0)
                     live.keeper.close()
                 await live.capacity.aclose()
                 await live.service.aclose()

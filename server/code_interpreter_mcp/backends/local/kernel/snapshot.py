@@ -156,6 +156,14 @@ class Snapshots:
         return self.dirty
 
     def idle(self, req_fd: int) -> None:
+        """`_idle`, which never raises: a snapshot that cannot start (no fd left, no memory) is skipped until the
+        next run, and the worker goes on serving."""
+        try:
+            self._idle(req_fd)
+        except Exception:
+            self.dirty = False
+
+    def _idle(self, req_fd: int) -> None:
         """Between runs, while a snapshot is due: return as soon as a request arrives; start the snapshot once
         no request came for `QUIET_S` (or it has waited `MAX_DEFER_S`) and no child is still writing the last
         one. A burst of quick runs thus forks once, after it, and runs never share the CPU or pay copy-on-write
@@ -174,6 +182,27 @@ class Snapshots:
             if ready:
                 return
             self._start()
+
+    def flush(self, within: float) -> dict[str, object]:
+        """Save now what is due and wait until it is written (the host is about to stop this worker: an eviction,
+        a shutdown), at most `within` seconds. Never raises."""
+        import select
+
+        deadline = time.monotonic() + within
+        try:
+            while time.monotonic() < deadline:
+                self._reap()
+                if self.child is not None and self.child_fd is not None:
+                    select.select([self.child_fd], [], [], max(deadline - time.monotonic(), 0))
+                    continue
+                if not self.dirty:
+                    break
+                self._start()
+                if self.child is None:
+                    break
+        except Exception:
+            pass
+        return {"op": "flushed", "saved": self.child is None and not self.dirty}
 
     def _reap(self) -> None:
         if self.child is None:

@@ -310,6 +310,8 @@ def main() -> None:
                 except (OSError, ValueError, RuntimeError):
                     pass
                 resp = _restore.restore(snaps, req)
+            elif op == "flush":
+                resp = snaps.flush(float(req.get("within") or 10.0))
             elif op == "ping":
                 resp = {"op": "pong"}
             elif op == "kill_strays":

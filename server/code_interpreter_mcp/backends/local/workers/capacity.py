@@ -143,6 +143,8 @@ class Capacity:
                 if victim.destroyed or victim.worker is None:
                     continue
                 logger.info("evicting the idle worker of %s to make room for %s (%s)", victim.state.id, c.state.id, cap)
+                if self.pool.flush is not None:
+                    await self.pool.flush(victim)  # its variables come back from that snapshot
                 await self.pool.stop(victim)
                 victim.state_lost_pending = True
                 victim.pending_warnings.append(

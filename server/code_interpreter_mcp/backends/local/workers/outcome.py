@@ -12,6 +12,8 @@ from ...base import ExecError, ExecOutcome
 from .process import Printed
 
 LOST_SUFFIX = "Variables and imports are lost; files in /mnt/data are kept."
+RESTORED_SUFFIX = "Its variables came back from their last snapshot (container.state_restored); files are kept."
+COMES_BACK = "The session's last snapshot of its variables is loaded before its next run."
 UNSAFE_WARNING = (
     "UNSANDBOXED: this run had no isolation (unsafe_no_sandbox): the code could read and write the server's files "
     "and reach the network."

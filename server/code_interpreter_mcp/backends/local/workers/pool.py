@@ -85,6 +85,8 @@ class WorkerPool:
         self.make_room: Callable[[Container], Awaitable[None]] | None = None
         self.snapshot_max_bytes = 0  # > 0: workers get a control socket and save their namespace (snapshots.py)
         self.started: Callable[[WorkerProcess], None] | None = None  # told of each new worker (its snapshots)
+        # Before an idle worker is stopped on purpose: its due snapshot written first (snapshots.py).
+        self.flush: Callable[[Container], Awaitable[None]] | None = None
 
     @property
     def sandboxed(self) -> bool:

@@ -74,6 +74,11 @@ class Runner:
                 result.state_lost = result.state_lost or state_lost or restarted or restored.lost is not None
             if restored.lost is not None:
                 warnings.append(f"the session's variables could not be restored: {restored.lost}")
+            if restored.info is not None:  # what stopped the last worker took its variables, and they came back
+                warnings = [w.replace(outcome.LOST_SUFFIX, outcome.RESTORED_SUFFIX) for w in warnings]
+            elif result.state_lost and self.keeper is not None and self.keeper.has_snapshot(c):
+                if result.error is not None and outcome.LOST_SUFFIX in result.error.message:
+                    result.error.message += " " + outcome.COMES_BACK
             over = self.quota.over_quota_warning(c)
             if over is not None:
                 warnings.append(over)

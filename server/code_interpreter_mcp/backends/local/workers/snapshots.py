@@ -42,6 +42,10 @@ class StreamError(Exception):
     """A snapshot stream that ended early or broke the rules: dropped, the last snapshot stays."""
 
 
+class StoreFull(StreamError):
+    """No room for the snapshot under MAX_STORED_MB: dropped, and the session's next run says so."""
+
+
 @dataclass
 class Restored:
     """What loading a snapshot into a new worker gave."""
@@ -186,6 +190,11 @@ class Keeper:
         self._socks.add(sock)
         try:
             over = await anyio.to_thread.run_sync(self._receive_sync, sock, key, session_id, limiter=self.limiter)
+        except StoreFull:
+            self.notes.setdefault(session_id, []).append(
+                "variables not saved for restarts: the server's store of files and snapshots is full (MAX_STORED_MB)"
+            )
+            over = None
         except (StreamError, OSError) as exc:
             logger.debug("snapshot of session %s dropped: %s", session_id, exc)
             over = None
@@ -242,7 +251,7 @@ class Keeper:
                     writer.link(part, old)
                     continue
                 if not self.store.room(writer.bytes + size):
-                    raise StreamError("the server's store is full")
+                    raise StoreFull("the server's store is full")
                 sock.sendall(b"1")
                 with writer.open_part(part) as fh:
                     stream.copy(fh, size)
@@ -264,6 +273,22 @@ class Keeper:
             sock.sendall(b"1")
         return [(o["name"], o["bytes"]) for o in over if not o["warned"]]
 
+    async def flush(self, c: Container, within: float = 10.0) -> None:
+        """Before an idle worker is stopped on purpose (eviction, shutdown): its due snapshot written now, so the
+        session's next worker loads its last run's variables. The child waits for the host's ack of the whole
+        stream before it exits, so once the worker answers the snapshot is in place."""
+        worker = c.worker
+        if c.session_id is None or worker is None or worker.ctl is None or not worker.alive():
+            return
+        with anyio.move_on_after(within + 1.0):
+            try:
+                await worker.request({"op": "flush", "within": within})
+            except WorkerGone:
+                return
+            pending = self.inflight.get(c.session_id)
+            if pending is not None:
+                await pending.wait()
+
     async def drain(self, within: float) -> None:
         """Let snapshots being written finish (a graceful stop keeps the last run's variables)."""
         with anyio.move_on_after(within):
@@ -279,6 +304,9 @@ class Keeper:
     def forget(self, session_id: str) -> None:
         self.warned.pop(session_id, None)
         self.notes.pop(session_id, None)
+
+    def has_snapshot(self, c: Container) -> bool:
+        return c.session_id is not None and c.owner_key is not None and self.store.has(c.owner_key, c.session_id)
 
     def take_notes(self, c: Container) -> list[str]:
         return self.notes.pop(str(c.session_id), []) if c.session_id else []

@@ -336,3 +336,21 @@ async def test_snapshots_count_against_the_store_and_a_full_one_is_said(tmp_path
             await anyio.sleep(0.1)
         manifest = json.loads((newest(data, sid) / "manifest.json").read_text())  # type: ignore[operator]
         assert [p["name"] for p in manifest["parts"]] == ["small"]  # the last snapshot that fit is kept
+
+
+async def test_a_module_gone_since_the_snapshot_loses_only_what_needs_it(tmp_path: Path) -> None:
+    data = tmp_path / "d"
+    async with client(data) as (c, _engine):
+        make = (
+            "open('mymod.py', 'w').write('class Thing:\\n    def __init__(self):\\n        self.v = 7\\n')\n"
+            "import mymod\nthing = mymod.Thing()\nplain = 'still here'"
+        )
+        sid = (await call(c, make))["session_id"]
+        await saved(data, sid, 1)
+        await call(c, "import os, signal; os.remove('mymod.py'); os.kill(os.getpid(), signal.SIGKILL)", sid)
+        back = await call(c, "plain", sid)
+        assert back["status"] == "ok" and back["result"] == "'still here'", back
+        restored = back["container"]["state_restored"]
+        assert restored["restored"] == ["plain"]
+        reasons = {x["name"]: x["reason"] for x in restored["skipped"]}
+        assert set(reasons) == {"mymod", "thing"} and all("mymod" in r for r in reasons.values()), reasons

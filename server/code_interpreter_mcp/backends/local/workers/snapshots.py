@@ -345,11 +345,9 @@ class Keeper:
         if resp.get("op") != "restored":
             raise WorkerGone("the worker answered a restore out of protocol")
         skipped = _named_reasons(resp.get("skipped"), "reason")
-        skipped += [s for s in snap.manifest.get("skipped") or [] if isinstance(s, dict)]
-        for o in snap.manifest.get("over") or []:
-            if isinstance(o, dict):
-                size = int(o.get("bytes") or 0)
-                skipped.append({"name": o.get("name"), "reason": f"over SNAPSHOT_MAX_MB when saved ({human(size)})"})
+        skipped += _named_reasons(snap.manifest.get("skipped"), "reason")  # a manifest edited by hand stays safe
+        for o in _named_reasons(snap.manifest.get("over"), "bytes"):
+            skipped.append({"name": o["name"], "reason": f"over SNAPSHOT_MAX_MB when saved ({human(o['bytes'])})"})
         restored = [n for n in resp.get("restored") or [] if isinstance(n, str)]
         seconds = resp.get("seconds") if isinstance(resp.get("seconds"), int | float) else 0.0
         info = {

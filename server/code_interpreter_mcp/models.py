@@ -117,6 +117,23 @@ class PackagesInfo(_Model):
     seconds: float = Field(description="Time spent resolving and installing for this run.")
 
 
+class Output(_Model):
+    kind: Literal["display", "result"] = Field(
+        default="display", description="What the run showed (display), in order."
+    )
+    data: dict[str, Any] = Field(
+        default_factory=dict, description="MIME type -> content; text/plain always. Large parts are files (file_id)."
+    )
+    file_id: str | None = Field(default=None, description="The file holding this output's bytes, e.g. a figure's PNG.")
+    path: str | None = Field(default=None, description="That file's path in /mnt/data.")
+    chart: dict[str, Any] | None = Field(
+        default=None,
+        description="For a matplotlib figure, what it shows, read from its artists: type (line, scatter, bar, "
+        "histogram, pie, box, subplots), title and per axes its labels, scales, tick labels and elements (series "
+        "with points, bars with heights, bins and counts, wedges with angles, boxes with their five numbers).",
+    )
+
+
 class RunResult(_Model):
     session_id: str = Field(description="Pass back as session_id to keep using this session's state and files.")
     container_id: str
@@ -136,6 +153,9 @@ class RunResult(_Model):
     )
     json_error: JsonError | None = None
     files: list[FileInfo] = Field(default_factory=list, description="Files created or changed by this run.")
+    outputs: list[Output] = Field(
+        default_factory=list, description="What the run showed, in order: each figure with its image file and data."
+    )
     more_files: MoreFiles | None = Field(default=None, description="The files past the list cap, counted.")
     container: ContainerInfo
     truncated: bool = Field(default=False, description="True when stdout/stderr/text were cut to the budget.")

@@ -206,6 +206,11 @@ def _error_text(r: RunResult, limit: int | None) -> list[str]:
     return [head, "traceback:\n" + (tb if limit is None else _tail(tb, limit))]
 
 
+def chart_lines(r: RunResult) -> list[str]:
+    """One line per figure: what it shows, for a model that cannot see the image (the data is in outputs)."""
+    return [f"chart {o.path}: {o.data.get('text/plain', '')}" for o in r.outputs if o.chart is not None or o.path]
+
+
 def run_summary(r: RunResult) -> str:
     """The short human summary next to structuredContent: leads with what happened; the rest is in the JSON."""
     lines = [_status_line(r), *_error_text(r, 2000)]
@@ -225,6 +230,7 @@ def run_summary(r: RunResult) -> str:
     if r.json_ is not None:
         lines.append("json: valid (see structuredContent.json)")
     lines.extend(_json_error_lines(r))
+    lines.extend(chart_lines(r))
     lines.extend(file_line(f) for f in r.files[:SUMMARY_FILES])
     if len(r.files) > SUMMARY_FILES:
         lines.append(f"… {len(r.files) - SUMMARY_FILES} more files in structuredContent.files")
@@ -252,6 +258,7 @@ def full_run_text(r: RunResult) -> str:
     if r.json_ is not None:
         lines.append("json: " + json.dumps(r.json_, ensure_ascii=False, separators=(",", ":"), default=str))
     lines.extend(_json_error_lines(r))
+    lines.extend(chart_lines(r))
     lines.extend(file_line(f) for f in r.files)
     if r.more_files is not None:
         lines.append(f"{r.more_files.hint} ({r.more_files.bytes} bytes in all)")

@@ -182,6 +182,8 @@ class ExecOutcome:
     truncated: bool = False
     state_lost: bool = False  # the worker/container was restarted during this run: variables are gone
     state_restored: dict[str, Any] | None = None  # a new worker loaded the session's snapshot before this run
+    # What each figure the run saved shows: {"file": path in /mnt/data, "summary": one line, "chart": data}
+    charts: list[dict[str, Any]] = field(default_factory=list)
     last_value_json: str | None = None  # local + structured: json.dumps(last expression) when serialisable
     text: str | None = None  # the model's text (openai); sandbox: links are left for the engine to rewrite
     sentinel_sources: list[str] = field(default_factory=list)  # texts to search for JSON marker blocks

@@ -10,6 +10,7 @@ importable in there. Only `protocol` (the wire format) is also imported on the h
 - `sitepaths`: the session's installed package sets on sys.path.
 - `snapshot` / `restore`: the namespace saved after runs (a forked child streams it to the host), and loaded into
   a new worker before its first run.
+- `charts`: what a saved matplotlib figure shows, read from its artists (type, labels, the values plotted).
 - `magics`: `!`/`%` lines through IPython's transformer, and the small `get_ipython()` shell that answers them.
 
 Where coming features go: anything that must run next to the user's variables (a
@@ -20,4 +21,13 @@ from pathlib import Path
 
 KERNEL_DIR = Path(__file__).resolve().parent
 # Mounted side by side into the sandbox (sandbox.bubblewrap); the worker loads the others by file path.
-KERNEL_FILES = ("worker.py", "cell.py", "protocol.py", "sitepaths.py", "magics.py", "snapshot.py", "restore.py")
+KERNEL_FILES = (
+    "worker.py",
+    "cell.py",
+    "protocol.py",
+    "sitepaths.py",
+    "magics.py",
+    "snapshot.py",
+    "restore.py",
+    "charts.py",
+)

@@ -114,11 +114,16 @@ def _safe_str(obj: object) -> str:
 class Runner:
     """Runs cells in one persistent `__main__` namespace and answers each with a result frame."""
 
-    def __init__(self, cfg: Config, protocol: types.ModuleType, load_magics: object = None) -> None:
+    def __init__(
+        self, cfg: Config, protocol: types.ModuleType, load_magics: object = None, load_charts: object = None
+    ) -> None:
         self.cfg = cfg
         self._protocol = protocol  # the worker's privately loaded protocol.py (split_budget, clip_capture)
         self._load_magics = load_magics  # loads magics.py (`!`/`%` lines) when first needed; None: plain Python
         self._magics: types.ModuleType | None = None
+        self._load_charts = load_charts  # loads charts.py (a figure's data) at the first figure; None: no chart data
+        self._charts: types.ModuleType | None = None
+        self.charts: list[dict[str, object]] = []  # this run's: what each saved figure shows
         self.workdir = cfg["workdir"]
         self.out_fd = cfg["out_fd"]
         self.err_fd = cfg["err_fd"]
@@ -227,6 +232,7 @@ class Runner:
                 fig = plt.figure(num)
                 fig.savefig(os.path.join(self.workdir, name), format="png", bbox_inches="tight")
                 saved.append(name)
+                self._describe(fig, name, warnings)
             except Exception as exc:
                 warnings.append(f"could not save figure {num}: {type(exc).__name__}: {_safe_str(exc)}")
         try:
@@ -234,6 +240,18 @@ class Runner:
         except Exception:
             pass
         return saved
+
+    def _describe(self, fig: object, name: str, warnings: list[str]) -> None:
+        """What the saved figure shows, as data (charts.py), for a model that cannot read the PNG."""
+        if self._load_charts is None:
+            return
+        try:
+            if self._charts is None:
+                self._charts = self._load_charts()  # type: ignore[operator]
+            chart = self._charts.bounded(fig)
+            self.charts.append({"file": name, "summary": self._charts.summary(chart), "chart": chart})
+        except Exception as exc:
+            warnings.append(f"could not read the data of {name}: {type(exc).__name__}: {_safe_str(exc)}")
 
     def execute(self, req: Frame) -> Frame:
         code = req.get("code", "")
@@ -261,6 +279,7 @@ class Runner:
         State.interrupted = False
         State.running = True
         _SAVED_FIGURES.clear()
+        self.charts = []
         try:
             try:
                 body_code, last_code = self._compile(code, f"<cell {run}>")
@@ -337,6 +356,7 @@ class Runner:
             "sentinel": sentinel,
             "warnings": warnings,
             "figures": figures,
+            "charts": self.charts,
         }
 
 

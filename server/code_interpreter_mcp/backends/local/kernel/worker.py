@@ -251,7 +251,12 @@ def main() -> None:
     signal.signal(signal.SIGINT, _cell.on_sigint)
 
     # magics.py only for the first cell that needs it: its imports would cost every worker's start-up.
-    runner = _cell.Runner(cfg, _protocol, lambda: _load_sibling("magics.py", "_ci_worker_magics"))
+    runner = _cell.Runner(
+        cfg,
+        _protocol,
+        lambda: _load_sibling("magics.py", "_ci_worker_magics"),
+        lambda: _load_sibling("charts.py", "_ci_worker_charts"),
+    )
     sets = _sitepaths.Sets(cfg.get("packages_dir"))
     snaps = _snapshot.Snapshots(runner, runner._hidden, ctl_fd, int(cfg.get("snapshot_max_bytes") or 0))
     reaper = _ZombieReaper(snaps.pids)

@@ -6,6 +6,7 @@ and capped here. When a run is stopped, and what that does to the worker, is run
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from ...base import ExecError, ExecOutcome
@@ -61,7 +62,31 @@ def from_answer(resp: dict[str, Any], structured: bool, cap: int) -> ExecOutcome
         last_value_json=last_json if isinstance(last_json, str) else None,
         sentinel_sources=sources,
         warnings=warnings,
+        charts=_charts(resp.get("charts")),
     )
+
+
+MAX_CHARTS = 20
+MAX_CHART_CHARS = 16_000  # the worker bounds each chart to 12,000; more means it did not
+
+
+def _charts(raw: object) -> list[dict[str, Any]]:
+    """The worker's chart data, checked (user code shares its process): a file name, a line, a JSON object."""
+    out: list[dict[str, Any]] = []
+    for item in raw[:MAX_CHARTS] if isinstance(raw, list) else []:
+        if (
+            not isinstance(item, dict)
+            or not isinstance(item.get("file"), str)
+            or not isinstance(item.get("chart"), dict)
+        ):
+            continue
+        try:
+            size = len(json.dumps(item["chart"]))
+        except (TypeError, ValueError):
+            continue
+        if size <= MAX_CHART_CHARS:
+            out.append({"file": item["file"][:500], "summary": text(item.get("summary"), 500), "chart": item["chart"]})
+    return out
 
 
 def timed_out(outcome: ExecOutcome, timeout_s: float) -> None:

@@ -61,6 +61,7 @@ HOG = (
     "hold = bytearray(170 << 20)\n"
     "subprocess.run([sys.executable, '-c', 'b = bytearray(120 << 20); import time; time.sleep(5)'])\n"
 )
+CRASH = "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"  # the worker dies as a crash would kill it
 NAMES = ["np", "pd", "sqrt", "n", "s", "d", "arr", "df", "twice", "lam", "Point", "p"]
 
 
@@ -114,6 +115,13 @@ async def call(c: Client, code: str, sid: str | None = None, **extra: Any) -> di
     return structured(await c.call_tool("run_code", args))
 
 
+async def other_session(c: Client, engine: Engine, code: str) -> str:
+    """A second client's session (the in-process client has one of its own), after its first run."""
+    sid = (await engine.reg.create_session(None)).id
+    assert (await call(c, code, sid))["status"] == "ok"
+    return sid
+
+
 async def define(c: Client, data: Path) -> str:
     first = await call(c, DEFINE)
     assert first["status"] == "ok", first
@@ -126,7 +134,7 @@ async def test_a_crashed_worker_gives_every_value_back(tmp_path: Path) -> None:
     data = tmp_path / "d"
     async with client(data) as (c, _engine):
         sid = await define(c, data)
-        crash = await call(c, "import os, signal; os.kill(os.getpid(), signal.SIGKILL)", sid)
+        crash = await call(c, CRASH, sid)
         assert crash["status"] == "error" and crash["container"]["state_lost"] is True
         assert_restored(await call(c, CHECK, sid))
         # Loaded once: the run after it is an ordinary one.
@@ -149,8 +157,7 @@ async def test_an_evicted_container_gives_every_value_back(tmp_path: Path) -> No
     data = tmp_path / "d"
     async with client(data, max_live_containers=1, warm_workers=0) as (c, engine):
         sid = await define(c, data)
-        other = (await engine.reg.create_session(None)).id
-        assert (await call(c, "n = 'other'", other))["status"] == "ok"  # evicts the first session's worker
+        await other_session(c, engine, "n = 'other'")  # evicts the first session's worker
         back = await call(c, CHECK, sid)
         assert_restored(back)
         assert any("make room" in w for w in back["warnings"])
@@ -209,7 +216,7 @@ async def test_a_name_over_the_cap_is_left_out_with_a_warning(tmp_path: Path) ->
         later = await call(c, "1", sid)
         assert sum("not kept across restarts: words" in w for w in later["warnings"]) == 1, later
         assert not any("big" in w for w in later["warnings"])
-        await call(c, "import os, signal; os.kill(os.getpid(), signal.SIGKILL)", sid)
+        await call(c, CRASH, sid)
         back = await call(c, "small", sid)
         assert back["result"] == "[1, 2]"
         restored = back["container"]["state_restored"]
@@ -226,7 +233,7 @@ async def test_a_truncated_part_loses_only_its_name(tmp_path: Path) -> None:
         manifest = json.loads((folder / "manifest.json").read_text())
         part = next(p for p in manifest["parts"] if p["name"] == "a")
         os.truncate(folder / part["file"], 10)
-        await call(c, "import os, signal; os.kill(os.getpid(), signal.SIGKILL)", sid)
+        await call(c, CRASH, sid)
         back = await call(c, "b", sid)
         assert back["status"] == "ok" and back["result"] == "'bee'"
         restored = back["container"]["state_restored"]
@@ -240,7 +247,7 @@ async def test_an_unreadable_manifest_says_state_lost_with_the_reason(tmp_path: 
         sid = (await call(c, "a = 1"))["session_id"]
         folder = await saved(data, sid, 1)
         (folder / "manifest.json").write_text("{not json")
-        await call(c, "import os, signal; os.kill(os.getpid(), signal.SIGKILL)", sid)
+        await call(c, CRASH, sid)
         back = await call(c, "'a' in dir()", sid)
         assert back["status"] == "ok" and back["result"] == "False"
         assert back["container"]["state_lost"] is True and back["container"].get("state_restored") is None
@@ -252,12 +259,11 @@ async def test_two_sessions_with_the_same_names_keep_their_own_values(tmp_path: 
     data = tmp_path / "d"
     async with client(data) as (c, engine):
         one = (await call(c, "x = 'one'"))["session_id"]
-        two = (await engine.reg.create_session(None)).id
-        assert (await call(c, "x = 'two'", two))["status"] == "ok"
+        two = await other_session(c, engine, "x = 'two'")
         await saved(data, one, 1)
         await saved(data, two, 1)
         for sid in (one, two):
-            await call(c, "import os, signal; os.kill(os.getpid(), signal.SIGKILL)", sid)
+            await call(c, CRASH, sid)
         assert (await call(c, "x", one))["result"] == "'one'"
         assert (await call(c, "x", two))["result"] == "'two'"
 
@@ -267,7 +273,7 @@ async def test_off_keeps_the_old_behaviour_and_close_session_leaves_nothing(tmp_
     async with client(data, snapshots="off") as (c, engine):
         assert engine.ctx.backend.describe()["snapshots"] == "off (SNAPSHOTS=off)"
         sid = (await call(c, "a = 1"))["session_id"]
-        crash = await call(c, "import os, signal; os.kill(os.getpid(), signal.SIGKILL)", sid)
+        crash = await call(c, CRASH, sid)
         assert crash["container"]["state_lost"] is True  # said once, by the run that lost it, as before
         back = await call(c, "'a' in dir()", sid)
         assert back["result"] == "False" and back["container"].get("state_restored") is None
@@ -286,8 +292,7 @@ async def test_no_path_in_the_sandbox_reaches_a_snapshot(tmp_path: Path) -> None
     data = tmp_path / "d"
     async with client(data) as (c, engine):
         mine = (await call(c, "secret = 'mine'"))["session_id"]
-        other = (await engine.reg.create_session(None)).id
-        assert (await call(c, "secret = 'theirs'", other))["status"] == "ok"
+        other = await other_session(c, engine, "secret = 'theirs'")
         theirs = await saved(data, other, 1)
         await saved(data, mine, 1)
         probe = (
@@ -314,7 +319,7 @@ async def test_a_restored_large_array_is_writable_and_its_snapshot_unchanged(tmp
         assert part["buffers"] == [8_000_000]  # the array's memory went out of band, not copied into the pickle
         before = (folder / part["file"]).read_bytes()
         with open(folder / part["file"], "rb") as kept:  # the file itself, even once a newer snapshot replaced it
-            await call(c, "import os, signal; os.kill(os.getpid(), signal.SIGKILL)", sid)
+            await call(c, CRASH, sid)
             back = await call(c, "big[0] = -1.0\nfloat(big.sum()), big.flags.writeable", sid)
             assert back["result"] == f"({sum(range(1_000_000)) - 1.0}, True)", back
             assert kept.read() == before  # written through a private copy, never the file

@@ -3,7 +3,7 @@
 The server never imports these modules to run them: `worker` is started as a script inside the sandbox (or bare in
 unsafe mode) and loads its siblings by file path under private names, so nothing of the server's package is
 importable in there. Only `protocol` (the wire format) is also imported on the host side, by `workers.process` and
-`sandbox.bubblewrap`.
+`sandbox.bubblewrap`, and `snapshot`/`restore` for their shared limits and wording, by `workers.snapshots`.
 - `worker`: start-up, the request loop, process hygiene.
 - `cell`: running one cell (compile, run, output capture, the interrupt).
 - `protocol`: the frames between worker and host, and the output budget split.

@@ -30,11 +30,11 @@ def _text(s: object) -> str:
     return str(s or "")[:MAX_TEXT]
 
 
-def _sample(xs: list, ys: list) -> dict[str, object]:
+def _sample(xs: list, ys: list, points: int) -> dict[str, object]:
     n = len(xs)
-    if n <= MAX_POINTS:
+    if n <= points:
         return {"x": [_num(x) for x in xs], "y": [_num(y) for y in ys]}
-    idx = sorted({round(i * (n - 1) / (MAX_POINTS - 1)) for i in range(MAX_POINTS)})
+    idx = sorted({round(i * (n - 1) / (points - 1)) for i in range(points)})
     return {"x": [_num(xs[i]) for i in idx], "y": [_num(ys[i]) for i in idx], "sampled_from": n}
 
 
@@ -48,7 +48,7 @@ def _is_rect_line(line: object) -> bool:
     return len(xs) == 5 and xs[0] == xs[4] and ys[0] == ys[4] and len(set(xs)) == 2 and len(set(ys)) == 2
 
 
-def _boxes(lines: list) -> tuple[list[dict[str, object]], set[int]]:
+def _boxes(lines: list, points: int) -> tuple[list[dict[str, object]], set[int]]:
     """Box plots: per box a closed rectangle, two whiskers, two caps, a median and a fliers line (matplotlib's
     bxp order)."""
     boxes, used = [], set()
@@ -73,7 +73,7 @@ def _boxes(lines: list) -> tuple[list[dict[str, object]], set[int]]:
         used.update(id(x) for x in lines[i : i + 6])
         j = i + 6
         if j < len(lines) and lines[j].get_linestyle() in ("None", "none", " ", ""):
-            entry["outliers"] = [_num(v) for v in pick(lines[j])][:MAX_POINTS]
+            entry["outliers"] = [_num(v) for v in pick(lines[j])][:points]
             used.add(id(lines[j]))
             j += 1
         boxes.append(entry)
@@ -81,8 +81,7 @@ def _boxes(lines: list) -> tuple[list[dict[str, object]], set[int]]:
     return boxes, used
 
 
-def _axes(ax: object) -> dict[str, object]:
-    a = ax  # type: ignore[assignment]
+def _axes(a: object, points: int) -> dict[str, object]:
     info: dict[str, object] = {
         "title": _text(a.get_title()),  # type: ignore[attr-defined]
         "xlabel": _text(a.get_xlabel()),  # type: ignore[attr-defined]
@@ -94,7 +93,7 @@ def _axes(ax: object) -> dict[str, object]:
     }
     kinds: list[str] = []
     lines = list(a.get_lines())  # type: ignore[attr-defined]
-    boxes, used = _boxes(lines)
+    boxes, used = _boxes(lines, points)
     if boxes:
         labels = info["xticklabels"] if isinstance(info["xticklabels"], list) else []
         for k, box in enumerate(boxes):
@@ -109,7 +108,7 @@ def _axes(ax: object) -> dict[str, object]:
         xs, ys = list(line.get_xdata()), list(line.get_ydata())
         if not xs:
             continue
-        series.append({"label": _label(line), **_sample(xs, ys)})
+        series.append({"label": _label(line), **_sample(xs, ys, points)})
     if series:
         info["series"] = series[:MAX_ELEMENTS]
         kinds.append("line")
@@ -119,8 +118,7 @@ def _axes(ax: object) -> dict[str, object]:
         offsets = coll.get_offsets()
         if len(offsets) == 0:
             continue
-        points = [(p[0], p[1]) for p in offsets]
-        entry = {"label": _label(coll), **_sample([p[0] for p in points], [p[1] for p in points])}
+        entry = {"label": _label(coll), **_sample([o[0] for o in offsets], [o[1] for o in offsets], points)}
         info.setdefault("scatter", []).append(entry)  # type: ignore[union-attr]
         if "scatter" not in kinds:
             kinds.append("scatter")
@@ -176,15 +174,16 @@ def _contiguous(rects: list) -> bool:
     )
 
 
-def describe(fig: object) -> dict[str, object]:
-    """The chart a figure shows, per axes; its `type` is the axes' one, or "several" for subplots of kinds."""
-    axes = [_axes(ax) for ax in fig.axes[:MAX_ELEMENTS]]  # type: ignore[attr-defined]
+def describe(fig: object, points: int = MAX_POINTS) -> dict[str, object]:
+    """The chart a figure shows, per axes, at most `points` per series; its `type` is the one axes' type, or
+    "subplots" for several."""
+    axes = [_axes(ax, points) for ax in fig.axes[:MAX_ELEMENTS]]  # type: ignore[attr-defined]
     title = ""
     suptitle = getattr(fig, "_suptitle", None)
     if suptitle is not None:
         title = _text(suptitle.get_text())
     kinds = [a["type"] for a in axes if a["type"] != "empty"]
-    kind = kinds[0] if len(set(kinds)) == 1 and len(kinds) == 1 else ("subplots" if kinds else "empty")
+    kind = kinds[0] if len(kinds) == 1 else ("subplots" if kinds else "empty")
     return {"type": kind, "title": title or (axes[0]["title"] if len(axes) == 1 else ""), "axes": axes}
 
 
@@ -197,20 +196,25 @@ def bounded(fig: object) -> dict[str, object]:
     """`describe` within `MAX_JSON` characters: fewer points per series first, then only the shape of it."""
     import json
 
-    global MAX_POINTS
-    saved = MAX_POINTS
-    try:
-        for points in (saved, 50, 10):
-            MAX_POINTS = points
-            chart = describe(fig)
-            if len(json.dumps(chart)) <= MAX_JSON:
-                return chart
-        keep = ("title", "xlabel", "ylabel", "xscale", "yscale", "type", "types")
-        chart["axes"] = [{k: a[k] for k in keep if k in a} for a in chart["axes"]]  # type: ignore[union-attr]
-        chart["elements_left_out"] = True
-        return chart
-    finally:
-        MAX_POINTS = saved
+    for points in (MAX_POINTS, 50, 10):
+        chart = describe(fig, points)
+        if len(json.dumps(chart)) <= MAX_JSON:
+            return chart
+    keep = ("title", "xlabel", "ylabel", "xscale", "yscale", "type", "types")
+    chart["axes"] = [{k: a[k] for k in keep if k in a} for a in chart["axes"]]  # type: ignore[union-attr]
+    chart["elements_left_out"] = True
+    return chart
+
+
+# What the summary counts, per axes: (key, noun, how many).
+_COUNTED = (
+    ("series", "series", len),
+    ("scatter", "points", lambda v: sum(len(s["x"]) for s in v)),
+    ("bars", "bars", len),
+    ("counts", "bins", len),
+    ("wedges", "wedges", len),
+    ("boxes", "boxes", len),
+)
 
 
 def summary(chart: dict[str, object]) -> str:
@@ -219,19 +223,7 @@ def summary(chart: dict[str, object]) -> str:
     parts = []
     for a in axes if isinstance(axes, list) else []:
         kind = a.get("type", "")
-        bits = []
-        if a.get("series"):
-            bits.append(f"{len(a['series'])} series")
-        if a.get("scatter"):
-            bits.append(f"{sum(len(s['x']) for s in a['scatter'])} points")
-        if a.get("bars"):
-            bits.append(f"{len(a['bars'])} bars")
-        if a.get("counts"):
-            bits.append(f"{len(a['counts'])} bins")
-        if a.get("wedges"):
-            bits.append(f"{len(a['wedges'])} wedges")
-        if a.get("boxes"):
-            bits.append(f"{len(a['boxes'])} boxes")
+        bits = [f"{count(a[key])} {noun}" for key, noun, count in _COUNTED if a.get(key)]
         title = f' "{a["title"]}"' if a.get("title") else ""
         parts.append(f"{_KIND.get(kind, kind)}{title}" + (f" ({', '.join(bits)})" if bits else ""))
     head = f'"{chart["title"]}": ' if chart.get("title") and len(parts) > 1 else ""

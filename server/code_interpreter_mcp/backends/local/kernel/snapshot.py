@@ -18,7 +18,6 @@ import io
 import json
 import os
 import signal
-import struct
 import sys
 import time
 import types
@@ -26,7 +25,6 @@ import types
 # socket, select and hashlib are imported when first needed: a worker's start-up is on the path of every new
 # container, and a worker that never saves anything must not pay for them.
 
-HEADER = struct.Struct(">I")
 QUIET_S = 0.01  # a snapshot starts once the session sent no request for this long
 MAX_DEFER_S = 2.0  # ... or once it has waited this long, however busy the session is
 CHILD_TIMEOUT_S = 600  # a child stuck (e.g. on a lock a thread held at fork) is killed by its own alarm
@@ -62,7 +60,13 @@ def _reason(exc: BaseException) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
-def _human(n: int) -> str:
+def over_cap_note(name: str, size: int, max_bytes: int) -> str:
+    """The warning for a name left out of snapshots (the worker says it for sizes plain from the value, the host
+    for those only the pickling found out)."""
+    return f"not kept across restarts: {name} ({human(size)}; SNAPSHOT_MAX_MB is {max_bytes // 2**20})"
+
+
+def human(n: int) -> str:
     for unit, size in (("GB", 2**30), ("MB", 2**20), ("KB", 2**10)):
         if n >= size:
             return f"{n / size:.1f} {unit}"
@@ -88,7 +92,10 @@ def _estimate(value: object) -> int:
 class Snapshots:
     """The worker's side of snapshots: when to save, the saving child, and loading."""
 
-    def __init__(self, runner: object, hidden: set[str], ctl_fd: int | None, max_bytes: int) -> None:
+    def __init__(
+        self, runner: object, hidden: set[str], ctl_fd: int | None, max_bytes: int, protocol: types.ModuleType
+    ) -> None:
+        self.encode = protocol.encode  # the worker's frames (protocol.py): the host reads the stream's the same way
         self.ns: dict[str, object] = runner.ns  # type: ignore[attr-defined]
         self.hidden = hidden
         self.ctl_fd = ctl_fd
@@ -136,9 +143,7 @@ class Snapshots:
             size = _estimate(value)
             if size > self.max_bytes:
                 self.warned.add(name)
-                out.append(
-                    f"not kept across restarts: {name} ({_human(size)}; SNAPSHOT_MAX_MB is {self.max_bytes // 2**20})"
-                )
+                out.append(over_cap_note(name, size, self.max_bytes))
         return out
 
     def ran(self, run: int) -> None:
@@ -146,7 +151,7 @@ class Snapshots:
         if not self.enabled:
             return
         self.run = run
-        if not self.saved and not self.names():
+        if not self.saved and not self.known:  # over_cap_warnings listed this run's names just before
             return  # nothing was ever kept, nothing to keep: no snapshot at all
         if not self.dirty:
             self.dirty_since = time.monotonic()
@@ -361,9 +366,9 @@ class Snapshots:
 
         send = sock.sendall  # type: ignore[attr-defined]
         version = ".".join(map(str, sys.version_info[:3]))
-        send(_frame({"op": "begin", "run": self.run, "python": version, "dill": dill.__version__}))
+        send(self.encode({"op": "begin", "run": self.run, "python": version, "dill": dill.__version__}))
         for p in kept:
-            send(_frame({"op": "part", **p}))
+            send(self.encode({"op": "part", **p}))
             if p["kind"] != "value":
                 continue
             answer = sock.recv(1)  # type: ignore[attr-defined]
@@ -379,7 +384,7 @@ class Snapshots:
             {"name": p["name"], "bytes": int(p["bytes"]), "warned": p["name"] in self.warned}  # type: ignore[call-overload]
             for p in over
         ]
-        send(_frame({"op": "end", "skipped": skipped, "over": over_list}))
+        send(self.encode({"op": "end", "skipped": skipped, "over": over_list}))
         sock.recv(1)  # type: ignore[attr-defined]  # the host's ack: it has everything
 
     # ---- loading into a new worker (parent, before any run) ------------------------------------------------
@@ -396,8 +401,3 @@ def _dispatch_without_ndarray(dill: types.ModuleType) -> dict[type, object]:
     if numpy is not None:
         table.pop(numpy.ndarray, None)
     return table  # type: ignore[no-any-return]
-
-
-def _frame(obj: dict[str, object]) -> bytes:
-    body = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "surrogatepass")
-    return HEADER.pack(len(body)) + body

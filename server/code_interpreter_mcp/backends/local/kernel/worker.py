@@ -258,7 +258,7 @@ def main() -> None:
         lambda: _load_sibling("charts.py", "_ci_worker_charts"),
     )
     sets = _sitepaths.Sets(cfg.get("packages_dir"))
-    snaps = _snapshot.Snapshots(runner, runner._hidden, ctl_fd, int(cfg.get("snapshot_max_bytes") or 0))
+    snaps = _snapshot.Snapshots(runner, runner._hidden, ctl_fd, int(cfg.get("snapshot_max_bytes") or 0), _protocol)
     reaper = _ZombieReaper(snaps.pids)
     os.dup2(runner.null_fd, 0)
     os.dup2(runner.null_fd, 1)

@@ -26,6 +26,8 @@ import anyio
 
 from ....storage.snapshots import SnapshotStore, SnapshotUnreadable
 from ..kernel.protocol import HEADER, HEADER_SIZE
+from ..kernel.restore import MAX_FDS  # per control message, as the worker reads them
+from ..kernel.snapshot import human, over_cap_note
 from .containers import Container
 from .process import WorkerGone, WorkerProcess
 
@@ -34,7 +36,6 @@ logger = logging.getLogger(__name__)
 RECV_TIMEOUT_S = 60.0  # one read of a stream: its child runs at idle priority, so a busy host slows it down
 MAX_FRAME = 1 << 20
 MAX_PARTS = 100_000
-MAX_FDS = 64  # per control message, as the worker reads them (kernel/snapshot.py)
 CHUNK = 1 << 20
 
 
@@ -53,13 +54,6 @@ class Restored:
     info: dict[str, Any] | None = None  # the result's state_restored
     lost: str | None = None  # why nothing could be restored (the result then says state_lost)
     warnings: list[str] = field(default_factory=list)
-
-
-def human(n: int) -> str:
-    for unit, size in (("GB", 2**30), ("MB", 2**20), ("KB", 2**10)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n} bytes"
 
 
 class _Stream:
@@ -209,10 +203,7 @@ class Keeper:
             for name, size in over:
                 if name not in warned:
                     warned.add(name)
-                    self.notes.setdefault(session_id, []).append(
-                        f"not kept across restarts: {name} ({human(size)}; SNAPSHOT_MAX_MB is "
-                        f"{self.max_bytes // 2**20})"
-                    )
+                    self.notes.setdefault(session_id, []).append(over_cap_note(name, size, self.max_bytes))
 
     def _receive_sync(self, sock: socket.socket, key: str, session_id: str) -> list[tuple[str, int]]:
         sock.settimeout(RECV_TIMEOUT_S)

@@ -119,3 +119,12 @@ async def test_the_model_text_gets_a_line_per_chart(tmp_path: Path) -> None:
         assert output["data"]["text/plain"] == 'line chart "Up" (1 series)'
         assert output["chart"]["axes"][0]["series"][0]["y"] == [3, 4]
         assert f'chart {output["path"]}: line chart "Up" (1 series)' in text_of(r)
+
+
+async def test_a_figure_the_code_saved_itself_carries_its_data_under_its_own_name(engine: Engine) -> None:
+    code = "fig, ax = plt.subplots()\nax.bar(['a', 'b'], [2, 4])\nfig.savefig('sub/own.png')\nplt.close(fig)"
+    session = await engine.session_for(None)
+    out = await engine.run_code(session, PLT + "import os\nos.makedirs('sub', exist_ok=True)\n" + code)
+    [output] = out.result.outputs
+    assert output.path == "sub/own.png" and output.file_id in {f.file_id for f in out.result.files}
+    assert [b["height"] for b in output.chart["axes"][0]["bars"]] == [2, 4]  # type: ignore[index]

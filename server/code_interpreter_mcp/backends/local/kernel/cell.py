@@ -42,6 +42,7 @@ def on_sigint(signum: int, frame: types.FrameType | None) -> None:
 
 
 _SAVED_FIGURES: set = set()  # numbers of the figures the current run saved itself
+_SAVED_FILES: list = []  # (figure, where) of each savefig the current run made: their chart data
 
 
 class SavedFigures:
@@ -65,7 +66,9 @@ class SavedFigures:
 
                 def savefig(fig: object, *args: object, **kwargs: object) -> object:
                     _SAVED_FIGURES.add(getattr(fig, "number", None))
-                    return save(fig, *args, **kwargs)
+                    done = save(fig, *args, **kwargs)
+                    _SAVED_FILES.append((fig, args[0] if args else kwargs.get("fname")))
+                    return done
 
                 module.Figure.savefig = savefig
 
@@ -102,6 +105,15 @@ def _format_error(exc: BaseException) -> dict[str, str | None]:
         except Exception:
             text = f"{type(exc).__name__}: {message}\n"
     return {"type": type(exc).__name__, "message": message, "traceback": text}
+
+
+def _data_path(where: object, workdir: str) -> str | None:
+    """A savefig target as a path relative to the data folder (None: a file object, or outside it)."""
+    if not isinstance(where, (str, os.PathLike)):
+        return None
+    path = os.path.normpath(os.path.join(workdir, os.fspath(where)))  # type: ignore[arg-type]
+    rel = os.path.relpath(path, workdir)
+    return None if rel.startswith("..") else rel
 
 
 def _safe_str(obj: object) -> str:
@@ -217,6 +229,11 @@ class Runner:
         return eval(code, self.ns)
 
     def _save_figures(self, run: int, warnings: list[str]) -> list[str]:
+        # Saved by the code itself (pyplot or not): described where the last save of each file put it.
+        targets = {_data_path(where, self.workdir): fig for fig, where in _SAVED_FILES}
+        for name, fig in targets.items():
+            if name is not None:
+                self._describe(fig, name, warnings)
         plt = sys.modules.get("matplotlib.pyplot")
         if plt is None:
             return []
@@ -279,6 +296,7 @@ class Runner:
         State.interrupted = False
         State.running = True
         _SAVED_FIGURES.clear()
+        _SAVED_FILES.clear()
         self.charts = []
         try:
             try:

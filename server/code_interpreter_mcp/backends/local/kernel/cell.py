@@ -146,6 +146,7 @@ class Runner:
         self.ns = module.__dict__
         self._hidden = {*self.ns, "get_ipython"}  # the worker's names, not the user's (%who)
         self._loop = None
+        self._fflush: object = None  # libc's fflush, once ctypes is loaded (by user code, or dill for snapshots)
 
     # --- capture
 
@@ -163,9 +164,11 @@ class Runner:
                 pass
         if "ctypes" in sys.modules:  # C stdio buffers of extensions; ctypes is too costly to import just for this
             try:
-                import ctypes
+                if self._fflush is None:  # looked up once: CDLL(None) is a dlopen, ~20 us on every flush
+                    import ctypes
 
-                ctypes.CDLL(None).fflush(None)
+                    self._fflush = ctypes.CDLL(None).fflush
+                self._fflush(None)
             except Exception:
                 pass
 

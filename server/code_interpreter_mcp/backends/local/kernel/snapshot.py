@@ -209,6 +209,10 @@ class Snapshots:
             pass
         return {"op": "flushed", "saved": self.child is None and not self.dirty}
 
+    def reap(self) -> None:
+        """The child that wrote the last snapshot, reaped if it exited (one waitpid)."""
+        self._reap()
+
     def _reap(self) -> None:
         if self.child is None:
             return

@@ -304,6 +304,7 @@ def main() -> None:
                 notes.extend(snaps.over_cap_warnings())
                 if notes:
                     resp["warnings"] = notes + list(resp.get("warnings") or [])
+                snaps.reap()  # first: an unreaped snapshot child would send the reaper its slow path every run
                 reaper.reap()
                 resp["id"] = req.get("id")
                 _protocol.write_all(resp_fd, _protocol.encode(resp))

@@ -117,15 +117,33 @@ class PackagesInfo(_Model):
     seconds: float = Field(description="Time spent resolving and installing for this run.")
 
 
+class TableData(_Model):
+    columns: list[str]
+    rows: list[list[Any]] = Field(description="The first rows (at most 50), one list of cells per row.")
+    index: list[Any] | None = Field(default=None, description="The row labels of those rows.")
+    shape: list[int] = Field(description="[rows, columns] of the whole table.")
+    truncated: bool = Field(default=False, description="True when the table has more rows or columns than shown.")
+
+
 class Output(_Model):
     kind: Literal["display", "result"] = Field(
-        default="display", description="What the run showed (display), in order."
+        default="display",
+        description="What the run showed, in order: display() calls, figures, plt.show(), PIL show(); 'result' "
+        "is the last expression's value when it has more to show than its repr.",
     )
     data: dict[str, Any] = Field(
-        default_factory=dict, description="MIME type -> content; text/plain always. Large parts are files (file_id)."
+        default_factory=dict,
+        description="MIME type -> content (text/plain always; text/html, text/markdown, text/latex, image/svg+xml, "
+        "application/json when they fit). Images and parts too large to inline are files (file_id).",
     )
     file_id: str | None = Field(default=None, description="The file holding this output's bytes, e.g. a figure's PNG.")
     path: str | None = Field(default=None, description="That file's path in /mnt/data.")
+    stdout_at: int | None = Field(
+        default=None,
+        description="Characters of stdout printed before this output (prints and displays interleave at it); "
+        "null: after all of it.",
+    )
+    table: TableData | None = Field(default=None, description="A DataFrame's first rows as data.")
     chart: dict[str, Any] | None = Field(
         default=None,
         description="For a matplotlib figure, what it shows, read from its artists: type (line, scatter, bar, "

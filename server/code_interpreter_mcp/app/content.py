@@ -36,11 +36,12 @@ from ..artifacts import is_text_mime
 from ..engine import DownloadOutput, RunOutput
 from ..engine.budget import clip, json_chars
 from ..errors import CIError
-from ..models import CloseResult, DownloadResult, FileInfo, FileList, JsonError, RunResult, UploadResult, dump
+from ..models import CloseResult, DownloadResult, FileInfo, FileList, JsonError, Output, RunResult, UploadResult, dump
 from .clients import ClientProfile
 
 logger = logging.getLogger(__name__)
 
+SUMMARY_OUTPUTS = 10  # output lines in a summary (all of them are in `outputs`)
 SUMMARY_FILES = 20  # file lines in a summary next to structuredContent (all of them are in `files`)
 
 M = TypeVar("M", bound=BaseModel)
@@ -206,9 +207,37 @@ def _error_text(r: RunResult, limit: int | None) -> list[str]:
     return [head, "traceback:\n" + (tb if limit is None else _tail(tb, limit))]
 
 
-def chart_lines(r: RunResult) -> list[str]:
-    """One line per figure: what it shows, for a model that cannot see the image (the data is in outputs)."""
-    return [f"chart {o.path}: {o.data.get('text/plain', '')}" for o in r.outputs if o.chart is not None or o.path]
+def output_line(o: Output, limit: int | None) -> str:
+    """An output as the model reads it: a chart's summary, a table's markdown, else its plain text."""
+    plain = str(o.data.get("text/plain", ""))
+    md = o.data.get("text/markdown")
+    if o.chart is not None or "chart data" in plain:
+        return f"chart {o.path}: {plain}"
+    body = md if isinstance(md, str) else plain
+    body = body if limit is None else _tail(body, limit)
+    where = f" (file {o.path})" if o.path else ""
+    return f"{o.kind}{where}:" + ("\n" if "\n" in body else " ") + body
+
+
+def _shows_result(r: RunResult) -> bool:
+    """The last value is an output of its own (markdown for a DataFrame): its repr line would say it twice."""
+    return any(o.kind == "result" for o in r.outputs)
+
+
+def _interleaved(r: RunResult) -> list[str]:
+    """stdout with each output at the place it was shown (`stdout_at`); outputs with no place come after."""
+    lines, printed = [], 0
+    placed = sorted((o for o in r.outputs if o.stdout_at is not None), key=lambda o: o.stdout_at or 0)
+    for o in placed:
+        at = min(max(o.stdout_at or 0, printed), len(r.stdout))
+        if at > printed:
+            lines.append(("stdout:\n" if printed == 0 else "") + r.stdout[printed:at].rstrip("\n"))
+            printed = at
+        lines.append(output_line(o, None))
+    if printed < len(r.stdout):
+        lines.append(("stdout:\n" if printed == 0 else "") + r.stdout[printed:])
+    lines.extend(output_line(o, None) for o in r.outputs if o.stdout_at is None)
+    return lines
 
 
 def run_summary(r: RunResult) -> str:
@@ -223,14 +252,16 @@ def run_summary(r: RunResult) -> str:
         lines.append("stdout (end):\n" + _tail(r.stdout, 2000))
     if r.stderr:
         lines.append("stderr (end):\n" + _tail(r.stderr, 1000))
-    if r.result is not None:
+    if r.result is not None and not _shows_result(r):
         lines.append("result: " + _tail(r.result, 500))
     if r.text:
         lines.append("model:\n" + _tail(r.text, 1500))
     if r.json_ is not None:
         lines.append("json: valid (see structuredContent.json)")
     lines.extend(_json_error_lines(r))
-    lines.extend(chart_lines(r))
+    lines.extend(output_line(o, 1500) for o in r.outputs[:SUMMARY_OUTPUTS])
+    if len(r.outputs) > SUMMARY_OUTPUTS:
+        lines.append(f"… {len(r.outputs) - SUMMARY_OUTPUTS} more outputs in structuredContent.outputs")
     lines.extend(file_line(f) for f in r.files[:SUMMARY_FILES])
     if len(r.files) > SUMMARY_FILES:
         lines.append(f"… {len(r.files) - SUMMARY_FILES} more files in structuredContent.files")
@@ -247,18 +278,16 @@ def full_run_text(r: RunResult) -> str:
     lines.extend(f"warning: {w}" for w in r.warnings)
     if r.packages is not None:
         lines.append(packages_line(r))
-    if r.stdout:
-        lines.append("stdout:\n" + r.stdout)
+    lines.extend(_interleaved(r))
     if r.stderr:
         lines.append("stderr:\n" + r.stderr)
-    if r.result is not None:
+    if r.result is not None and not _shows_result(r):
         lines.append("result: " + r.result)
     if r.text:
         lines.append("model:\n" + r.text)
     if r.json_ is not None:
         lines.append("json: " + json.dumps(r.json_, ensure_ascii=False, separators=(",", ":"), default=str))
     lines.extend(_json_error_lines(r))
-    lines.extend(chart_lines(r))
     lines.extend(file_line(f) for f in r.files)
     if r.more_files is not None:
         lines.append(f"{r.more_files.hint} ({r.more_files.bytes} bytes in all)")

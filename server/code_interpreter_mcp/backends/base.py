@@ -182,8 +182,9 @@ class ExecOutcome:
     truncated: bool = False
     state_lost: bool = False  # the worker/container was restarted during this run: variables are gone
     state_restored: dict[str, Any] | None = None  # a new worker loaded the session's snapshot before this run
-    # What each figure the run saved shows: {"file": path in /mnt/data, "summary": one line, "chart": data}
-    charts: list[dict[str, Any]] = field(default_factory=list)
+    # What the run showed, in order (checked): {"kind", "data": {mime: part}, "path"?: a file in /mnt/data,
+    # "stdout_at"?: characters of stdout before it, "table"?: a DataFrame's rows, "summary"/"chart"?: a figure's}
+    outputs: list[dict[str, Any]] = field(default_factory=list)
     last_value_json: str | None = None  # local + structured: json.dumps(last expression) when serialisable
     text: str | None = None  # the model's text (openai); sandbox: links are left for the engine to rewrite
     sentinel_sources: list[str] = field(default_factory=list)  # texts to search for JSON marker blocks

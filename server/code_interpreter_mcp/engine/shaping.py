@@ -14,7 +14,6 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import anyio
 
@@ -22,11 +21,12 @@ from ..artifacts import INLINE_IMAGE_TYPES, file_uri, image_preview, normalize_c
 from ..backends.base import ExecOutcome
 from ..config import Settings
 from ..errors import CIError
-from ..models import ErrorInfo, FileInfo, JsonError, MoreFiles, Output, PackagesInfo, RunResult, dump
+from ..models import ErrorInfo, FileInfo, JsonError, MoreFiles, PackagesInfo, RunResult, dump
 from ..sessions import ContainerRecord, FileRecord, Session
 from .budget import cap_list, clip, json_chars, share, structured_room
 from .containers import container_info
 from .json_result import ResolvedJson, token_usage
+from .outputs import run_outputs
 
 _SANDBOX_LINK = re.compile(r"sandbox:(/mnt/data/[^\s)\]\"'>]+)")
 _MISSING_MODULE = re.compile(r"No module named '([^'.]+)")
@@ -76,29 +76,6 @@ def order_files(records: list[FileRecord], code: str) -> list[FileRecord]:
         return (1 if r.path in code or r.name in code else 2), r.path
 
     return sorted(records, key=rank)
-
-
-def figure_outputs(charts: list[dict[str, Any]], records: list[FileRecord], room: int) -> list[Output]:
-    """The figures a run saved, in order, each with its image's file and what it shows; chart data past `room`
-    characters is left out (the one-line summary and the image stay)."""
-    by_path = {r.path: r for r in records}
-    out, used = [], 0
-    for item in charts:
-        record = by_path.get(item["file"])
-        chart = item["chart"]
-        used += json_chars(chart)
-        if used > room:
-            chart = None
-        out.append(
-            Output(
-                kind="display",
-                data={"text/plain": item["summary"] + ("" if chart is not None else " (data left out: result budget)")},
-                file_id=record.file_id if record is not None else None,
-                path=item["file"],
-                chart=chart,
-            )
-        )
-    return out
 
 
 def list_files_within(infos: list[FileInfo], limit: int, room: int) -> list[FileInfo]:
@@ -224,7 +201,7 @@ class Shaper:
             json=value,
             json_error=json_error,
             files=infos,
-            outputs=figure_outputs(outcome.charts, records, room // 4),
+            outputs=run_outputs(outcome.outputs, records, room // 4),
             more_files=more,
             packages=packages,
             execution_count=execution_count,

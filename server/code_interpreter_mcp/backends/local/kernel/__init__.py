@@ -11,6 +11,8 @@ importable in there. Only `protocol` (the wire format) is also imported on the h
 - `snapshot` / `restore`: the namespace saved after runs (a forked child streams it to the host), and loaded into
   a new worker before its first run.
 - `charts`: what a saved matplotlib figure shows, read from its artists (type, labels, the values plotted).
+- `display`: rich outputs (`display()`, the last value's MIME bundle, `plt.show()`, PIL's `show()`), in order;
+  `frames`: a DataFrame's markdown and first rows as data.
 - `magics`: `!`/`%` lines through IPython's transformer, and the small `get_ipython()` shell that answers them.
 
 Where coming features go: anything that must run next to the user's variables (a
@@ -30,4 +32,6 @@ KERNEL_FILES = (
     "snapshot.py",
     "restore.py",
     "charts.py",
+    "display.py",
+    "frames.py",
 )

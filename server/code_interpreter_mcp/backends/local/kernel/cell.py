@@ -41,41 +41,6 @@ def on_sigint(signum: int, frame: types.FrameType | None) -> None:
         raise KeyboardInterrupt
 
 
-_SAVED_FIGURES: set = set()  # numbers of the figures the current run saved itself
-_SAVED_FILES: list = []  # (figure, where) of each savefig the current run made: their chart data
-
-
-class SavedFigures:
-    """Wraps `Figure.savefig` once matplotlib.figure is imported (a meta-path finder: importing matplotlib at start-up
-    would cost every worker), so the figures a run saved itself are not auto-saved a second time."""
-
-    def find_spec(self, name: str, path: object, target: object = None) -> object:
-        if name != "matplotlib.figure":
-            return None
-        if self in sys.meta_path:
-            sys.meta_path.remove(self)
-        import importlib.util
-
-        spec = importlib.util.find_spec(name)
-        if spec is not None and spec.loader is not None:
-            load = spec.loader.exec_module
-
-            def exec_module(module: types.ModuleType) -> None:
-                load(module)
-                save = module.Figure.savefig
-
-                def savefig(fig: object, *args: object, **kwargs: object) -> object:
-                    _SAVED_FIGURES.add(getattr(fig, "number", None))
-                    done = save(fig, *args, **kwargs)
-                    _SAVED_FILES.append((fig, args[0] if args else kwargs.get("fname")))
-                    return done
-
-                module.Figure.savefig = savefig
-
-            spec.loader.exec_module = exec_module  # type: ignore[method-assign]
-        return spec
-
-
 def _trim_traceback(tb: types.TracebackType | None) -> types.TracebackType | None:
     """Start at the first frame of user code (a cell); failing that, drop this file's frames."""
     probe = tb
@@ -107,7 +72,7 @@ def _format_error(exc: BaseException) -> dict[str, str | None]:
     return {"type": type(exc).__name__, "message": message, "traceback": text}
 
 
-def _data_path(where: object, workdir: str) -> str | None:
+def data_path(where: object, workdir: str) -> str | None:
     """A savefig target as a path relative to the data folder (None: a file object, or outside it)."""
     if not isinstance(where, (str, os.PathLike)):
         return None
@@ -127,7 +92,12 @@ class Runner:
     """Runs cells in one persistent `__main__` namespace and answers each with a result frame."""
 
     def __init__(
-        self, cfg: Config, protocol: types.ModuleType, load_magics: object = None, load_charts: object = None
+        self,
+        cfg: Config,
+        protocol: types.ModuleType,
+        load_magics: object = None,
+        load_charts: object = None,
+        display: types.ModuleType | None = None,
     ) -> None:
         self.cfg = cfg
         self._protocol = protocol  # the worker's privately loaded protocol.py (split_budget, clip_capture)
@@ -135,7 +105,6 @@ class Runner:
         self._magics: types.ModuleType | None = None
         self._load_charts = load_charts  # loads charts.py (a figure's data) at the first figure; None: no chart data
         self._charts: types.ModuleType | None = None
-        self.charts: list[dict[str, object]] = []  # this run's: what each saved figure shows
         self.workdir = cfg["workdir"]
         self.out_fd = cfg["out_fd"]
         self.err_fd = cfg["err_fd"]
@@ -147,6 +116,13 @@ class Runner:
         self._hidden = {*self.ns, "get_ipython"}  # the worker's names, not the user's (%who)
         self._loop = None
         self._fflush: object = None  # libc's fflush, once ctypes is loaded (by user code, or dill for snapshots)
+        self._display = display  # display.py: rich outputs; None: the last value's repr only
+        self.displays = display.Displays(self.workdir, self._stdout_size, self._save_figure) if display else None
+        self._figures = 0  # figures this run saved: their file names
+
+    def _stdout_size(self) -> int:
+        self._flush_std()
+        return os.fstat(self.out_fd).st_size
 
     # --- capture
 
@@ -231,47 +207,85 @@ class Runner:
             return self._loop.run_until_complete(eval(code, self.ns))
         return eval(code, self.ns)
 
-    def _save_figures(self, run: int, warnings: list[str]) -> list[str]:
-        # Saved by the code itself (pyplot or not): described where the last save of each file put it.
-        targets = {_data_path(where, self.workdir): fig for fig, where in _SAVED_FILES}
-        for name, fig in targets.items():
-            if name is not None:
-                self._describe(fig, name, warnings)
+    def _save_figure(self, fig: object) -> dict[str, object] | None:
+        """Save a figure as the run's next PNG now (shown, or left open at the end): its output item."""
+        self._figures += 1
+        name = f"figure_{self.run}_{self._figures}.png"
+        displays = self.displays
+        if displays is not None:
+            displays.own_save = True  # not the code's own savefig
+        try:
+            fig.savefig(os.path.join(self.workdir, name), format="png", bbox_inches="tight")  # type: ignore[attr-defined]
+        except Exception as exc:
+            self.warnings.append(
+                f"could not save figure {getattr(fig, 'number', '')}: {type(exc).__name__}: {_safe_str(exc)}"
+            )
+            return None
+        finally:
+            if displays is not None:
+                displays.own_save = False
+        return {"path": name, **self._describe(fig, name)}
+
+    def _save_figures(self) -> list[str]:
+        """The end of a run: figures the code saved itself are described where their last save put them, and
+        the ones left open are saved and described after everything shown."""
+        displays = self.displays
+        if displays is None:
+            return []
+        for item in displays.items:
+            fig = item.pop("_fig", None)
+            if fig is not None:
+                item.update(self._describe(fig, str(item["path"])))
         plt = sys.modules.get("matplotlib.pyplot")
         if plt is None:
             return []
         saved = []
         try:
-            nums = [n for n in plt.get_fignums() if n not in _SAVED_FIGURES]
+            nums = [n for n in plt.get_fignums() if n not in displays.saved_numbers]
         except Exception as exc:
-            warnings.append(f"could not list matplotlib figures: {type(exc).__name__}: {_safe_str(exc)}")
+            self.warnings.append(f"could not list matplotlib figures: {type(exc).__name__}: {_safe_str(exc)}")
             return []
-        for k, num in enumerate(nums, 1):
-            name = f"figure_{run}_{k}.png"
-            try:
-                fig = plt.figure(num)
-                fig.savefig(os.path.join(self.workdir, name), format="png", bbox_inches="tight")
-                saved.append(name)
-                self._describe(fig, name, warnings)
-            except Exception as exc:
-                warnings.append(f"could not save figure {num}: {type(exc).__name__}: {_safe_str(exc)}")
+        for num in nums:
+            item = self._save_figure(plt.figure(num))
+            if item is not None:
+                saved.append(str(item["path"]))
+                displays.figure_item(item)
         try:
             plt.close("all")
         except Exception:
             pass
         return saved
 
-    def _describe(self, fig: object, name: str, warnings: list[str]) -> None:
+    def _describe(self, fig: object, name: str) -> dict[str, object]:
         """What the saved figure shows, as data (charts.py), for a model that cannot read the PNG."""
         if self._load_charts is None:
-            return
+            return {}
         try:
             if self._charts is None:
                 self._charts = self._load_charts()  # type: ignore[operator]
             chart = self._charts.bounded(fig)
-            self.charts.append({"file": name, "summary": self._charts.summary(chart), "chart": chart})
+            summary = self._charts.summary(chart)
+            return {"summary": summary, "chart": chart, "data": {"text/plain": summary}}
         except Exception as exc:
-            warnings.append(f"could not read the data of {name}: {type(exc).__name__}: {_safe_str(exc)}")
+            self.warnings.append(f"could not read the data of {name}: {type(exc).__name__}: {_safe_str(exc)}")
+            return {}
+
+    def _outputs(self, out_fd: int, stdout: str, cut: bool) -> list[dict[str, object]]:
+        """This run's outputs, each `stdout_at` turned from bytes written into characters of the stdout returned
+        (None when that place was cut out: the output goes after what is shown)."""
+        displays = self.displays
+        if displays is None:
+            return []
+        displays.finish()
+        self.warnings.extend(displays.warnings)
+        shown = stdout.find("\n[... output truncated:") if cut else len(stdout)
+        for item in displays.items:
+            item.pop("_fig", None)
+            at = item.get("stdout_at")
+            if isinstance(at, int) and at > 0:
+                chars = len(os.pread(out_fd, min(at, 4 * 1024 * 1024), 0).decode("utf-8", "replace"))
+                item["stdout_at"] = chars if chars <= shown else None
+        return displays.items
 
     def execute(self, req: Frame) -> Frame:
         code = req.get("code", "")
@@ -298,9 +312,10 @@ class Runner:
         os.dup2(err_fd, 2)
         State.interrupted = False
         State.running = True
-        _SAVED_FIGURES.clear()
-        _SAVED_FILES.clear()
-        self.charts = []
+        self.run, self.warnings, self._figures = run, warnings, 0
+        displays = self.displays
+        if displays is not None:
+            displays.reset(run)
         try:
             try:
                 body_code, last_code = self._compile(code, f"<cell {run}>")
@@ -312,12 +327,14 @@ class Runner:
                 if has_value and value is not None:
                     self.ns["_"] = value
                     result_repr = repr(value)
+                    if displays is not None and self._display.is_rich(value):  # type: ignore[union-attr]
+                        displays.result(value)
                     if structured:
                         value_json = _to_json(value, warnings)
             finally:
                 try:
                     if not State.interrupted:
-                        figures = self._save_figures(run, warnings)
+                        figures = self._save_figures()
                 finally:
                     State.running = False
         except SystemExit as exc:
@@ -344,6 +361,7 @@ class Runner:
         stdout, out_trunc, _ = self._protocol.clip_capture(out_fd, out_budget, out_size)
         stderr, err_trunc, _ = self._protocol.clip_capture(err_fd, err_budget, err_size)
         truncated = out_trunc or err_trunc
+        outputs = self._outputs(out_fd, stdout, out_trunc)
         fsize = self.cfg.get("limits", {}).get("fsize")
         if isinstance(fsize, int) and max(out_size, err_size) >= fsize:
             warnings.append(
@@ -377,7 +395,7 @@ class Runner:
             "sentinel": sentinel,
             "warnings": warnings,
             "figures": figures,
-            "charts": self.charts,
+            "outputs": outputs,
         }
 
 

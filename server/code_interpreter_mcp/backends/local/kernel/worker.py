@@ -16,6 +16,7 @@ host's request every stray process is killed.
 
 from __future__ import annotations
 
+import builtins
 import json
 import os
 import signal
@@ -41,6 +42,7 @@ def _load_sibling(filename: str, name: str) -> types.ModuleType:
 _protocol = _load_sibling("protocol.py", "_ci_worker_protocol")
 _cell = _load_sibling("cell.py", "_ci_worker_cell")
 _sitepaths = _load_sibling("sitepaths.py", "_ci_worker_sitepaths")
+_display = _load_sibling("display.py", "_ci_worker_display")
 _snapshot = _load_sibling("snapshot.py", "_ci_worker_snapshot")
 _restore = _load_sibling("restore.py", "_ci_worker_restore")
 
@@ -246,7 +248,6 @@ def main() -> None:
     os.umask(0o022)
     os.chdir(cfg["workdir"])
     _prepare_matplotlib(cfg)
-    sys.meta_path.insert(0, _cell.SavedFigures())  # type: ignore[arg-type]
     _cell.State.pid = os.getpid()
     signal.signal(signal.SIGINT, _cell.on_sigint)
 
@@ -256,7 +257,11 @@ def main() -> None:
         _protocol,
         lambda: _load_sibling("magics.py", "_ci_worker_magics"),
         lambda: _load_sibling("charts.py", "_ci_worker_charts"),
+        _display,
     )
+    workdir = cfg["workdir"]
+    sys.meta_path.insert(0, _display.ImportHooks(runner.displays, lambda where: _cell.data_path(where, workdir)))
+    builtins.display = runner.displays.display  # type: ignore[attr-defined]  # as in a notebook, no import needed
     sets = _sitepaths.Sets(cfg.get("packages_dir"))
     snaps = _snapshot.Snapshots(runner, runner._hidden, ctl_fd, int(cfg.get("snapshot_max_bytes") or 0), _protocol)
     reaper = _ZombieReaper(snaps.pids)

@@ -62,31 +62,50 @@ def from_answer(resp: dict[str, Any], structured: bool, cap: int) -> ExecOutcome
         last_value_json=last_json if isinstance(last_json, str) else None,
         sentinel_sources=sources,
         warnings=warnings,
-        charts=_charts(resp.get("charts")),
+        outputs=_outputs(resp.get("outputs")),
     )
 
 
-MAX_CHARTS = 20
+MAX_OUTPUTS = 50  # the worker keeps as many
 MAX_CHART_CHARS = 16_000  # the worker bounds each chart to 12,000; more means it did not
+MAX_PART_CHARS = 110_000  # one inline MIME part: the worker inlines at most 100,000
+MAX_TABLE_CHARS = 200_000  # 50 rows of 50 cells of at most 200 characters, and their labels
+_KINDS = ("display", "result")
 
 
-def _charts(raw: object) -> list[dict[str, Any]]:
-    """The worker's chart data, checked (user code shares its process): a file name, a line, a JSON object."""
+def _outputs(raw: object) -> list[dict[str, Any]]:
+    """The worker's outputs, checked (user code shares its process): known keys of known types within their
+    sizes; a part, table or chart that breaks the rules is left out, the output stays."""
     out: list[dict[str, Any]] = []
-    for item in raw[:MAX_CHARTS] if isinstance(raw, list) else []:
-        if (
-            not isinstance(item, dict)
-            or not isinstance(item.get("file"), str)
-            or not isinstance(item.get("chart"), dict)
-        ):
+    for item in raw[:MAX_OUTPUTS] if isinstance(raw, list) else []:
+        if not isinstance(item, dict) or item.get("kind") not in _KINDS:
             continue
-        try:
-            size = len(json.dumps(item["chart"]))
-        except (TypeError, ValueError):
-            continue
-        if size <= MAX_CHART_CHARS:
-            out.append({"file": item["file"][:500], "summary": text(item.get("summary"), 500), "chart": item["chart"]})
+        data = item.get("data") if isinstance(item.get("data"), dict) else {}
+        parts = {"text/plain": text(data.get("text/plain"), 5000)}
+        for mime, value in data.items():
+            if isinstance(mime, str) and mime != "text/plain" and len(mime) <= 100 and _size(value) <= MAX_PART_CHARS:
+                parts[mime] = value
+        checked: dict[str, Any] = {"kind": item["kind"], "data": parts}
+        if isinstance(item.get("path"), str):
+            checked["path"] = item["path"][:500]
+        at = item.get("stdout_at")
+        if isinstance(at, int) and not isinstance(at, bool) and at >= 0:
+            checked["stdout_at"] = at
+        if isinstance(item.get("table"), dict) and _size(item["table"]) <= MAX_TABLE_CHARS:
+            checked["table"] = item["table"]
+        if isinstance(item.get("chart"), dict) and _size(item["chart"]) <= MAX_CHART_CHARS:
+            checked["chart"] = item["chart"]
+            checked["summary"] = text(item.get("summary"), 500)
+        out.append(checked)
     return out
+
+
+def _size(value: object) -> int:
+    """Characters of the value's JSON; past every cap when it has none."""
+    try:
+        return len(json.dumps(value, ensure_ascii=False, allow_nan=False))
+    except (TypeError, ValueError, RecursionError):
+        return 1 << 62
 
 
 def timed_out(outcome: ExecOutcome, timeout_s: float) -> None:

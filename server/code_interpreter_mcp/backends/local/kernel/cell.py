@@ -241,12 +241,12 @@ class Runner:
             return []
         saved = []
         try:
-            nums = [n for n in plt.get_fignums() if n not in displays.saved_numbers]
+            figs = [f for f in map(plt.figure, plt.get_fignums()) if not displays.was_saved(f)]
         except Exception as exc:
             self.warnings.append(f"could not list matplotlib figures: {type(exc).__name__}: {_safe_str(exc)}")
             return []
-        for num in nums:
-            item = self._save_figure(plt.figure(num))
+        for fig in figs:
+            item = self._save_figure(fig)
             if item is not None:
                 saved.append(str(item["path"]))
                 displays.figure_item(item)

@@ -83,7 +83,7 @@ class Displays:
         self._formatter: object = None  # IPython's DisplayFormatter; False when IPython cannot be imported
         self.items: list[dict[str, object]] = []
         self.warnings: list[str] = []
-        self.saved_numbers: set = set()  # figures the run saved itself: not saved again at its end
+        self.saved_figures: list = []  # figures this run saved or showed: not saved again at its end
         self.run = 0
         self.own_save = False  # the runner is saving a figure: not the code's savefig
         self._files = 0
@@ -91,10 +91,11 @@ class Displays:
         self._dropped = 0
 
     def reset(self, run: int) -> None:
-        self.items, self.warnings, self.saved_numbers = [], [], set()
+        self.items, self.warnings, self.saved_figures = [], [], []
         self.run, self._files, self._inline, self._dropped = run, 0, 0, 0
 
     def finish(self) -> None:
+        self.saved_figures = []  # the figures themselves are not kept alive past the run
         if self._dropped:
             self.warnings.append(f"{self._dropped} more outputs were not kept (at most {MAX_OUTPUTS} a run)")
 
@@ -121,8 +122,9 @@ class Displays:
         if plt is None:
             return
         for num in list(plt.get_fignums()):
-            if num not in self.saved_numbers:
-                self._add("display", plt.figure(num))
+            fig = plt.figure(num)
+            if not self.was_saved(fig):
+                self._add("display", fig)
         plt.close("all")
 
     def saved(self, fig: object, rel: str | None) -> None:
@@ -130,11 +132,16 @@ class Displays:
         placed where its last save happened, described at the run's end (`pending_figures`)."""
         if self.own_save:
             return
-        self.saved_numbers.add(getattr(fig, "number", None))
+        if not self.was_saved(fig):
+            self.saved_figures.append(fig)
         if rel is None:
             return
         self.items = [i for i in self.items if i.get("path") != rel or "_fig" not in i]
         self._append({"kind": "display", "stdout_at": self._at(), "path": rel, "_fig": fig, "data": {}})
+
+    def was_saved(self, fig: object) -> bool:
+        """By identity: pyplot hands a closed figure's number to the next one."""
+        return any(f is fig for f in self.saved_figures)
 
     def figure_item(self, item: dict[str, object]) -> None:
         """A figure saved at the run's end (left open): it goes after everything shown."""
@@ -158,7 +165,7 @@ class Displays:
     def _add(self, kind: str, obj: object, bundle: dict[str, object] | None = None) -> None:
         at = self._at()
         if bundle is None and _is_figure(obj):
-            self.saved_numbers.add(getattr(obj, "number", None))
+            self.saved_figures.append(obj)
             item = self._save_figure(obj)  # type: ignore[operator]
             if isinstance(item, dict):
                 self._append({"kind": kind, "stdout_at": at, **item})

@@ -83,6 +83,9 @@ class Settings(BaseModel):
     resource_links: Literal["all", "non_inline", "none"] = Field(
         default="non_inline", description="which files get resource_link blocks (none: LangChain's adapters)"
     )
+    app_view: Literal["auto", "off"] = Field(
+        default="auto", description="auto: the MCP App view of runs for clients that negotiate MCP Apps"
+    )
 
     # Local sandbox
     unsafe_no_sandbox: bool = False

@@ -45,6 +45,7 @@ from .schemas import publish_flat_schemas, tools_for_client
 from .stdio import stdio_streams
 from .tasks import TASK_TOOLS, RunTasks, legacy_capabilities
 from .tools import add_tools
+from .view import negotiated, view_extension, with_view
 
 INSTRUCTIONS = """\
 A Python code interpreter with a stateful sandbox per session. Call run_code to execute Python: variables,
@@ -63,11 +64,13 @@ class CodeInterpreterServer(MCPServer[Engine]):
     def __init__(self, settings: Settings, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.ci_settings = settings  # MCPServer has a `settings` of its own
+        self.view_served = False  # set when the app view's extension is in (see `view`)
 
     async def _handle_list_tools(
         self, ctx: ServerRequestContext[Engine], params: PaginatedRequestParams | None
     ) -> ListToolsResult:
-        return tools_for_client(await super()._handle_list_tools(ctx, params), client_profile(ctx, self.ci_settings))
+        listed = tools_for_client(await super()._handle_list_tools(ctx, params), client_profile(ctx, self.ci_settings))
+        return with_view(listed) if self.view_served and negotiated(ctx) else listed
 
     async def call_tool(
         self, name: str, arguments: dict[str, Any], context: Context[Engine, Any] | None = None
@@ -134,6 +137,7 @@ def build_server(settings: Settings, engine: Engine | None = None) -> CodeInterp
 
     level = settings.log_level.upper()
     tasks = RunTasks()
+    view = view_extension(settings)
     mcp = CodeInterpreterServer(
         settings,
         name="code-interpreter-mcp",
@@ -142,10 +146,11 @@ def build_server(settings: Settings, engine: Engine | None = None) -> CodeInterp
         instructions=INSTRUCTIONS,
         lifespan=lifespan,
         log_level=level if level in _LOG_LEVELS else "WARNING",  # type: ignore[arg-type]
-        extensions=[tasks],
+        extensions=[tasks] if view is None else [tasks, view],
         middleware=[cancels.REASONS.middleware, tasks.middleware],
         **auth_options(settings),
     )
+    mcp.view_served = view is not None
     _advertise_legacy_tasks(mcp)
     add_tools(mcp, settings)
     add_file_resources(mcp)

@@ -40,7 +40,11 @@ async def test_packages_over_stdio_survive_a_server_restart(tmp_path: Path, whee
         again = await c.call_tool("run_code", {"code": "import beta\nbeta.VERSION", "session_id": s["session_id"]})
         a = again.structured_content
         assert a is not None and a["result"] == "'1.0'", again.content
-        assert a["packages"]["reused"] is True and a["container"]["state_lost"] is True
+        assert a["packages"]["reused"] is True
+        # A new worker: its variables came back from the snapshot the shutdown wrote, or (snapshot not yet
+        # written when the process ended) are said lost; either way the package imports.
+        restored = a["container"]["state_restored"]
+        assert a["container"]["state_lost"] is True or (restored is not None and "beta" in restored["restored"])
 
 
 def test_doctor_shows_policy_index_and_cache(tmp_path: Path, wheels: Path, sandbox_ok: None) -> None:

@@ -193,3 +193,14 @@ def test_plain_bundle_and_markdown_units() -> None:
     md = frames.markdown(wide)
     assert len(md) <= frames.MARKDOWN_CHARS and "| … |" in md and md.endswith("1 rows × 30 columns")
     assert frames.table(pd.DataFrame({"f": [float("nan"), 1.0]}))["rows"] == [[None], [1.0]]
+
+
+async def test_an_output_that_cannot_be_saved_is_a_warning_not_an_error(engine: Engine) -> None:
+    code = (
+        "import os\nos.mkdir('output_1_1.png')\n"  # where the image would be written
+        "class P:\n    def _repr_png_(self): return b'\\x89PNG fake'\n"
+        "display(P())\nprint('went on')\n"
+    )
+    r = await run(engine, code)
+    assert r.stdout == "went on\n" and r.outputs == []
+    assert any(w.startswith("could not show an output: IsADirectoryError") for w in r.warnings)

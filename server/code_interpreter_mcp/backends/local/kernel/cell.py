@@ -119,6 +119,8 @@ class Runner:
         self._display = display  # display.py: rich outputs; None: the last value's repr only
         self.displays = display.Displays(self.workdir, self._stdout_size, self._save_figure) if display else None
         self._figures = 0  # figures this run saved: their file names
+        self.run = 0
+        self.warnings: list[str] = []  # the current run's
 
     def _stdout_size(self) -> int:
         self._flush_std()

@@ -163,6 +163,14 @@ class Displays:
         return True
 
     def _add(self, kind: str, obj: object, bundle: dict[str, object] | None = None) -> None:
+        """One output; a failure to show it (a broken repr, a full disk) is a warning, never the run's error,
+        as in a notebook."""
+        try:
+            self._add_one(kind, obj, bundle)
+        except Exception as exc:
+            self.warnings.append(f"could not show an output: {type(exc).__name__}: {exc}"[:500])
+
+    def _add_one(self, kind: str, obj: object, bundle: dict[str, object] | None) -> None:
         at = self._at()
         if bundle is None and _is_figure(obj):
             self.saved_figures.append(obj)

@@ -204,3 +204,20 @@ async def test_an_output_that_cannot_be_saved_is_a_warning_not_an_error(engine: 
     r = await run(engine, code)
     assert r.stdout == "went on\n" and r.outputs == []
     assert any(w.startswith("could not show an output: IsADirectoryError") for w in r.warnings)
+
+
+async def test_a_huge_table_and_a_display_loop_stay_bounded(engine: Engine) -> None:
+    code = (
+        "import pandas as pd, time\n"
+        "wide = pd.DataFrame({f'c{i}': ['v' * 300] * 80 for i in range(60)})\n"
+        "display(wide)\n"
+        "t = time.monotonic()\nfor i in range(100_000): display(i)\nprint(round(time.monotonic() - t, 1))\n"
+    )
+    r = await run(engine, code)
+    table = r.outputs[0].table
+    # Rows too wide for the budget: fewer of them (here none), the columns and the shape stay.
+    assert table is not None and table.truncated and len(table.rows) < 50 and table.shape == [80, 60]
+    assert table.columns[:2] == ["c0", "c1"]
+    assert len(table.model_dump_json()) <= 200_000
+    assert float(r.stdout) < 5.0  # past the 50 kept, a display is counted, not formatted
+    assert any("99951 more outputs were not kept" in w for w in r.warnings)

@@ -1,9 +1,10 @@
 """A run's outputs (what it displayed, in order) as the result carries them, within their share of the budget.
 
 Every output keeps its `text/plain` and its place; the rest goes in by what a reader needs most when room is short:
-first each output's markdown (a DataFrame's table as the model reads it), then the table rows and chart data, then
-the parts only a view renders (HTML, SVG, LaTeX, JSON). A part left out is named in the output's text/plain.
-Files named by path become the harvested file's id. Knows the result models and the registry's file records only.
+first each output's markdown (a DataFrame's table as the model reads it), then the table rows (fewer when they do
+not fit) and chart data, then the parts only a view renders (HTML, SVG, LaTeX, JSON). A part left out is named
+in the output's text/plain. Files named by path become the harvested file's id. Knows the result models and the
+registry's file records only.
 """
 
 from __future__ import annotations
@@ -59,12 +60,14 @@ def run_outputs(items: list[dict[str, Any]], records: list[FileRecord], room: in
         table = item.get("table")
         if isinstance(table, dict):
             try:
-                checked = TableData.model_validate(table)
+                checked: TableData | None = TableData.model_validate(table)
             except ValidationError:
                 checked = None
-            if checked is not None and fits(json_chars(table) + 10):
+            while checked is not None and not fits(json_chars(checked.model_dump(mode="json")) + 10):
+                checked = _fewer_rows(checked)
+            if checked is not None:
                 outs[k].table = checked
-            elif checked is not None:
+            else:
                 left[k].append("table rows")
         chart = item.get("chart")
         if isinstance(chart, dict):
@@ -84,3 +87,12 @@ def run_outputs(items: list[dict[str, Any]], records: list[FileRecord], room: in
         if parts:
             out.data["text/plain"] = str(out.data["text/plain"]) + LEFT_OUT.format(", ".join(parts))
     return outs
+
+
+def _fewer_rows(table: TableData) -> TableData | None:
+    """Half the rows (the first ones), or None when none are left to drop."""
+    if not table.rows:
+        return None
+    keep = len(table.rows) // 2
+    index = table.index[:keep] if table.index is not None else None
+    return table.model_copy(update={"rows": table.rows[:keep], "index": index, "truncated": True})

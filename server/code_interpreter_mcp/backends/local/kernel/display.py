@@ -22,6 +22,7 @@ MAX_OUTPUTS = 50  # per run; more are counted in one warning
 PLAIN_CHARS = 4000  # text/plain of one output
 INLINE_CHARS = 100_000  # one text part inline; larger ones are files
 INLINE_TOTAL = 400_000  # all inline parts of a run
+TABLE_CHARS = 150_000  # one table's rows as JSON (the host takes at most 200,000)
 
 _IMAGES = {"image/png": "png", "image/jpeg": "jpg", "image/gif": "gif", "image/webp": "webp"}
 _TEXTS = {
@@ -171,8 +172,12 @@ class Displays:
             self.warnings.append(f"could not show an output: {type(exc).__name__}: {exc}"[:500])
 
     def _add_one(self, kind: str, obj: object, bundle: dict[str, object] | None) -> None:
+        figure = bundle is None and _is_figure(obj)
+        if len(self.items) >= MAX_OUTPUTS and not figure:  # counted, not formatted: a display() loop stays cheap
+            self._dropped += 1
+            return
         at = self._at()
-        if bundle is None and _is_figure(obj):
+        if figure:
             self.saved_figures.append(obj)
             item = self._save_figure(obj)  # type: ignore[operator]
             if isinstance(item, dict):
@@ -185,12 +190,26 @@ class Displays:
             try:
                 frame = obj.to_frame() if type(obj).__name__ == "Series" else obj  # type: ignore[attr-defined]
                 frames = _frames()
-                item["table"] = frames.table(frame)
+                item["table"] = self._bounded(frames.table(frame))
                 bundle.setdefault("text/markdown", frames.markdown(frame))
             except Exception as exc:
                 self.warnings.append(f"could not read the table: {type(exc).__name__}: {exc}")
         self._parts(item, bundle)
         self._append(item)
+
+    def _bounded(self, table: dict[str, object]) -> dict[str, object] | None:
+        """The table within TABLE_CHARS and what is left of the run's inline room: fewer rows, or none."""
+        rows: list = table["rows"]  # type: ignore[assignment]
+        while True:
+            size = len(json.dumps(table, ensure_ascii=False, default=str))
+            if size <= TABLE_CHARS and self._inline + size <= INLINE_TOTAL:
+                self._inline += size
+                return table
+            if not rows:
+                return None
+            keep = len(rows) // 2
+            rows = rows[:keep]
+            table = {**table, "rows": rows, "index": (table.get("index") or [])[:keep], "truncated": True}
 
     def _bundle(self, obj: object) -> dict[str, object]:
         fmt = self._ipython()

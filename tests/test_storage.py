@@ -300,14 +300,14 @@ async def test_a_harvest_of_many_files_is_one_registry_transaction(engine: Engin
     session = await engine.session_for(None)
     await engine.run_code(session, "1")  # the container exists: the next run's writes are its harvest's only
     statements: list[str] = []
-    engine.reg._db.set_trace_callback(statements.append)
+    engine.reg.database._db.set_trace_callback(statements.append)  # type: ignore[attr-defined]  # SQLite's
     try:
         out = await engine.run_code(
             session, "import os\nos.makedirs('/mnt/data/many')\nfor i in range(200):\n"
             "    open(f'/mnt/data/many/{i}.txt', 'w').write(str(i))\n",
         )  # fmt: skip
     finally:
-        engine.reg._db.set_trace_callback(None)
+        engine.reg.database._db.set_trace_callback(None)  # type: ignore[attr-defined]
     assert out.result.status == "ok"
     with_files = [s for s in statements if "INSERT INTO files" in s]
     assert len(with_files) == 200

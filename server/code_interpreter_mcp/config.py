@@ -28,6 +28,11 @@ class Settings(BaseModel):
 
     backend: Literal["local", "openai"] = "local"
     data_dir: Path = Field(default_factory=default_data_dir)
+    database_url: str | None = Field(
+        default=None,
+        description="postgresql://... keeps the registry in PostgreSQL; unset: SQLite in the data folder",
+        pattern=r"^(postgresql|postgres)://",
+    )
     transport: Literal["stdio", "http"] = "stdio"
     host: str = "127.0.0.1"
     port: int = 8765
@@ -225,6 +230,8 @@ class Settings(BaseModel):
         out = self.model_dump(mode="json")
         for key in ("openai_api_key", "auth_token"):
             out[key] = "set" if getattr(self, key) else None
+        if self.database_url:  # postgresql://user:password@host/db
+            out["database_url"] = re.sub(r"//[^/@]*@", "//***@", self.database_url)
         if self.package_index_url:
             # An index URL may carry credentials (https://user:token@host/simple).
             out["package_index_url"] = re.sub(r"//[^/@]*@", "//***@", self.package_index_url)
@@ -243,6 +250,7 @@ def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
         ("openai_base_url", "OPENAI_BASE_URL"),
         ("azure_endpoint", "AZURE_OPENAI_ENDPOINT"),
         ("azure_api_version", "OPENAI_API_VERSION"),
+        ("database_url", "DATABASE_URL"),
     ):
         if field not in values and environ.get(var):
             values[field] = environ[var]

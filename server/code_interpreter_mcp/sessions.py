@@ -1,16 +1,15 @@
 """The session registry: session -> containers -> harvested files, with ownership and expiry bookkeeping.
 
-Memory is the source of truth while the process runs; every change is written through to SQLite in the data
-folder (in a worker thread, WAL mode), so sessions, containers and the harvested files' records survive a
-restart. Ids are unguessable (128-bit random); a session is only visible to its owner.
+Memory is the source of truth while the process runs; every change is written through to the database (SQLite
+in the data folder, or PostgreSQL with `DATABASE_URL`; `storage.database`) in a worker thread, so sessions,
+containers and the harvested files' records survive a restart. Ids are unguessable (128-bit random); a session
+is only visible to its owner.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sqlite3
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from .backends.base import ContainerState
 from .errors import SessionNotFound
 from .records import ContainerRecord, FileRecord, RunRow, Session, new_id
 from .storage.catalog import StoredCopies, measure_legacy_copies, stored_copies
+from .storage.database import Database, PostgresDatabase, SqliteDatabase, Statement
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -53,8 +53,6 @@ ADDED_COLUMNS = [
     ("files", "disk_bytes", "INTEGER"),
     ("files", "dropped", "INTEGER NOT NULL DEFAULT 0"),
 ]
-Statement = tuple[str, tuple[Any, ...] | list[tuple[Any, ...]]]
-"""One SQL statement and its parameters; a list of parameter tuples runs it once for each (executemany)."""
 
 FILE_FIELDS = (
     "file_id, session_id, container_id, path, name, bytes, mime_type, sha256, source, created_at, local_path, "
@@ -62,59 +60,46 @@ FILE_FIELDS = (
 )
 
 
-def _migrate(db: sqlite3.Connection) -> None:
-    added_file_columns = False
-    for table, column, definition in ADDED_COLUMNS:
-        if column not in {row[1] for row in db.execute(f"PRAGMA table_info({table})")}:
-            db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
-            added_file_columns = added_file_columns or table == "files"
-    if added_file_columns:
+def open_database(settings: Any) -> Database:
+    """The registry's database for these settings: PostgreSQL at `database_url`, else SQLite in the data folder."""
+    if settings.database_url:
+        return PostgresDatabase(settings.database_url, SCHEMA, ADDED_COLUMNS, _migrate)
+    return SqliteDatabase(settings.db_path, SCHEMA, ADDED_COLUMNS, _migrate)
+
+
+def _migrate(db: Database, added: list[tuple[str, str]]) -> None:
+    if any(table == "files" for table, _ in added):
         measure_legacy_copies(db)
     # No index on files(blob): only the start-up count reads by blob (a full scan either way, no slower without
     # it), while every harvest paid for it: 1,000 records into 8,000-16,000 took 14-15 ms with it, 9 without.
-    db.execute("DROP INDEX IF EXISTS files_by_blob")
+    db.transaction([("DROP INDEX IF EXISTS files_by_blob", ())])
 
 
 class Registry:
-    """Sessions, containers and file records, persisted in SQLite."""
+    """Sessions, containers and file records, persisted in a `Database` (a path: SQLite there)."""
 
-    def __init__(self, db_path: Path) -> None:
-        self.db_path = db_path
-        db_path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(SCHEMA)
-        _migrate(self._db)
-        self._db_lock = threading.Lock()
+    def __init__(self, db: Database | Path) -> None:
+        self._db: Database = SqliteDatabase(db, SCHEMA, ADDED_COLUMNS, _migrate) if isinstance(db, Path) else db
         self.sessions: dict[str, Session] = {}
         self.containers: dict[str, ContainerRecord] = {}
         self._dirty: dict[str, ContainerRecord] = {}
         self._run_rows: list[tuple[str, tuple[Any, ...]]] = []  # run starts and ends, in order, for `flush`
-        self._seq = int(self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM files").fetchone()[0])
+        self._seq = int((self._db.row("SELECT COALESCE(MAX(seq), 0) FROM files") or (0,))[0])
 
     # ---- persistence helpers -------------------------------------------------------------------------------
 
+    @property
+    def database(self) -> Database:
+        return self._db
+
     def _write_sync(self, statements: list[Statement]) -> None:
-        with self._db_lock:
-            self._db.execute("BEGIN")
-            try:
-                for sql, params in statements:
-                    if isinstance(params, list):
-                        self._db.executemany(sql, params)
-                    else:
-                        self._db.execute(sql, params)
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        self._db.transaction(statements)
 
     async def _write(self, *statements: Statement) -> None:
         await anyio.to_thread.run_sync(self._write_sync, list(statements))
 
     def close(self) -> None:
-        with self._db_lock:
-            self._db.close()
+        self._db.close()
 
     # ---- sessions ------------------------------------------------------------------------------------------
 
@@ -131,49 +116,45 @@ class Registry:
         return session
 
     def _load_session_sync(self, session_id: str) -> Session | None:
-        with self._db_lock:
-            row = self._db.execute(
-                "SELECT id, owner, created_at, last_used_at, closed, current_container FROM sessions WHERE id = ?",
-                (session_id,),
-            ).fetchone()
-            if row is None:
-                return None
-            session = Session(
-                id=row[0],
-                owner=row[1],
-                created_at=row[2],
-                last_used_at=row[3],
-                closed=bool(row[4]),
-                current_container=row[5],
+        db = self._db
+        row = db.row(
+            "SELECT id, owner, created_at, last_used_at, closed, current_container, packages, env "
+            "FROM sessions WHERE id = ?",
+            (session_id,),
+        )
+        if row is None:
+            return None
+        session = Session(
+            id=row[0],
+            owner=row[1],
+            created_at=row[2],
+            last_used_at=row[3],
+            closed=bool(row[4]),
+            current_container=row[5],
+        )
+        session.packages = json.loads(row[6])
+        session.env = json.loads(row[7])
+        for c in db.rows(
+            "SELECT id, backend, created_at, last_active_at, expires_after_s, status, isolation, runs, extra "
+            "FROM containers WHERE session_id = ?",
+            (session_id,),
+        ):
+            state = ContainerState(
+                id=c[0],
+                backend=c[1],
+                created_at=c[2],
+                last_active_at=c[3],
+                expires_after_s=c[4],
+                status=c[5],
+                isolation=c[6],
+                extra=json.loads(c[8]),
             )
-            packages, env = self._db.execute(
-                "SELECT packages, env FROM sessions WHERE id = ?", (session_id,)
-            ).fetchone()
-            session.packages = json.loads(packages)
-            session.env = json.loads(env)
-            for c in self._db.execute(
-                "SELECT id, backend, created_at, last_active_at, expires_after_s, status, isolation, runs, extra "
-                "FROM containers WHERE session_id = ?",
-                (session_id,),
-            ):
-                state = ContainerState(
-                    id=c[0],
-                    backend=c[1],
-                    created_at=c[2],
-                    last_active_at=c[3],
-                    expires_after_s=c[4],
-                    status=c[5],
-                    isolation=c[6],
-                    extra=json.loads(c[8]),
-                )
-                self.containers.setdefault(c[0], ContainerRecord(state=state, session_id=session_id, runs=c[7]))
-            session.files = [
-                FileRecord(*r[:-1], dropped=bool(r[-1]))
-                for r in self._db.execute(
-                    f"SELECT {FILE_FIELDS} FROM files WHERE session_id = ? ORDER BY seq", (session_id,)
-                )
-            ]
-            return session
+            self.containers.setdefault(c[0], ContainerRecord(state=state, session_id=session_id, runs=c[7]))
+        session.files = [
+            FileRecord(*r[:-1], dropped=bool(r[-1]))
+            for r in db.rows(f"SELECT {FILE_FIELDS} FROM files WHERE session_id = ? ORDER BY seq", (session_id,))
+        ]
+        return session
 
     async def get_session(self, session_id: str, owner: str | None) -> Session:
         """The session, if it exists, is open and belongs to `owner`; else SessionNotFound (never 'forbidden')."""
@@ -215,8 +196,12 @@ class Registry:
         session.current_container = state.id
         await self._write(
             (
-                "INSERT OR REPLACE INTO containers (id, session_id, backend, created_at, last_active_at, "
-                "expires_after_s, status, isolation, runs, extra) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO containers (id, session_id, backend, created_at, last_active_at, "
+                "expires_after_s, status, isolation, runs, extra) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (id) DO UPDATE SET session_id = excluded.session_id, backend = excluded.backend, "
+                "created_at = excluded.created_at, last_active_at = excluded.last_active_at, "
+                "expires_after_s = excluded.expires_after_s, status = excluded.status, "
+                "isolation = excluded.isolation, runs = excluded.runs, extra = excluded.extra",
                 (
                     state.id,
                     session.id,
@@ -321,8 +306,7 @@ class Registry:
 
     def stored_copies_sync(self) -> StoredCopies:
         """For the blob store at start (`storage.catalog.stored_copies`). Blocks: call it from a thread."""
-        with self._db_lock:
-            return stored_copies(self._db)
+        return stored_copies(self._db)
 
     # ---- runs ----------------------------------------------------------------------------------------------
 
@@ -342,10 +326,9 @@ class Registry:
         return [(sql, tuple(_encode(p) for p in params)) for sql, params in rows]
 
     def _load_run_sync(self, run_id: str) -> RunRow | None:
-        with self._db_lock:
-            row = self._db.execute(
-                "SELECT id, session_id, status, started_at, ended_at, pid, result FROM runs WHERE id = ?", (run_id,)
-            ).fetchone()
+        row = self._db.row(
+            "SELECT id, session_id, status, started_at, ended_at, pid, result FROM runs WHERE id = ?", (run_id,)
+        )
         return RunRow(*row) if row is not None else None
 
     async def load_run(self, run_id: str) -> RunRow | None:

@@ -20,7 +20,7 @@ from ..backends.base import Backend
 from ..config import Settings
 from ..errors import BackendError, CIError
 from ..models import CloseResult
-from ..sessions import Registry, Session
+from ..sessions import Registry, Session, open_database
 from ..storage.blobs import owner_key
 from .containers import Containers
 from .context import EngineContext
@@ -89,7 +89,7 @@ class Engine:
         settings = self.settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         settings.files_dir.mkdir(parents=True, exist_ok=True)
-        self.ctx.registry = await anyio.to_thread.run_sync(Registry, settings.db_path)
+        self.ctx.registry = await anyio.to_thread.run_sync(Registry, open_database(settings))
         self.ctx.blobs.load(*await anyio.to_thread.run_sync(self.ctx.registry.stored_copies_sync))
         self._started = True
         if wait_for_backend:

@@ -1,4 +1,5 @@
-"""The host store of harvested files: content-addressed blobs, the copy that fills it, and the history policy.
+"""The host store of harvested files (content-addressed blobs, the copy that fills it, the history policy, the
+snapshots of sessions' variables) and the registry's database.
 
 - `copying`: a file copied in the kernel (`copy_file_range`) and hashed in the same pass, holes kept; a leaf
   that both the engine and a backend may use (it knows only errors).
@@ -6,6 +7,9 @@
   from the registry, real-block accounting, the server-wide quota, release and sweep.
 - `catalog`: what the registry's records say about stored copies (reference counts, the upgrade's sizes).
 - `history`: which superseded versions of a session's paths to drop once its history quota is exceeded.
+- `snapshots`: the newest snapshot of each session's variables, as files in the data folder.
+- `database`: the registry's `Database` contract and its two engines, SQLite (the default) and PostgreSQL
+  (`DATABASE_URL`): schema creation and migration at start, every write one transaction.
 
 Nothing here knows MCP, runs or backends; `blobs` and `history` know the registry's `FileRecord`.
 """

@@ -135,3 +135,32 @@ def test_settings_take_database_url_from_the_environment(tmp_path: Path) -> None
     assert "secret" not in str(settings.public_view()["database_url"])
     with pytest.raises(ValueError):
         Settings(data_dir=tmp_path, database_url="mysql://x")
+
+
+async def test_a_database_that_goes_away_gives_retryable_errors_and_comes_back(tmp_path: Path, pg: Postgres) -> None:
+    import time
+
+    from code_interpreter_mcp.errors import RegistryUnavailable
+
+    url = pg.create_database("t_" + secrets.token_hex(6))
+    async with Engine(Settings(data_dir=tmp_path / "d", database_url=url)).running() as engine:
+        session = await engine.session_for(None, owner=None)
+        await engine.run_code(session, "1")  # its container is recorded
+        pg.stop()
+        try:
+            began = time.monotonic()
+            with pytest.raises(RegistryUnavailable) as caught:
+                await engine.session_for(None, owner=None)  # a new session is written at once
+            assert "try again" in caught.value.hint and time.monotonic() - began < 15
+            # A run on the live session goes on; its row waits for the database, it is not dropped.
+            run = await engine.runs.start(session, "print('while away')", wait_s=30)
+            assert run.result.status == "ok" and run.result.stdout == "while away\n"
+            with pytest.raises(RegistryUnavailable):
+                await engine.reg.flush()
+        finally:
+            pg.start()
+        again = await engine.session_for(None, owner=None)  # back by itself, on a fresh connection
+        await engine.reg.flush()
+        assert again.id != session.id
+        row = await engine.reg.load_run(run.result.run_id or "")
+        assert row is not None and row.status == "ok"

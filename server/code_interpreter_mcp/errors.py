@@ -92,6 +92,14 @@ class UpstreamUnavailable(CIError):
     default_hint = "The remote service failed; try again in a moment."
 
 
+class RegistryUnavailable(CIError):
+    code = "registry_unavailable"
+    default_hint = (
+        "The server's database (DATABASE_URL) did not answer: try again in a few seconds; the server reconnects "
+        "by itself once it is back."
+    )
+
+
 class AuthFailed(CIError):
     code = "auth_failed"
     default_hint = "Check OPENAI_API_KEY (or the Azure settings) in the server's environment."

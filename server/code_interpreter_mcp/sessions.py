@@ -244,7 +244,12 @@ class Registry:
             dirty, self._dirty = self._dirty, {}
             runs, self._run_rows = self._run_rows, []
             updates = [self._container_update(r) for r in dirty.values()]
-            await anyio.to_thread.run_sync(lambda: self._write_sync([*updates, *self._encoded(runs)]))
+            try:
+                await anyio.to_thread.run_sync(lambda: self._write_sync([*updates, *self._encoded(runs)]))
+            except BaseException:  # the database is away: the rows wait for the next flush, none is lost
+                self._dirty = {**dirty, **self._dirty}
+                self._run_rows = [*runs, *self._run_rows]
+                raise
 
     def container_of(self, session: Session, container_id: str | None) -> ContainerRecord | None:
         """The named container if the session owns it, else the session's current one (None if it has none)."""

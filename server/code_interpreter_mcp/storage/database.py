@@ -5,22 +5,27 @@ The registry speaks one SQL: `?` placeholders, `INSERT ... ON CONFLICT ... DO UP
 `SCHEMA` (`REAL` and `INTEGER` are 64-bit in SQLite; PostgreSQL gets `DOUBLE PRECISION` and `BIGINT`, so no
 timestamp or size loses precision). Each engine creates the schema and adds the columns of later releases at
 start (PostgreSQL under an advisory lock, so replicas starting together do not race), and runs every write as one
-transaction. Every method blocks: the registry calls them from worker threads.
+transaction. A PostgreSQL that does not answer is `RegistryUnavailable` (retryable, no traceback), and the pool
+reconnects by itself when it is back. Every method blocks: the registry calls them from worker threads.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sqlite3
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
+
+from ..errors import RegistryUnavailable
 
 Statement = tuple[str, tuple[Any, ...] | list[tuple[Any, ...]]]
 """One SQL statement and its parameters; a list of parameter tuples runs it once for each (executemany)."""
 Row = tuple[Any, ...]
 _SCHEMA_LOCK = 0x6369_6D63_7000  # pg_advisory_xact_lock key: "cimcp"
+CONNECT_TIMEOUT_S = 5.0  # a call waits this long for a connection before it is told to retry
 
 
 class Database(Protocol):
@@ -115,8 +120,35 @@ class PostgresDatabase:
                 "DATABASE_URL names PostgreSQL but psycopg is not installed: "
                 "pip install 'code-interpreter-mcp[postgres]'"
             ) from exc
+        import psycopg
+        from psycopg_pool import PoolTimeout
+
         self.url = url
-        self._pool = ConnectionPool(url, min_size=1, max_size=pool_size, open=True, timeout=30, name="registry")
+        self._down = (psycopg.OperationalError, PoolTimeout)  # the server gone or unreachable: retryable
+        # Each connection is checked as it is lent, so one broken by a database restart is replaced, not used.
+        self._pool = ConnectionPool(
+            url,
+            min_size=1,
+            max_size=pool_size,
+            open=True,
+            timeout=CONNECT_TIMEOUT_S,
+            check=ConnectionPool.check_connection,
+            name="registry",
+        )
+        with self._answered():
+            new = self._create(schema, added)
+        migrate(self, new)
+
+    @contextlib.contextmanager
+    def _answered(self) -> Iterator[None]:
+        try:
+            yield
+        except self._down as exc:
+            raise RegistryUnavailable(
+                f"The registry's PostgreSQL did not answer: {type(exc).__name__}: {exc}"
+            ) from None
+
+    def _create(self, schema: str, added: list[tuple[str, str, str]]) -> list[tuple[str, str]]:
         new = []
         with self._pool.connection() as conn, conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
@@ -132,18 +164,18 @@ class PostgresDatabase:
                 if exists is None:
                     conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {postgres_ddl(definition)}")  # type: ignore[call-overload]
                     new.append((table, column))
-        migrate(self, new)
+        return new
 
     def rows(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
-        with self._pool.connection() as conn:
+        with self._answered(), self._pool.connection() as conn:
             return conn.execute(postgres_sql(sql), tuple(params)).fetchall()  # type: ignore[call-overload,no-any-return]
 
     def row(self, sql: str, params: Sequence[Any] = ()) -> Row | None:
-        with self._pool.connection() as conn:
+        with self._answered(), self._pool.connection() as conn:
             return conn.execute(postgres_sql(sql), tuple(params)).fetchone()  # type: ignore[call-overload,no-any-return]
 
     def transaction(self, statements: list[Statement]) -> None:
-        with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+        with self._answered(), self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
             for sql, params in statements:
                 if isinstance(params, list):
                     if params:

@@ -221,3 +221,17 @@ async def test_a_huge_table_and_a_display_loop_stay_bounded(engine: Engine) -> N
     assert len(table.model_dump_json()) <= 200_000
     assert float(r.stdout) < 5.0  # past the 50 kept, a display is counted, not formatted
     assert any("99951 more outputs were not kept" in w for w in r.warnings)
+
+
+async def test_ipythons_raw_and_helper_displays(engine: Engine) -> None:
+    code = (
+        "from IPython.display import display_html, display, JSON\n"
+        "display_html('<p>raw</p>', raw=True)\n"
+        "display({'text/plain': 'b', 'text/markdown': '**b**'}, raw=True)\n"
+        "display(JSON({'a': [1]}))\n"
+    )
+    r = await run(engine, code)
+    raw_html, bundle, as_json = r.outputs
+    assert raw_html.data["text/html"] == "<p>raw</p>"
+    assert bundle.data == {"text/plain": "b", "text/markdown": "**b**"}
+    assert as_json.data["application/json"] == {"a": [1]}

@@ -1,13 +1,15 @@
 """Harvested storage: content-addressed blobs per owner, the history quota and superseded versions, the
 server-wide quota, freeing at once, real-block accounting of sparse files, the upgrade from the one-folder-per-file
 layout, and one registry transaction per harvest. Through the engine on the real local backend, and the
-superseded download through a real in-memory MCP client."""
+superseded download through a real in-memory MCP client. The tests that go through the registry run on both of its
+engines: SQLite, and a real PostgreSQL (tests/infra.py); the two that read SQLite's own files are SQLite's."""
 
 from __future__ import annotations
 
 import errno
 import hashlib
 import os
+import secrets
 import sqlite3
 import time
 from collections.abc import AsyncIterator
@@ -28,15 +30,25 @@ from code_interpreter_mcp.storage.blobs import BlobStore, owner_key
 from code_interpreter_mcp.storage.copying import tree_disk_bytes
 from code_interpreter_mcp.storage.history import superseded_to_drop
 from tests.helpers import structured, text_of
+from tests.infra import Postgres, pg_fixture, pg_session_fixture  # noqa: F401  # the fixtures, by name
 
 pytestmark = pytest.mark.anyio
 MiB = 1024 * 1024
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest) -> str | None:
+    """The registry's engine for this test: None (SQLite in the data folder) or a new PostgreSQL database."""
+    if request.param == "sqlite":
+        return None
+    pg: Postgres = request.getfixturevalue("pg")
+    return pg.create_database("t_" + secrets.token_hex(6))
+
+
 @pytest.fixture
-async def engine(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Engine]:
+async def engine(tmp_path: Path, request: pytest.FixtureRequest, database_url: str | None) -> AsyncIterator[Engine]:
     overrides: dict[str, Any] = getattr(request, "param", {})
-    eng = Engine(Settings(data_dir=tmp_path / "data", default_timeout_s=60, **overrides))
+    eng = Engine(Settings(data_dir=tmp_path / "data", default_timeout_s=60, database_url=database_url, **overrides))
     async with eng.running():
         await eng.ready()
         yield eng
@@ -115,8 +127,10 @@ async def test_a_dropped_version_names_the_current_one_and_its_copy_is_gone(engi
     assert [f.file_id for f in (await engine.list_files(session)).files] == [second.file_id]
 
 
-async def test_download_and_resources_read_of_a_superseded_version_through_mcp(tmp_path: Path) -> None:
-    settings = Settings(data_dir=tmp_path / "data", file_history_mb=0)
+async def test_download_and_resources_read_of_a_superseded_version_through_mcp(
+    tmp_path: Path, database_url: str | None
+) -> None:
+    settings = Settings(data_dir=tmp_path / "data", file_history_mb=0, database_url=database_url)
     async with Client(build_server(settings), raise_exceptions=True) as client:
         first = structured(await client.call_tool("run_code", {"code": write("v.txt", "b'1'")}))
         sid = first["session_id"]
@@ -269,7 +283,9 @@ async def test_a_data_folder_of_the_old_layout_keeps_working(tmp_path: Path) -> 
     assert {"blob", "disk_bytes", "dropped"} <= columns
 
 
-async def test_start_sweeps_copies_in_flight_and_blobs_no_record_holds(tmp_path: Path) -> None:
+async def test_start_sweeps_copies_in_flight_and_blobs_no_record_holds(
+    tmp_path: Path, database_url: str | None
+) -> None:
     files = tmp_path / "data" / "files"
     store = BlobStore(files, 1 << 30)
     key = owner_key(None)
@@ -281,7 +297,7 @@ async def test_start_sweeps_copies_in_flight_and_blobs_no_record_holds(tmp_path:
     orphan.write_bytes(b"nobody's")
     old = time.time() - 60
     os.utime(stale, (old, old))
-    eng = Engine(Settings(data_dir=tmp_path / "data"))
+    eng = Engine(Settings(data_dir=tmp_path / "data", database_url=database_url))
     async with eng.running():
         session = await eng.session_for(None)
         kept = (await eng.run_code(session, write("k.txt", "b'kept'"))).result.files[0]
@@ -296,7 +312,12 @@ async def test_start_sweeps_copies_in_flight_and_blobs_no_record_holds(tmp_path:
 # ---- one registry transaction per harvest ------------------------------------------------------------------
 
 
-async def test_a_harvest_of_many_files_is_one_registry_transaction(engine: Engine) -> None:
+async def test_a_harvest_of_many_files_is_one_registry_transaction(tmp_path: Path) -> None:
+    async with Engine(Settings(data_dir=tmp_path / "data")).running() as engine:  # SQLite: its trace is read
+        await _one_transaction(engine)
+
+
+async def _one_transaction(engine: Engine) -> None:
     session = await engine.session_for(None)
     await engine.run_code(session, "1")  # the container exists: the next run's writes are its harvest's only
     statements: list[str] = []
@@ -322,8 +343,8 @@ async def test_a_harvest_of_many_files_is_one_registry_transaction(engine: Engin
     assert sum(1 for t in transactions if any("INSERT INTO files" in s for s in t)) == 1
 
 
-async def test_after_a_restart_blobs_keep_their_references(tmp_path: Path) -> None:
-    settings = Settings(data_dir=tmp_path / "data")
+async def test_after_a_restart_blobs_keep_their_references(tmp_path: Path, database_url: str | None) -> None:
+    settings = Settings(data_dir=tmp_path / "data", database_url=database_url)
     code = write("shared.txt", "b'the same bytes'")
     async with Engine(settings).running() as first:
         one, two = await first.session_for(None), await first.session_for(None)

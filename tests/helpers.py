@@ -27,6 +27,19 @@ def text_of(r: CallToolResult) -> str:
     return "\n".join(c.text for c in r.content if isinstance(c, TextContent))
 
 
+def kernel_module(name: str) -> Any:
+    """One of the sandbox's kernel modules, loaded by file path under a private name, as the worker loads it."""
+    import importlib.util
+
+    from code_interpreter_mcp.backends.local.kernel import KERNEL_DIR
+
+    spec = importlib.util.spec_from_file_location(f"_test_{name}", KERNEL_DIR / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @asynccontextmanager
 async def emulator_client(emu: Emulator, tmp_path: Path, **overrides: Any) -> AsyncIterator[Client]:
     """A real in-memory MCP client over the real server, whose engine runs on OpenAIBackend + the emulator."""

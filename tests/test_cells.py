@@ -13,12 +13,13 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
-from code_interpreter_mcp.backends.local.kernel import KERNEL_DIR, KERNEL_FILES
+from code_interpreter_mcp.backends.local.kernel import KERNEL_FILES
 from code_interpreter_mcp.backends.openai.shell_lines import translate
 from code_interpreter_mcp.config import Settings
 from code_interpreter_mcp.engine.cells import dedent_cell, prepare_cell
 from code_interpreter_mcp.engine.envs import MAX_VARS, check_env
 from code_interpreter_mcp.errors import BadInput, BadRequirement
+from tests.helpers import kernel_module
 
 # ----------------------------------------------------------------------------------------------- engine.cells
 
@@ -99,13 +100,7 @@ def test_python_is_sent_unchanged() -> None:
 
 def load_magics() -> Any:
     """The worker's magics.py, loaded by file path as the worker loads it."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("_test_magics", KERNEL_DIR / "magics.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return kernel_module("magics")
 
 
 magics = load_magics()

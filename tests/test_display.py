@@ -3,8 +3,6 @@ result's `outputs` in the order they happened, interleaved with prints; a DataFr
 
 from __future__ import annotations
 
-import importlib.util
-import types
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -13,21 +11,12 @@ import pytest
 from mcp import Client
 
 from code_interpreter_mcp.app import build_server
-from code_interpreter_mcp.backends.local.kernel import KERNEL_DIR
 from code_interpreter_mcp.config import Settings
 from code_interpreter_mcp.engine import Engine
 from code_interpreter_mcp.models import RunResult
-from tests.helpers import structured, text_of
+from tests.helpers import kernel_module, structured, text_of
 
 pytestmark = pytest.mark.anyio
-
-
-def _kernel(name: str) -> types.ModuleType:
-    spec = importlib.util.spec_from_file_location(f"_test_{name}", KERNEL_DIR / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture
@@ -173,8 +162,8 @@ async def test_structured_content_carries_outputs_over_mcp(tmp_path: Path) -> No
 
 
 def test_plain_bundle_and_markdown_units() -> None:
-    display = _kernel("display")
-    frames = _kernel("frames")
+    display = kernel_module("display")
+    frames = kernel_module("frames")
 
     class Both:
         def _repr_mimebundle_(self, include: object = None, exclude: object = None) -> tuple[dict[str, str], dict]:

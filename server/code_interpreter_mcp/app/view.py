@@ -14,7 +14,7 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
-from mcp.server.apps import APP_MIME_TYPE, Apps, ResourceCsp, client_supports_apps
+from mcp.server.apps import Apps, ResourceCsp, client_supports_apps
 from mcp.types import ListToolsResult
 
 from ..config import Settings
@@ -77,6 +77,3 @@ def with_view(listed: ListToolsResult) -> ListToolsResult:
             tool = tool.model_copy(update={"meta": meta})
         tools.append(tool)
     return listed.model_copy(update={"tools": tools})
-
-
-__all__ = ["APP_MIME_TYPE", "VIEW_URI", "negotiated", "view_extension", "view_html", "with_view"]

@@ -98,6 +98,7 @@ class Runner:
         load_magics: object = None,
         load_charts: object = None,
         display: types.ModuleType | None = None,
+        load_frames: object = None,
     ) -> None:
         self.cfg = cfg
         self._protocol = protocol  # the worker's privately loaded protocol.py (split_budget, clip_capture)
@@ -117,7 +118,9 @@ class Runner:
         self._loop = None
         self._fflush: object = None  # libc's fflush, once ctypes is loaded (by user code, or dill for snapshots)
         self._display = display  # display.py: rich outputs; None: the last value's repr only
-        self.displays = display.Displays(self.workdir, self._stdout_size, self._save_figure) if display else None
+        self.displays = (
+            display.Displays(self.workdir, self._stdout_size, self._save_figure, load_frames) if display else None
+        )
         self._figures = 0  # figures this run saved: their file names
         self.run = 0
         self.warnings: list[str] = []  # the current run's
@@ -280,13 +283,18 @@ class Runner:
             return []
         displays.finish()
         self.warnings.extend(displays.warnings)
-        shown = stdout.find("\n[... output truncated:") if cut else len(stdout)
+        shown = stdout.find(self._protocol.TRUNCATED_MARK) if cut else len(stdout)
         for item in displays.items:
-            item.pop("_fig", None)
+            item.pop("_fig", None)  # an interrupted run described none of them
+        places = sorted(
+            {a for i in displays.items if isinstance(a := i.get("stdout_at"), int) and 0 < a <= self._protocol.AT_BYTES}
+        )
+        chars = self._protocol.chars_at(out_fd, places)
+        for item in displays.items:
             at = item.get("stdout_at")
             if isinstance(at, int) and at > 0:
-                chars = len(os.pread(out_fd, min(at, 4 * 1024 * 1024), 0).decode("utf-8", "replace"))
-                item["stdout_at"] = chars if chars <= shown else None
+                n = chars.get(at)
+                item["stdout_at"] = n if n is not None and n <= shown else None
         return displays.items
 
     def execute(self, req: Frame) -> Frame:

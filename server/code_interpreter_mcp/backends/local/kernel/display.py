@@ -77,8 +77,10 @@ class Displays:
     """This run's outputs, in order. `stdout_at()` flushes and tells how many stdout bytes are written so far;
     `save_figure(fig)` saves a matplotlib figure as a file now and answers its output item."""
 
-    def __init__(self, workdir: str, stdout_at: object, save_figure: object) -> None:
+    def __init__(self, workdir: str, stdout_at: object, save_figure: object, load_frames: object = None) -> None:
         self.workdir = workdir
+        self._load_frames = load_frames  # loads frames.py at the first DataFrame shown; None: no table data
+        self._frames: types.ModuleType | None = None
         self._stdout_at = stdout_at
         self._save_figure = save_figure
         self._formatter: object = None  # IPython's DisplayFormatter; False when IPython cannot be imported
@@ -186,10 +188,12 @@ class Displays:
         if bundle is None:
             bundle = self._bundle(obj)
         item: dict[str, object] = {"kind": kind, "stdout_at": at, "data": {}}
-        if bundle is not None and obj is not None and _is_frame(obj):
+        if bundle is not None and obj is not None and _is_frame(obj) and self._load_frames is not None:
             try:
                 frame = obj.to_frame() if type(obj).__name__ == "Series" else obj  # type: ignore[attr-defined]
-                frames = _frames()
+                if self._frames is None:
+                    self._frames = self._load_frames()  # type: ignore[operator]
+                frames = self._frames
                 item["table"] = self._bounded(frames.table(frame))
                 bundle.setdefault("text/markdown", frames.markdown(frame))
             except Exception as exc:
@@ -261,24 +265,6 @@ class Displays:
         with open(os.path.join(self.workdir, name), "wb") as f:
             f.write(raw)
         return name
-
-
-_FRAMES: list[types.ModuleType] = []
-
-
-def _frames() -> types.ModuleType:
-    """frames.py, beside this file, loaded at the first DataFrame shown."""
-    if not _FRAMES:
-        import importlib.util
-
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "frames.py")
-        spec = importlib.util.spec_from_file_location("_ci_worker_frames", path)
-        if spec is None or spec.loader is None:
-            raise ImportError(f"cannot load {path}")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        _FRAMES.append(module)
-    return _FRAMES[0]
 
 
 def plain_bundle(obj: object) -> dict[str, object]:
@@ -406,9 +392,4 @@ class ImportHooks:
         module.Image.show = show
 
     def _ipython(self, module: types.ModuleType) -> None:
-        displays = self.displays
-
-        def display(*objs: object, **kwargs: object) -> None:
-            displays.display(*objs, **kwargs)
-
-        module.display = display
+        module.display = self.displays.display

@@ -1,7 +1,8 @@
 """A pandas DataFrame as the model and the view read it, INSIDE the sandbox: markdown of its first and last rows
 within a fixed size whatever its length, and its first rows as JSON data. Only the rows shown are read.
 
-Loaded by display.py at the first DataFrame shown; stdlib only (the frame brings pandas with it).
+Loaded by file path at the first DataFrame shown (worker.py hands display.py the loader); stdlib only, the frame
+brings pandas with it.
 """
 
 from __future__ import annotations

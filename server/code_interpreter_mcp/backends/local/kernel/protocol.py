@@ -127,6 +127,9 @@ def split_budget(cap: int, out_size: int, err_size: int) -> tuple[int, int]:
     return half, cap - half
 
 
+TRUNCATED_MARK = "\n[... output truncated:"  # where a clipped capture's head ends
+
+
 def clip_capture(fd: int, budget: int, size: int | None = None) -> tuple[str, bool, int]:
     """The head and tail of a capture file within `budget` characters: (text, truncated, size in bytes)."""
     if size is None:
@@ -144,8 +147,25 @@ def clip_capture(fd: int, budget: int, size: int | None = None) -> tuple[str, bo
         head_src = os.pread(fd, half, 0).decode("utf-8", "replace")
         tail_src = os.pread(fd, half, size - half).decode("utf-8", "replace")
         what = f"{size} bytes"
-    marker = f"\n[... output truncated: {what} in all ...]\n"
+    marker = f"{TRUNCATED_MARK} {what} in all ...]\n"
     room = max(budget - len(marker), 0)
     head_n = room * 2 // 5
     tail_n = room - head_n
     return head_src[:head_n] + marker + (tail_src[-tail_n:] if tail_n else ""), True, size
+
+
+AT_BYTES = 4 * 1024 * 1024  # an output placed past this much stdout goes after it
+
+
+def chars_at(fd: int, places: list[int]) -> dict[int, int]:
+    """Characters of the capture's UTF-8 before each byte offset (sorted), in one pass over the bytes read once."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    out: dict[int, int] = {}
+    done = chars = 0
+    for at in places:
+        chars += len(decoder.decode(os.pread(fd, at - done, done)))
+        done = at
+        out[at] = chars
+    return out

@@ -258,6 +258,7 @@ def main() -> None:
         lambda: _load_sibling("magics.py", "_ci_worker_magics"),
         lambda: _load_sibling("charts.py", "_ci_worker_charts"),
         _display,
+        lambda: _load_sibling("frames.py", "_ci_worker_frames"),
     )
     workdir = cfg["workdir"]
     sys.meta_path.insert(0, _display.ImportHooks(runner.displays, lambda where: _cell.data_path(where, workdir)))

@@ -12,7 +12,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from pydantic import BaseModel
@@ -22,6 +22,9 @@ from .errors import SessionNotFound
 from .records import ContainerRecord, FileRecord, RunRow, Session, new_id
 from .storage.catalog import StoredCopies, measure_legacy_copies, stored_copies
 from .storage.database import Database, PostgresDatabase, SqliteDatabase, Statement
+
+if TYPE_CHECKING:
+    from .config import Settings
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -60,7 +63,7 @@ FILE_FIELDS = (
 )
 
 
-def open_database(settings: Any) -> Database:
+def open_database(settings: Settings) -> Database:
     """The registry's database for these settings: PostgreSQL at `database_url`, else SQLite in the data folder."""
     if settings.database_url:
         return PostgresDatabase(settings.database_url, SCHEMA, ADDED_COLUMNS, _migrate)
@@ -84,6 +87,7 @@ class Registry:
         self.containers: dict[str, ContainerRecord] = {}
         self._dirty: dict[str, ContainerRecord] = {}
         self._run_rows: list[tuple[str, tuple[Any, ...]]] = []  # run starts and ends, in order, for `flush`
+        self._flush_lock = anyio.Lock()
         self._seq = int((self._db.row("SELECT COALESCE(MAX(seq), 0) FROM files") or (0,))[0])
 
     # ---- persistence helpers -------------------------------------------------------------------------------
@@ -240,7 +244,11 @@ class Registry:
         self._dirty[rec.state.id] = rec
 
     async def flush(self) -> None:
-        if self._dirty or self._run_rows:
+        """Write what waits. One flush at a time: a second one waits for the first, so when it returns its rows
+        are written (or it failed), and a run's end is never written before its start."""
+        async with self._flush_lock:
+            if not (self._dirty or self._run_rows):
+                return
             dirty, self._dirty = self._dirty, {}
             runs, self._run_rows = self._run_rows, []
             updates = [self._container_update(r) for r in dirty.values()]

@@ -35,6 +35,7 @@ from pydantic import BaseModel
 from ..artifacts import is_text_mime
 from ..engine import DownloadOutput, RunOutput
 from ..engine.budget import clip, json_chars
+from ..engine.outputs import CHART_DATA
 from ..errors import CIError
 from ..models import CloseResult, DownloadResult, FileInfo, FileList, JsonError, Output, RunResult, UploadResult, dump
 from .clients import ClientProfile
@@ -211,7 +212,7 @@ def output_line(o: Output, limit: int | None) -> str:
     """An output as the model reads it: a chart's summary, a table's markdown, else its plain text."""
     plain = str(o.data.get("text/plain", ""))
     md = o.data.get("text/markdown")
-    if o.chart is not None or "chart data" in plain:
+    if o.chart is not None or CHART_DATA in plain:  # a figure, its chart data left out for the budget
         return f"chart {o.path}: {plain}"
     body = md if isinstance(md, str) else plain
     body = body if limit is None else _tail(body, limit)

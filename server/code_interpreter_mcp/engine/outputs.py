@@ -18,6 +18,7 @@ from ..sessions import FileRecord
 from .budget import json_chars
 
 LEFT_OUT = " [left out for the result budget: {}]"
+CHART_DATA = "chart data"  # what a figure whose chart did not fit names as left out
 _MODEL_PARTS = ("text/markdown",)
 
 
@@ -74,7 +75,7 @@ def run_outputs(items: list[dict[str, Any]], records: list[FileRecord], room: in
             if fits(json_chars(chart) + 10):
                 outs[k].chart = chart
             else:
-                left[k].append("chart data")
+                left[k].append(CHART_DATA)
     for k, item in enumerate(items):  # then what only a view renders
         for mime, value in item.get("data", {}).items():
             if mime == "text/plain" or mime in _MODEL_PARTS:

@@ -783,7 +783,8 @@ def pg_session_fixture() -> Iterator[Postgres]:
 
 @pytest.fixture(name="pg")
 def pg_fixture(pg_session: Postgres) -> Postgres:
-    """The session's PostgreSQL, started again if an earlier test left it stopped."""
+    """The session's PostgreSQL, started again if an earlier test left it stopped; its client, psycopg, too."""
+    pytest.importorskip("psycopg_pool", reason='psycopg is not installed: pip install "psycopg[binary,pool]"')
     pg_session.ensure_running()
     return pg_session
 

@@ -25,6 +25,7 @@ import json
 import os
 import pwd
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -801,6 +802,27 @@ def s3_fixture(s3_session: SeaweedS3) -> SeaweedS3:
     """The session's S3 gateway, started again if an earlier test left it stopped."""
     s3_session.ensure_running()
     return s3_session
+
+
+def backing_settings(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """Settings for a parametrised fixture whose param is `<registry>[+<store>]`: registry `sqlite` or
+    `postgresql` (a new database), store `s3` (a new prefix of the session's bucket, the AWS_* variables set for
+    this test) or `folder` (a new folder); no store is the data folder alone."""
+    registry, _, store = str(request.param).partition("+")
+    out: dict[str, Any] = {}
+    if registry == "postgresql":
+        pg: Postgres = request.getfixturevalue("pg")
+        out["database_url"] = pg.create_database("t_" + secrets.token_hex(6))
+    if store == "s3":
+        s3: SeaweedS3 = request.getfixturevalue("s3")
+        for name, value in s3.env().items():
+            monkeypatch.setenv(name, value)
+        out["store_url"] = f"s3://{s3.bucket}/t_{secrets.token_hex(6)}"
+    elif store == "folder":
+        shared = tmp_path / "shared-store"
+        shared.mkdir(exist_ok=True)
+        out["store_url"] = shared.as_uri()
+    return out
 
 
 @pytest.fixture(name="haproxy_factory")

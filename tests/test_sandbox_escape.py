@@ -64,6 +64,10 @@ async def test_api_key_never_reaches_the_sandbox(make_backend: MakeBackend, monk
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)
     monkeypatch.setenv("AZURE_OPENAI_API_KEY", SECRET)
     monkeypatch.setenv("CODE_INTERPRETER_AUTH_TOKEN", SECRET)
+    # The shared registry's and store's credentials, and the replicas' secret, do not either.
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    monkeypatch.setenv("DATABASE_URL", f"postgresql://u:{SECRET}@db/x")
+    monkeypatch.setenv("CODE_INTERPRETER_CLUSTER_SECRET", SECRET)
     backend = await make_backend()
     c = await backend.create_container("s", 600)
     env = await value(backend, c, "import os\ndict(os.environ)")

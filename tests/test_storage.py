@@ -1,15 +1,15 @@
 """Harvested storage: content-addressed blobs per owner, the history quota and superseded versions, the
 server-wide quota, freeing at once, real-block accounting of sparse files, the upgrade from the one-folder-per-file
 layout, and one registry transaction per harvest. Through the engine on the real local backend, and the
-superseded download through a real in-memory MCP client. The tests that go through the registry run on both of its
-engines: SQLite, and a real PostgreSQL (tests/infra.py); the two that read SQLite's own files are SQLite's."""
+superseded download through a real in-memory MCP client. The tests that go through the registry run on both of
+its engines, SQLite and a real PostgreSQL (tests/infra.py), and on the shared store's two, a folder and a real S3
+(SeaweedFS); the two that read SQLite's own files are SQLite's. What the store itself adds is tests/test_store.py's."""
 
 from __future__ import annotations
 
 import errno
 import hashlib
 import os
-import secrets
 import sqlite3
 import time
 from collections.abc import AsyncIterator
@@ -30,25 +30,29 @@ from code_interpreter_mcp.storage.blobs import BlobStore, owner_key
 from code_interpreter_mcp.storage.copying import tree_disk_bytes
 from code_interpreter_mcp.storage.history import superseded_to_drop
 from tests.helpers import structured, text_of
-from tests.infra import Postgres, pg_fixture, pg_session_fixture  # noqa: F401  # the fixtures, by name
+from tests.infra import (  # noqa: F401  # the fixtures, by name
+    backing_settings,
+    pg_fixture,
+    pg_session_fixture,
+    s3_fixture,
+    s3_session_fixture,
+)
 
 pytestmark = pytest.mark.anyio
 MiB = 1024 * 1024
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest) -> str | None:
-    """The registry's engine for this test: None (SQLite in the data folder) or a new PostgreSQL database."""
-    if request.param == "sqlite":
-        return None
-    pg: Postgres = request.getfixturevalue("pg")
-    return pg.create_database("t_" + secrets.token_hex(6))
+@pytest.fixture(params=["sqlite", "postgresql+s3", "sqlite+folder"])
+def backing(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """The registry's engine and the shared store for this test: SQLite in the data folder and no store (a
+    single process), a new PostgreSQL database with a new prefix of a real S3 bucket, or SQLite with a folder store."""
+    return backing_settings(request, tmp_path, monkeypatch)
 
 
 @pytest.fixture
-async def engine(tmp_path: Path, request: pytest.FixtureRequest, database_url: str | None) -> AsyncIterator[Engine]:
+async def engine(tmp_path: Path, request: pytest.FixtureRequest, backing: dict[str, Any]) -> AsyncIterator[Engine]:
     overrides: dict[str, Any] = getattr(request, "param", {})
-    eng = Engine(Settings(data_dir=tmp_path / "data", default_timeout_s=60, database_url=database_url, **overrides))
+    eng = Engine(Settings(data_dir=tmp_path / "data", default_timeout_s=60, **backing, **overrides))
     async with eng.running():
         await eng.ready()
         yield eng
@@ -128,9 +132,9 @@ async def test_a_dropped_version_names_the_current_one_and_its_copy_is_gone(engi
 
 
 async def test_download_and_resources_read_of_a_superseded_version_through_mcp(
-    tmp_path: Path, database_url: str | None
+    tmp_path: Path, backing: dict[str, Any]
 ) -> None:
-    settings = Settings(data_dir=tmp_path / "data", file_history_mb=0, database_url=database_url)
+    settings = Settings(data_dir=tmp_path / "data", file_history_mb=0, **backing)
     async with Client(build_server(settings), raise_exceptions=True) as client:
         first = structured(await client.call_tool("run_code", {"code": write("v.txt", "b'1'")}))
         sid = first["session_id"]
@@ -283,9 +287,7 @@ async def test_a_data_folder_of_the_old_layout_keeps_working(tmp_path: Path) -> 
     assert {"blob", "disk_bytes", "dropped"} <= columns
 
 
-async def test_start_sweeps_copies_in_flight_and_blobs_no_record_holds(
-    tmp_path: Path, database_url: str | None
-) -> None:
+async def test_start_sweeps_copies_in_flight_and_blobs_no_record_holds(tmp_path: Path, backing: dict[str, Any]) -> None:
     files = tmp_path / "data" / "files"
     store = BlobStore(files, 1 << 30)
     key = owner_key(None)
@@ -297,7 +299,7 @@ async def test_start_sweeps_copies_in_flight_and_blobs_no_record_holds(
     orphan.write_bytes(b"nobody's")
     old = time.time() - 60
     os.utime(stale, (old, old))
-    eng = Engine(Settings(data_dir=tmp_path / "data", database_url=database_url))
+    eng = Engine(Settings(data_dir=tmp_path / "data", **backing))
     async with eng.running():
         session = await eng.session_for(None)
         kept = (await eng.run_code(session, write("k.txt", "b'kept'"))).result.files[0]
@@ -343,8 +345,8 @@ async def _one_transaction(engine: Engine) -> None:
     assert sum(1 for t in transactions if any("INSERT INTO files" in s for s in t)) == 1
 
 
-async def test_after_a_restart_blobs_keep_their_references(tmp_path: Path, database_url: str | None) -> None:
-    settings = Settings(data_dir=tmp_path / "data", database_url=database_url)
+async def test_after_a_restart_blobs_keep_their_references(tmp_path: Path, backing: dict[str, Any]) -> None:
+    settings = Settings(data_dir=tmp_path / "data", **backing)
     code = write("shared.txt", "b'the same bytes'")
     async with Engine(settings).running() as first:
         one, two = await first.session_for(None), await first.session_for(None)

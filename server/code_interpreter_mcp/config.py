@@ -33,6 +33,12 @@ class Settings(BaseModel):
         description="postgresql://... keeps the registry in PostgreSQL; unset: SQLite in the data folder",
         pattern=r"^(postgresql|postgres)://",
     )
+    store_url: str | None = Field(
+        default=None,
+        description="s3://bucket/prefix (or file:///shared/folder) mirrors harvested files and snapshots there; "
+        "unset: the data folder alone",
+        pattern=r"^(s3://[^/]+|file:///)",
+    )
     transport: Literal["stdio", "http"] = "stdio"
     host: str = "127.0.0.1"
     port: int = 8765
@@ -251,6 +257,7 @@ def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
         ("azure_endpoint", "AZURE_OPENAI_ENDPOINT"),
         ("azure_api_version", "OPENAI_API_VERSION"),
         ("database_url", "DATABASE_URL"),
+        ("store_url", "STORE_URL"),
     ):
         if field not in values and environ.get(var):
             values[field] = environ[var]

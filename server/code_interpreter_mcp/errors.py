@@ -100,6 +100,14 @@ class RegistryUnavailable(CIError):
     )
 
 
+class StoreUnavailable(CIError):
+    code = "store_unavailable"
+    default_hint = (
+        "The server's shared store of files (STORE_URL) did not answer: try again in a few seconds; files harvested "
+        "meanwhile are kept on the server and uploaded once it is back."
+    )
+
+
 class AuthFailed(CIError):
     code = "auth_failed"
     default_hint = "Check OPENAI_API_KEY (or the Azure settings) in the server's environment."

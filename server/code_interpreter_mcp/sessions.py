@@ -317,6 +317,15 @@ class Registry:
     def _drop_row(rec: FileRecord) -> tuple[str, tuple[Any, ...]]:
         return ("UPDATE files SET dropped = 1, local_path = NULL WHERE file_id = ?", (rec.file_id,))
 
+    def holds_sync(self, store_key: str) -> bool:
+        """Whether a record not dropped still holds a blob's store key (`<owner>/blobs/ab/cdef...`), whichever
+        replica made it; any other key is held by nothing once let go. Blocks: call it from a thread."""
+        parts = store_key.split("/")
+        if len(parts) != 4 or parts[1] != "blobs":
+            return False
+        row = self._db.row("SELECT 1 FROM files WHERE blob = ? AND dropped = 0 LIMIT 1", (parts[2] + parts[3],))
+        return row is not None
+
     def stored_copies_sync(self) -> StoredCopies:
         """For the blob store at start (`storage.catalog.stored_copies`). Blocks: call it from a thread."""
         return stored_copies(self._db)

@@ -23,6 +23,7 @@ from ..errors import CIError
 from ..models import ContainerInfo, SkippedName, StateRestored
 from ..sessions import ContainerRecord, FileRecord, Session, new_id
 from .context import EngineContext
+from .copies import local_copy, snapshot_from_store, to_store
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +91,7 @@ class Containers:
 
     async def _new(self, session: Session) -> ContainerRecord:
         expires_after_s = self.ctx.settings.expiry_minutes * 60
+        await snapshot_from_store(self.ctx, session)
         state = await self.ctx.backend.create_container(session.id, expires_after_s, owner=session.owner)
         rec = await self.ctx.reg.add_container(session, state)
         await self._restore_inputs(session, rec)
@@ -98,8 +100,8 @@ class Containers:
     async def _restore_inputs(self, session: Session, rec: ContainerRecord) -> None:
         """Upload the session's input files into a new container (after an expiry)."""
         for old in [r for r in session.latest_files() if r.source == "user" and r.local_path]:
-            local = Path(old.local_path or "")
-            if not await anyio.Path(local).is_file():
+            local = await local_copy(self.ctx, old, session.owner)
+            if local is None or not await anyio.Path(local).is_file():
                 continue
             await self.put_input(
                 session,
@@ -145,6 +147,7 @@ class Containers:
             version=remote.version,
         )
         await self.ctx.reg.add_files(session, [record])
+        await to_store(self.ctx, [record])  # one that waits is uploaded by the store's own pass
         return record
 
     async def retire(self, rec: ContainerRecord, status: str) -> None:

@@ -14,6 +14,8 @@ from ..config import Settings
 from ..errors import CIError
 from ..sessions import Registry
 from ..storage.blobs import BlobStore
+from ..storage.mirror import Mirror
+from ..storage.objects import open_store
 from ..storage.snapshots import SnapshotStore
 from ..structured.guard import Guard
 
@@ -41,6 +43,14 @@ class EngineContext:
             store, blobs = self.snapshots, self.blobs
             blobs.extra_bytes = lambda: store.used_bytes
             store.room = lambda extra: blobs.used_bytes + extra <= blobs.max_bytes
+        shared = open_store(settings.store_url)
+        self.mirror: Mirror | None = None  # the shared store (STORE_URL) behind the data folder, when set
+        if shared is not None:
+            mirror = self.mirror = Mirror(shared, settings.files_dir, settings.data_dir / "store-pending.json")
+            self.blobs.released = mirror.forget
+            if self.snapshots is not None:
+                self.snapshots.committed = mirror.snapshot_written
+                self.snapshots.deleted = lambda key, session: mirror.forget_prefix(f"{key}/snapshots/{session}/")
         self.backend_error: CIError | None = None
         self._started = anyio.Event()
         self.guard = Guard(settings.schema_time_limit_s)  # schema checks and JSON validation, off the event loop

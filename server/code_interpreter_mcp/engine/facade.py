@@ -34,6 +34,11 @@ from .session_choice import SessionChooser
 
 logger = logging.getLogger(__name__)
 
+MIRROR_PASS_S = 0.5
+"""How often the shared store's queue is looked at (a snapshot reaches the store within about this long)."""
+MIRROR_RETRY_S = 3.0
+"""How often a store that did not answer is tried again."""
+
 
 class Engine:
     def __init__(self, settings: Settings, backend: Backend | None = None) -> None:
@@ -91,6 +96,8 @@ class Engine:
         settings.files_dir.mkdir(parents=True, exist_ok=True)
         self.ctx.registry = await anyio.to_thread.run_sync(Registry, open_database(settings))
         self.ctx.blobs.load(*await anyio.to_thread.run_sync(self.ctx.registry.stored_copies_sync))
+        if self.ctx.mirror is not None:
+            self.ctx.mirror.needed = self.ctx.registry.holds_sync
         self._started = True
         if wait_for_backend:
             await self._start_backend()
@@ -142,6 +149,8 @@ class Engine:
                 tg.start_soon(anyio.to_thread.run_sync, self.ctx.blobs.sweep)
                 tg.start_soon(self.packages.start)
                 tg.start_soon(self._housekeeping)
+                if self.ctx.mirror is not None:
+                    tg.start_soon(self._mirroring)
                 tg.start_soon(self.ctx.guard.warm)
                 try:
                     yield self
@@ -165,6 +174,18 @@ class Engine:
                     await self.reap_expired()
             except Exception:
                 logger.exception("housekeeping pass failed")
+
+    async def _mirroring(self) -> None:
+        """The shared store's background pass: queued snapshots, uploads that waited for it, due deletions."""
+        mirror = self.ctx.mirror
+        assert mirror is not None
+        while True:
+            await anyio.sleep(MIRROR_PASS_S if mirror.last_error is None else MIRROR_RETRY_S)
+            if mirror.backlog:
+                try:
+                    await anyio.to_thread.run_sync(mirror.drain)
+                except Exception:
+                    logger.exception("store pass failed")
 
     # ---- the calls of the faces that need more than one part ----------------------------------------------
 

@@ -37,6 +37,7 @@ from ..storage.history import check_not_dropped
 from .budget import budget_chars, json_chars, structured_room, summary_room
 from .containers import Containers, utc
 from .context import EngineContext
+from .copies import local_copy
 from .harvest import harvest_now
 from .inputs import check_host_paths
 from .shaping import list_files_within, load_image
@@ -203,7 +204,7 @@ class Files:
             rec = await self._find_record(session, file, container_id, harvest=not during_run)
         check_not_dropped(session.files, rec)
         info = record_to_info(rec)
-        local = Path(rec.local_path) if rec.local_path else None
+        local = await local_copy(self.ctx, rec, session.owner)
         if local is None or not await anyio.Path(local).is_file():
             raise FileNotFound(
                 f"The harvested copy of {rec.path!r} is missing on the host.",
@@ -303,8 +304,9 @@ class Files:
                 f"{rec.name} is {rec.bytes} bytes, over the {limit}-byte limit of resources/read.",
                 "Use download_file with save_to.",
             )
+        local = await local_copy(self.ctx, rec, session.owner)
         try:
-            data = await anyio.Path(rec.local_path).read_bytes()
+            data = await anyio.Path(local or rec.local_path).read_bytes()
         except FileNotFoundError:
             raise NotFound(f"Unknown resource {uri!r}.") from None
         return data, rec.mime_type, record_to_info(rec)
@@ -315,6 +317,8 @@ class Files:
         key = owner_key(session.owner)
         await anyio.to_thread.run_sync(self.ctx.blobs.release, [(key, r) for r in removed if not r.dropped])
         await anyio.to_thread.run_sync(remove_tree, self.ctx.settings.files_dir / session.id)  # inputs' copies
+        if self.ctx.mirror is not None:
+            await anyio.to_thread.run_sync(self.ctx.mirror.forget_prefix, f"{session.id}/")
 
 
 def _read_range(path: Path, offset: int, n: int) -> bytes:

@@ -33,6 +33,7 @@ from ..storage.blobs import OwnerCopies, owner_key
 from ..storage.history import superseded_to_drop
 from .containers import Containers
 from .context import COPY_THREADS, SMALL_FILE_BYTES, EngineContext
+from .copies import to_store
 
 _BY_PATH = attrgetter("path")
 Harvested = tuple[list[FileRecord], list[str]]
@@ -268,6 +269,8 @@ class Harvest:
             rec.snapshot = {f.path: f for f in listing}
         rec.listed = self._listing if not refused else None  # refused paths: retried by a full compare
         records.sort(key=lambda r: r.path)
+        if (waiting := await to_store(self.ctx, records)) is not None:
+            self.warnings.append(waiting)
         await record_with_history(self.ctx, self.session, records)
         if self.expired:
             await self.containers.retire(rec, status="expired")  # never offered again; the next run replaces it

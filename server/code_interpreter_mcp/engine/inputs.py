@@ -29,6 +29,7 @@ from ..sessions import ContainerRecord, FileRecord, Session, new_id
 from ..storage.history import check_not_dropped
 from .containers import Containers
 from .context import EngineContext
+from .copies import local_copy
 from .envs import check_env, kept_env
 
 
@@ -167,8 +168,8 @@ class Inputs:
             known = session.find_file(item)
             if known is not None:
                 check_not_dropped(session.files, known)
-            if known is not None and known.local_path:
-                src, name = Path(known.local_path), known.name
+            if known is not None and (copy := await local_copy(self.ctx, known, session.owner)) is not None:
+                src, name = copy, known.name
             elif item.startswith("f_") and "/" not in item:
                 raise FileNotFound(f"No file {item!r} in this session.")
             else:

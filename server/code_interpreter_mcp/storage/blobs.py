@@ -64,6 +64,7 @@ class BlobStore:
         self._root = os.fspath(files_dir)
         self._writing: set[BlobKey] = set()  # blobs `keep` is writing: not swept, not written twice at once
         self.extra_bytes: Callable[[], int] = lambda: 0  # other bytes under the same quota (namespace snapshots)
+        self.released: Callable[[list[str]], None] = lambda keys: None  # blobs deleted here (for the shared store)
 
     # ---- loading ----------------------------------------------------------------------------------------
 
@@ -182,6 +183,7 @@ class BlobStore:
         """Records (with their owner keys) no longer hold their copies: a blob no record holds any more is
         deleted, a legacy copy's folder too. The bytes freed."""
         freed = 0
+        gone: list[str] = []
         with self._lock:
             for key, rec in records:
                 if rec.blob is None:
@@ -197,8 +199,11 @@ class BlobStore:
                 cost = self._disk.pop(bkey, 0)
                 self._blob_bytes -= cost
                 freed += cost
+                gone.append(f"{key}/blobs/{rec.blob[:2]}/{rec.blob[2:]}")
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.blob_path(key, rec.blob))
+        if gone:
+            self.released(gone)
         return freed
 
     def _remove_direct(self, rec: FileRecord) -> int:

@@ -123,6 +123,7 @@ class Writer:
             return None
         os.rename(self.tmp, dest)
         self.store.prune(self.owner_key, self.session_id, keep=seq)
+        self.store.committed(self.owner_key, self.session_id, seq)
         return Snapshot(dest, seq, manifest)
 
     def abort(self) -> None:
@@ -138,6 +139,9 @@ class SnapshotStore:
         self._bytes: dict[tuple[str, str], int] = {}  # (owner_key, session) -> bytes of its newest snapshot
         self.room: Callable[[int], bool] = lambda extra: True  # set by the engine: does the store have room?
         self._closed: set[tuple[str, str]] = set()  # sessions deleted: a snapshot still in flight is dropped
+        # Set by the engine when a shared store mirrors the data folder: a snapshot in place, a session's gone.
+        self.committed: Callable[[str, str, int], None] = lambda owner_key, session_id, seq: None
+        self.deleted: Callable[[str, str], None] = lambda owner_key, session_id: None
 
     def folder(self, owner_key: str, session_id: str) -> Path:
         if not _OWNER.fullmatch(owner_key) or not _SESSION.fullmatch(session_id):
@@ -228,6 +232,16 @@ class SnapshotStore:
             shutil.rmtree(self.folder(owner_key, session_id), ignore_errors=True)
         with self._lock:
             self._bytes.pop((owner_key, session_id), None)
+        self.deleted(owner_key, session_id)
+
+    def newest_seq(self, owner_key: str, session_id: str) -> int:
+        """The run number of the newest complete snapshot here (0: none)."""
+        snap = self._newest(self.folder(owner_key, session_id))
+        return snap.seq if snap is not None else 0
+
+    def adopted(self, owner_key: str, session_id: str, seq: int) -> None:
+        """A snapshot brought from the shared store is in place: counted, and found by `has`."""
+        self.prune(owner_key, session_id, keep=seq)
 
 
 def _entries(path: Path) -> list[os.DirEntry[str]]:

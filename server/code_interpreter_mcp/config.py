@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import platformdirs
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 ENV_PREFIX = "CODE_INTERPRETER_"
 
@@ -39,6 +39,13 @@ class Settings(BaseModel):
         "unset: the data folder alone",
         pattern=r"^(s3://[^/]+|file:///)",
     )
+    replica_url: str | None = Field(
+        default=None,
+        description="this server's own address among replicas sharing DATABASE_URL and STORE_URL: sessions get a "
+        "home here, held by a lease; unset: one process, no leases",
+        pattern=r"^https?://",
+    )
+    lease_s: float = Field(default=10.0, ge=1, description="a replica silent this long loses its sessions' leases")
     transport: Literal["stdio", "http"] = "stdio"
     host: str = "127.0.0.1"
     port: int = 8765
@@ -172,6 +179,12 @@ class Settings(BaseModel):
     azure_deployment: str | None = None
     download_concurrency: int = Field(default=8, ge=1, le=64)
 
+    @model_validator(mode="after")
+    def _replicas_share_a_registry(self) -> Settings:
+        if self.replica_url and not self.database_url:
+            raise ValueError("REPLICA_URL needs DATABASE_URL: replicas share one PostgreSQL registry")
+        return self
+
     @field_validator("data_dir", mode="before")
     @classmethod
     def _expand(cls, v: Any) -> Any:
@@ -258,6 +271,7 @@ def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
         ("azure_api_version", "OPENAI_API_VERSION"),
         ("database_url", "DATABASE_URL"),
         ("store_url", "STORE_URL"),
+        ("replica_url", "REPLICA_URL"),
     ):
         if field not in values and environ.get(var):
             values[field] = environ[var]

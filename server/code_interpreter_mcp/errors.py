@@ -100,6 +100,14 @@ class RegistryUnavailable(CIError):
     )
 
 
+class SessionElsewhere(CIError):
+    code = "session_elsewhere"
+    default_hint = (
+        "The session's home is another replica that is alive: send its calls there (route on session_id, or keep "
+        "a client on one replica); this replica takes it over once that one stops or its lease runs out."
+    )
+
+
 class StoreUnavailable(CIError):
     code = "store_unavailable"
     default_hint = (

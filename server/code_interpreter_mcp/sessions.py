@@ -22,11 +22,13 @@ from .errors import SessionNotFound
 from .records import ContainerRecord, FileRecord, RunRow, Session, new_id
 from .storage.catalog import StoredCopies, measure_legacy_copies, stored_copies
 from .storage.database import Database, PostgresDatabase, SqliteDatabase, Statement
+from .storage.leases import LEASES_SCHEMA
 
 if TYPE_CHECKING:
     from .config import Settings
 
-SCHEMA = """
+SCHEMA = (
+    """
 CREATE TABLE IF NOT EXISTS sessions (
     id TEXT PRIMARY KEY, owner TEXT, created_at REAL NOT NULL, last_used_at REAL NOT NULL,
     closed INTEGER NOT NULL DEFAULT 0, current_container TEXT);
@@ -44,6 +46,8 @@ CREATE TABLE IF NOT EXISTS runs (
 CREATE INDEX IF NOT EXISTS files_by_session ON files(session_id, seq);
 CREATE INDEX IF NOT EXISTS containers_by_session ON containers(session_id);
 """
+    + LEASES_SCHEMA
+)
 
 # Columns added after the first release, each (table, column, definition): a database made before gets them.
 # `files.blob` is the sha256 of the copy in the owner's blob store (NULL: the copy lies at `local_path` in the

@@ -7,6 +7,8 @@ no MCP types.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import anyio
 
 from ..backends.base import Backend, Capabilities
@@ -18,6 +20,9 @@ from ..storage.mirror import Mirror
 from ..storage.objects import open_store
 from ..storage.snapshots import SnapshotStore
 from ..structured.guard import Guard
+
+if TYPE_CHECKING:
+    from .homes import Homes
 
 COPY_THREADS = 2
 """A harvest's large files are copied in at most this many batches at once (worker threads), so one large file
@@ -51,6 +56,7 @@ class EngineContext:
             if self.snapshots is not None:
                 self.snapshots.committed = mirror.snapshot_written
                 self.snapshots.deleted = lambda key, session: mirror.forget_prefix(f"{key}/snapshots/{session}/")
+        self.homes: Homes | None = None  # this replica's sessions (REPLICA_URL), set once the registry is open
         self.backend_error: CIError | None = None
         self._started = anyio.Event()
         self.guard = Guard(settings.schema_time_limit_s)  # schema checks and JSON validation, off the event loop

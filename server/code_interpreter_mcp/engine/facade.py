@@ -22,9 +22,11 @@ from ..errors import BackendError, CIError
 from ..models import CloseResult
 from ..sessions import Registry, Session, open_database
 from ..storage.blobs import owner_key
+from ..storage.leases import Leases
 from .containers import Containers
 from .context import EngineContext
 from .files import Files
+from .homes import Homes
 from .inputs import Inputs
 from .packages import Packages
 from .progress import Relays
@@ -98,6 +100,10 @@ class Engine:
         self.ctx.blobs.load(*await anyio.to_thread.run_sync(self.ctx.registry.stored_copies_sync))
         if self.ctx.mirror is not None:
             self.ctx.mirror.needed = self.ctx.registry.holds_sync
+        if settings.replica_url:
+            leases = Leases(self.ctx.registry.database, settings.replica_url, settings.lease_s)
+            self.ctx.homes = Homes(self.ctx, leases)
+            await self.ctx.homes.beat()
         self._started = True
         if wait_for_backend:
             await self._start_backend()
@@ -132,6 +138,8 @@ class Engine:
                 ):
                     await self.containers.retire_all()
                 await reg.flush()
+                if self.ctx.homes is not None:
+                    await self.ctx.homes.release()
                 await self.backend.aclose()
             finally:
                 await self.packages.aclose()
@@ -151,6 +159,8 @@ class Engine:
                 tg.start_soon(self._housekeeping)
                 if self.ctx.mirror is not None:
                     tg.start_soon(self._mirroring)
+                if self.ctx.homes is not None:
+                    tg.start_soon(self._beating)
                 tg.start_soon(self.ctx.guard.warm)
                 try:
                     yield self
@@ -174,6 +184,18 @@ class Engine:
                     await self.reap_expired()
             except Exception:
                 logger.exception("housekeeping pass failed")
+
+    async def _beating(self) -> None:
+        """This replica's beat (its own task: a database that does not answer must not hold up the rest)."""
+        while self.ctx.homes is not None:
+            await anyio.sleep(self.settings.lease_s / 3)
+            homes = self.ctx.homes
+            if homes is None:
+                return
+            try:
+                await homes.beat()
+            except Exception:
+                logger.exception("replica beat failed")
 
     async def _mirroring(self) -> None:
         """The shared store's background pass: queued snapshots, uploads that waited for it, due deletions."""

@@ -29,7 +29,14 @@ class SessionChooser:
         use_default: bool = False,
     ) -> Session:
         """Which session a call uses: the explicit id; else the connection's own; else the process default
-        (stdio: one client per process); else a new one."""
+        (stdio: one client per process); else a new one. Held here first when replicas share the registry."""
+        session = await self._choose(session_id, owner, connection_state, use_default)
+        homes = self.ctx.homes
+        return session if homes is None else await homes.hold(session)
+
+    async def _choose(
+        self, session_id: str | None, owner: str | None, connection_state: dict[str, Any] | None, use_default: bool
+    ) -> Session:
         reg = self.ctx.reg
         if session_id is not None:
             if not isinstance(session_id, str) or not session_id:

@@ -8,6 +8,10 @@ snapshots of sessions' variables) and the registry's database.
 - `catalog`: what the registry's records say about stored copies (reference counts, the upgrade's sizes).
 - `history`: which superseded versions of a session's paths to drop once its history quota is exceeded.
 - `snapshots`: the newest snapshot of each session's variables, as files in the data folder.
+- `objects`: the shared store's contract (`ObjectStore`) and its two engines, a folder and S3 (`STORE_URL`).
+- `mirror`: the data folder kept in step with the shared store: uploads before results, snapshots in the
+  background, missing copies fetched back, a journal of what waits for a store that did not answer.
+- `leases`: which replica is a session's home (`REPLICA_URL`): beats, claims, adoption by compare-and-set.
 - `database`: the registry's `Database` contract and its two engines, SQLite (the default) and PostgreSQL
   (`DATABASE_URL`): schema creation and migration at start, every write one transaction.
 

@@ -45,6 +45,9 @@ class Settings(BaseModel):
         "home here, held by a lease; unset: one process, no leases",
         pattern=r"^https?://",
     )
+    cluster_secret: SecretStr | None = Field(
+        default=None, description="shared by replicas: signs the calls they forward to each other's sessions"
+    )
     lease_s: float = Field(default=10.0, ge=1, description="a replica silent this long loses its sessions' leases")
     transport: Literal["stdio", "http"] = "stdio"
     host: str = "127.0.0.1"
@@ -247,7 +250,7 @@ class Settings(BaseModel):
     def public_view(self) -> dict[str, Any]:
         """Settings as printed by `doctor`: secrets masked."""
         out = self.model_dump(mode="json")
-        for key in ("openai_api_key", "auth_token"):
+        for key in ("openai_api_key", "auth_token", "cluster_secret"):
             out[key] = "set" if getattr(self, key) else None
         if self.database_url:  # postgresql://user:password@host/db
             out["database_url"] = re.sub(r"//[^/@]*@", "//***@", self.database_url)
@@ -272,6 +275,7 @@ def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
         ("database_url", "DATABASE_URL"),
         ("store_url", "STORE_URL"),
         ("replica_url", "REPLICA_URL"),
+        ("cluster_secret", "CLUSTER_SECRET"),
     ):
         if field not in values and environ.get(var):
             values[field] = environ[var]

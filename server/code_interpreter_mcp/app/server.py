@@ -38,6 +38,7 @@ from . import cancels
 from .auth import auth_options
 from .clients import client_profile
 from .content import for_client
+from .forward import FORWARDED, ForwardScreen
 from .http_screen import JsonRpcScreen
 from .oversize import message_limit
 from .resources import add_file_resources, read_file_resource
@@ -76,7 +77,7 @@ class CodeInterpreterServer(MCPServer[Engine]):
         self, name: str, arguments: dict[str, Any], context: Context[Engine, Any] | None = None
     ) -> CallToolResult | InputRequiredResult:
         result = await super().call_tool(name, arguments, context)
-        if isinstance(result, CallToolResult) and context is not None:
+        if isinstance(result, CallToolResult) and context is not None and not FORWARDED.get():  # else: the forwarder's
             return for_client(result, client_profile(context, self.ci_settings))
         return result
 
@@ -101,6 +102,10 @@ class CodeInterpreterServer(MCPServer[Engine]):
         # The SDK's own cap is the same: only the screen meets an over-limit body, and answers it with its id.
         app = super().streamable_http_app(**{**kwargs, "max_request_body_size": limit.max_bytes})
         app.add_middleware(JsonRpcScreen, path=kwargs.get("streamable_http_path", "/mcp"), limit=limit)
+        secret = self.ci_settings.cluster_secret
+        app.add_middleware(
+            ForwardScreen, secret=secret.get_secret_value() if secret else None, max_bytes=limit.max_bytes
+        )
         return app
 
     async def list_tools(self) -> list[MCPTool]:

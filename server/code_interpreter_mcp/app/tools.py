@@ -7,6 +7,7 @@ Adding a tool is one function here under `@tool(...)`: resolve the session, call
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -20,11 +21,11 @@ from ..config import Settings
 from ..engine import Engine
 from ..models import CloseResult, DownloadResult, FileList, RunResult, UploadResult
 from ..sessions import Session
-from . import cancels, content, tasks
+from . import cancels, content, forward, tasks
 from .arguments import keep_strings
 from .auth import current_owner
-from .clients import client_profile
-from .context import resolve_session
+from .clients import client_name, client_profile
+from .context import engine_from, resolve_session
 
 RUN_CODE_DESCRIPTION = """\
 Execute Python code in this session's sandboxed interpreter and return stdout, stderr, the repr of the last
@@ -126,8 +127,34 @@ def add_tools(mcp: MCPServer[Engine], settings: Settings) -> None:
             idempotent_hint=t.idempotent,
             open_world_hint=open_world,
         )
-        mcp.add_tool(t.fn, title=t.title, description=t.description, annotations=hints)
+        mcp.add_tool(_routed(t.fn), title=t.title, description=t.description, annotations=hints)
         keep_strings(mcp, t.fn.__name__)  # "null" given as a session id or file name stays that string
+
+
+def _routed(fn: ToolFn) -> ToolFn:
+    """The tool, or its call sent on to the session's home replica when that is another one (`forward`)."""
+    name = fn.__name__
+
+    @functools.wraps(fn)
+    async def call(*args: Any, **kwargs: Any) -> Any:
+        ctx = kwargs.get("ctx")
+        engine = engine_from(ctx)
+        if engine is None or engine.ctx.homes is None or ctx is None:
+            return await fn(*args, **kwargs)
+        arguments = {k: v for k, v in kwargs.items() if k != "ctx" and v is not None}
+        home = await forward.target(engine, name, arguments)
+        if home is None:
+            return await fn(*args, **kwargs)
+        secret = engine.settings.cluster_secret
+        assert secret is not None
+        forwarder = forward.forwarder_for(secret.get_secret_value(), engine.settings.max_wait_s + 120)
+        try:
+            wire = await forwarder.call(home, name, arguments, client_name(ctx.request_context), ctx.report_progress)
+        except Exception as exc:
+            raise content.tool_error(exc) from None
+        return CallToolResult.model_validate(wire)
+
+    return call
 
 
 @asynccontextmanager

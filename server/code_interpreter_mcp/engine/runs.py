@@ -185,6 +185,10 @@ class Runs:
         self.task_group.start_soon(self._main, run, code, options)
         return await self._wait(run, wait, progress, abandoned)
 
+    def knows(self, run_id: str) -> bool:
+        """Whether the run is one of this process's (running, queued or kept)."""
+        return run_id in self._runs
+
     async def get(
         self,
         run_id: str,

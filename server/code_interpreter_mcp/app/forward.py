@@ -1,0 +1,233 @@
+"""Tool calls forwarded between replicas: a call that reaches a replica other than its session's home is sent on
+to the home over HTTP, signed with `CLUSTER_SECRET`, and the home's answer (its progress on the way) comes back.
+
+- `target`: where a call goes. Local when no replicas are configured, when the call names no session (a new one is
+  made here), when this replica holds the session (from memory: the warm path asks the database nothing), or when
+  its home is gone (this replica adopts it, `engine.homes`). Else the home's address.
+- `forward`: the same `tools/call` posted to the home's `/mcp` in the 2026-07-28 era (no handshake), with the
+  caller's bearer token (so the home derives the same owner: tokens never see each other's sessions on any
+  replica), the client's name (so the home shapes the text for it), and a progress token whose notifications are
+  relayed to the caller.
+- `ForwardScreen`: on the home, an ASGI middleware. A request that says it is forwarded (`X-CI-Forward`) must carry
+  an HMAC-SHA256 of its timestamp and body under `CLUSTER_SECRET`, at most `MAX_SKEW_S` old; anything else is
+  refused (401) before the MCP layer sees it. A verified one is served here, never forwarded again.
+
+Knows the engine's homes and leases, HTTP and JSON-RPC; nothing of what the tools do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
+from typing import Any
+
+import anyio
+import httpx2
+from mcp.server.auth.middleware.auth_context import get_access_token
+from mcp_types import CLIENT_CAPABILITIES_META_KEY, CLIENT_INFO_META_KEY, PROTOCOL_VERSION_META_KEY
+
+from ..engine import Engine
+from ..errors import SessionElsewhere
+
+HEADER = "x-ci-forward"
+MAX_SKEW_S = 60.0
+MODERN = "2026-07-28"
+RUN_ROW_WAIT_S = 0.6
+"""A run unknown here is looked up once more after this long: its home writes its start with the next registry
+flush (a few times a second), and a caller may name it on another replica before that."""
+
+FORWARDED: ContextVar[bool] = ContextVar("ci_forwarded", default=False)
+"""Set for a verified forwarded request: it is served here, and its result left whole for the forwarder."""
+
+
+def signature(secret: str, timestamp: str, body: bytes) -> str:
+    digest = hashlib.sha256(body).hexdigest()
+    return hmac.new(secret.encode(), f"{timestamp}\n{digest}".encode(), hashlib.sha256).hexdigest()
+
+
+def signed_header(secret: str, body: bytes) -> str:
+    ts = f"{time.time():.3f}"
+    return f"{ts}.{signature(secret, ts, body)}"
+
+
+def verified(secret: str | None, value: str, body: bytes) -> bool:
+    if not secret:
+        return False
+    ts, _, sig = value.rpartition(".")
+    try:
+        fresh = abs(time.time() - float(ts)) <= MAX_SKEW_S
+    except ValueError:
+        return False
+    return fresh and hmac.compare_digest(sig, signature(secret, ts, body))
+
+
+# ---- the forwarder's side --------------------------------------------------------------------------------------
+
+
+async def target(engine: Engine, tool: str, arguments: dict[str, Any]) -> str | None:
+    """The home to forward this call to, or None to serve it here."""
+    homes = engine.ctx.homes
+    if homes is None or FORWARDED.get() or engine.settings.cluster_secret is None:
+        return None
+    sid = arguments.get("session_id")
+    if not isinstance(sid, str) and tool in ("get_run", "cancel_run"):
+        run_id = str(arguments.get("run_id", ""))
+        row = await engine.reg.load_run(run_id)
+        if row is None and not engine.runs.knows(run_id):  # a run's start is written a moment after it starts
+            await anyio.sleep(RUN_ROW_WAIT_S)
+            row = await engine.reg.load_run(run_id)
+        sid = row.session_id if row is not None else None
+    if not isinstance(sid, str) or (sid in homes.held and homes.on_time):
+        return None
+    leases = homes.leases
+    home = await anyio.to_thread.run_sync(leases.home_of, sid)
+    if home is None or home[0] in ("", leases.replica):
+        return None
+    return home[0] if await anyio.to_thread.run_sync(leases.alive, home[0]) else None
+
+
+class Forwarder:
+    def __init__(self, secret: str, timeout_s: float) -> None:
+        self.secret = secret
+        timeout = httpx2.Timeout(timeout_s, connect=5.0)
+        self.client = httpx2.AsyncClient(timeout=timeout, limits=httpx2.Limits(max_keepalive_connections=32))
+
+    async def call(
+        self,
+        home: str,
+        tool: str,
+        arguments: dict[str, Any],
+        client: str | None,
+        progress: Callable[[float, float | None, str | None], Awaitable[None]] | None,
+    ) -> dict[str, Any]:
+        """The home's `tools/call` result (its wire form); SessionElsewhere when the home does not answer."""
+        meta: dict[str, Any] = {
+            PROTOCOL_VERSION_META_KEY: MODERN,
+            CLIENT_INFO_META_KEY: {"name": client or "code-interpreter-replica", "version": "0"},
+            CLIENT_CAPABILITIES_META_KEY: {},
+        }
+        if progress is not None:
+            meta["progressToken"] = "fw_" + secrets.token_hex(8)
+        body = json.dumps(
+            {
+                "jsonrpc": "2.0",
+                "id": 1,
+                "method": "tools/call",
+                "params": {"name": tool, "arguments": arguments, "_meta": meta},
+            }
+        ).encode()
+        headers = {
+            "content-type": "application/json",
+            "accept": "application/json, text/event-stream",
+            "mcp-protocol-version": MODERN,
+            "mcp-method": "tools/call",
+            "mcp-name": tool,
+            HEADER: signed_header(self.secret, body),
+        }
+        token = get_access_token()
+        if token is not None:
+            headers["authorization"] = f"Bearer {token.token}"
+        try:
+            async with self.client.stream("POST", home.rstrip("/") + "/mcp", content=body, headers=headers) as resp:
+                if resp.headers.get("content-type", "").startswith("text/event-stream"):
+                    return await _from_events(resp, progress)
+                data = json.loads(await resp.aread())
+        except (httpx2.HTTPError, ValueError) as exc:
+            raise SessionElsewhere(
+                f"The session's home replica {home} did not answer ({type(exc).__name__}).",
+                "Try again in a few seconds: once its lease runs out another replica takes the session over.",
+            ) from None
+        return _result(data, home)
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+async def _from_events(
+    resp: httpx2.Response, progress: Callable[[float, float | None, str | None], Awaitable[None]] | None
+) -> dict[str, Any]:
+    data: list[str] = []
+    async for line in resp.aiter_lines():
+        if line.startswith("data:"):
+            data.append(line[5:].strip())
+            continue
+        if line or not data:
+            continue
+        message = json.loads("\n".join(data))
+        data = []
+        if message.get("method") == "notifications/progress" and progress is not None:
+            p = message.get("params") or {}
+            await progress(float(p.get("progress", 0)), p.get("total"), p.get("message"))
+        elif "result" in message or "error" in message:
+            return _result(message, str(resp.url))
+    raise ValueError("the home's event stream ended without an answer")
+
+
+def _result(message: dict[str, Any], home: str) -> dict[str, Any]:
+    if isinstance(message.get("result"), dict):
+        return message["result"]
+    error = message.get("error") or {}
+    raise SessionElsewhere(f"The session's home replica {home} refused the call: {str(error.get('message'))[:300]}")
+
+
+_FORWARDERS: dict[str, Forwarder] = {}
+
+
+def forwarder_for(secret: str, timeout_s: float) -> Forwarder:
+    """One client (its pool of connections to the other replicas) per secret, for the process's life."""
+    made = _FORWARDERS.get(secret)
+    if made is None:
+        made = _FORWARDERS[secret] = Forwarder(secret, timeout_s)
+    return made
+
+
+# ---- the home's side --------------------------------------------------------------------------------------------
+
+
+class ForwardScreen:
+    """ASGI middleware: a forwarded request is verified before anything else sees it (see the module's docstring)."""
+
+    def __init__(self, app: Any, secret: str | None, max_bytes: int) -> None:
+        self.app, self.secret, self.max_bytes = app, secret, max_bytes
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope.get("type") != "http":
+            return await self.app(scope, receive, send)
+        claimed = next((v for k, v in scope.get("headers") or [] if k == HEADER.encode()), None)
+        if claimed is None:
+            return await self.app(scope, receive, send)
+        body = bytearray()
+        more = True
+        while more:
+            message = await receive()
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max_bytes:
+                return await _refuse(send, 413, "the forwarded request is over the message limit")
+        if not verified(self.secret, claimed.decode("latin-1"), bytes(body)):
+            return await _refuse(send, 401, "a forwarded request that is not signed with CLUSTER_SECRET is refused")
+        sent = False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal sent
+            if sent:
+                return await receive()
+            sent = True
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+        token = FORWARDED.set(True)
+        try:
+            await self.app(scope, replay, send)
+        finally:
+            FORWARDED.reset(token)
+
+
+async def _refuse(send: Any, status: int, message: str) -> None:
+    payload = json.dumps({"jsonrpc": "2.0", "id": None, "error": {"code": -32600, "message": message}}).encode()
+    await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": payload})

@@ -1,0 +1,216 @@
+"""Three real replicas (separate server processes) sharing a real PostgreSQL registry and a shared store, behind a
+real haproxy, talked to by the real MCP client over HTTP with bearer tokens:
+
+- a session made through A runs, lists and downloads through B and C (forwarded to A), keeping its variables;
+- 30 sessions through haproxy spread over the three replicas;
+- a forwarded request that is unsigned or signed with another secret is refused; one token's session stays
+  invisible to another token on every replica;
+- kill -9 of a session's home while idle: the next call through another replica adopts it, files intact and
+  variables restored (`state_restored`).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx2
+import pytest
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
+
+from code_interpreter_mcp.app.forward import HEADER, signed_header
+from tests.helpers import structured
+from tests.infra import (  # noqa: F401  # the fixtures, by name
+    Postgres,
+    haproxy_fixture,
+    pg_fixture,
+    pg_session_fixture,
+)
+from tests.test_e2e_http import free_port
+
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+TOKENS = ("tok-one", "tok-two")
+LEASE_S = 2.0
+
+
+@dataclass
+class Replica:
+    url: str  # its REPLICA_URL
+    proc: subprocess.Popen[bytes]
+
+    @property
+    def mcp(self) -> str:
+        return self.url + "/mcp"
+
+
+@contextmanager
+def replica(data: Path, port: int, shared: dict[str, str]) -> Iterator[Replica]:
+    url = f"http://127.0.0.1:{port}"
+    env = {
+        **os.environ,
+        **shared,
+        "CODE_INTERPRETER_DATA_DIR": str(data),
+        "REPLICA_URL": url,
+        "CODE_INTERPRETER_AUTH_TOKEN": ",".join(TOKENS),
+        "CODE_INTERPRETER_LEASE_S": str(LEASE_S),
+    }
+    argv = [sys.executable, "-m", "code_interpreter_mcp", "serve", "--transport", "http", "--port", str(port)]
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=open(data.with_suffix(".log"), "wb"))
+    try:
+        _wait_http(url, proc)
+        yield Replica(url, proc)
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def _wait_http(url: str, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"replica {url} exited"
+        try:
+            httpx2.get(url + "/mcp", timeout=0.5)
+            return
+        except httpx2.HTTPError:
+            time.sleep(0.1)
+    raise AssertionError(f"replica {url} did not start")
+
+
+DATABASE: dict[str, str] = {}  # the running cluster's DATABASE_URL, for the tests that read its registry
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[list[Replica]]:
+    pg: Postgres = request.getfixturevalue("pg")
+    store = tmp_path / "store"
+    store.mkdir()
+    shared = {
+        "DATABASE_URL": pg.create_database("c_" + secrets.token_hex(6)),
+        "STORE_URL": store.as_uri(),
+        "CLUSTER_SECRET": secrets.token_hex(32),
+    }
+    DATABASE["url"] = shared["DATABASE_URL"]
+    with ExitStack() as stack:
+        yield [stack.enter_context(replica(tmp_path / f"r{i}", free_port(), shared)) for i in range(3)]
+
+
+def client(url: str, token: str = TOKENS[0]) -> Client:
+    headers = {"Authorization": f"Bearer {token}"}
+    return Client(streamable_http_client(url, http_client=httpx2.AsyncClient(headers=headers, timeout=60)))
+
+
+async def call(url: str, tool: str, args: dict[str, Any], token: str = TOKENS[0]) -> dict[str, Any]:
+    async with client(url, token) as c:
+        return structured(await c.call_tool(tool, args))
+
+
+async def test_a_session_is_served_by_every_replica(cluster: list[Replica]) -> None:
+    a, b, c = cluster
+    first = await call(a.mcp, "run_code", {"code": "x = 1\nopen('/mnt/data/n.txt', 'w').write('one')"})
+    sid = first["session_id"]
+    second = await call(b.mcp, "run_code", {"code": "x += 1\nx", "session_id": sid})  # forwarded to a
+    assert second["status"] == "ok" and second["result"] == "2", second
+    third = await call(c.mcp, "run_code", {"code": "x += 1\nx", "session_id": sid})
+    assert third["result"] == "3", third
+    listed = await call(c.mcp, "list_container_files", {"session_id": sid})
+    assert [f["path"] for f in listed["files"]] == ["n.txt"]
+    async with client(b.mcp) as cl:
+        got = await cl.call_tool("download_file", {"file": "n.txt", "session_id": sid})
+    assert structured(got)["inline"] is True and "one" in str(got.content), got
+
+
+async def test_sessions_through_haproxy_spread_over_the_replicas(cluster: list[Replica], haproxy_factory: Any) -> None:
+    proxy = haproxy_factory([r.url.removeprefix("http://") for r in cluster])
+    front = f"http://127.0.0.1:{proxy.port}/mcp"
+    made = []
+    async with client(front) as c:  # one client: haproxy deals its requests round robin, one by one
+        for i in range(30):
+            r = structured(await c.call_tool("run_code", {"code": f"v = {i}\nv"}))
+            assert r["status"] == "ok", r
+            made.append(r["session_id"])
+    for sid in made[:6]:  # each through whichever replica haproxy picks: its home's, or forwarded there
+        again = await call(front, "run_code", {"code": "v * 2", "session_id": sid})
+        assert again["result"] == str(made.index(sid) * 2), again
+    import psycopg
+
+    with psycopg.connect(DATABASE["url"]) as db:
+        rows = db.execute("SELECT session_id, replica FROM homes WHERE session_id = ANY(%s)", (made,)).fetchall()
+    homes = dict(rows)
+    assert len(homes) == 30 and set(homes.values()) == {r.url for r in cluster}, homes
+
+
+async def test_forwarded_requests_must_be_signed(cluster: list[Replica]) -> None:
+    a = cluster[0]
+    body = b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"run_code","arguments":{"code":"1"}}}'
+    async with httpx2.AsyncClient() as h:
+        for value in ("1.deadbeef", signed_header("another secret", body), "garbage"):
+            r = await h.post(
+                a.mcp,
+                content=body,
+                headers={HEADER: value, "authorization": f"Bearer {TOKENS[0]}", "content-type": "application/json"},
+            )
+            assert r.status_code == 401 and "CLUSTER_SECRET" in r.text, (value, r.status_code, r.text)
+
+
+async def test_one_tokens_session_is_invisible_to_another_on_every_replica(cluster: list[Replica]) -> None:
+    mine = await call(cluster[0].mcp, "run_code", {"code": "secret = 42"})
+    for r in cluster:
+        async with client(r.mcp, TOKENS[1]) as c:
+            out = await c.call_tool("run_code", {"code": "secret", "session_id": mine["session_id"]})
+            assert out.is_error and "No session" in str(out.content), (r.url, out)
+
+
+async def test_kill_9_of_the_home_while_idle_adopts_the_session(cluster: list[Replica]) -> None:
+    a, b, _c = cluster
+    first = await call(a.mcp, "run_code", {"code": "kept = 'variables'\nopen('/mnt/data/f.txt', 'w').write('files')"})
+    sid = first["session_id"]
+    await anyio.sleep(1.5)  # the snapshot is written after the result, then uploaded by the store's pass
+    a.proc.send_signal(signal.SIGKILL)
+    a.proc.wait(5)
+    await anyio.sleep(LEASE_S + 0.5)  # its lease runs out
+    r = await call(b.mcp, "run_code", {"code": "print(kept)", "session_id": sid})
+    assert r["status"] == "ok" and r["stdout"] == "variables\n", r
+    assert r["container"]["state_restored"] is not None and "kept" in r["container"]["state_restored"]["restored"]
+    async with client(b.mcp) as cl:
+        got = await cl.call_tool("download_file", {"file": "f.txt", "session_id": sid})
+    assert "files" in str(got.content), got
+
+
+async def test_progress_get_run_and_cancel_run_go_through_any_replica(cluster: list[Replica]) -> None:
+    a, b, c = cluster
+    sid = (await call(a.mcp, "run_code", {"code": "n = 0"}))["session_id"]
+    seen: list[tuple[float, float | None, str | None]] = []
+
+    async def cb(progress: float, total: float | None, message: str | None) -> None:
+        seen.append((progress, total, message))
+
+    async with client(b.mcp) as cl:  # forwarded to a; its progress relayed back
+        r = await cl.call_tool(
+            "run_code", {"code": "import time; time.sleep(2.6); 'done'", "session_id": sid}, progress_callback=cb
+        )
+    assert structured(r)["result"] == "'done'" and len(seen) >= 2, (structured(r), seen)
+    started = await call(
+        c.mcp, "run_code", {"code": "import time\nfor n in range(600): time.sleep(0.1)", "session_id": sid, "wait_s": 0}
+    )
+    assert started["status"] == "running", started
+    running = await call(b.mcp, "get_run", {"run_id": started["run_id"], "wait_s": 0})
+    assert running["status"] == "running", running
+    stopped = await call(c.mcp, "cancel_run", {"run_id": started["run_id"]})
+    assert stopped["status"] == "cancelled", stopped
+    after = await call(b.mcp, "run_code", {"code": "n > 0", "session_id": sid})  # interrupted, variables kept
+    assert after["result"] == "True", after

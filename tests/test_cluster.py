@@ -214,3 +214,20 @@ async def test_progress_get_run_and_cancel_run_go_through_any_replica(cluster: l
     assert stopped["status"] == "cancelled", stopped
     after = await call(b.mcp, "run_code", {"code": "n > 0", "session_id": sid})  # interrupted, variables kept
     assert after["result"] == "True", after
+
+
+async def test_kill_9_of_the_home_during_a_run_loses_the_run_and_adopts_the_session(cluster: list[Replica]) -> None:
+    a, b, _c = cluster
+    sid = (await call(a.mcp, "run_code", {"code": "before = 'kept'"}))["session_id"]
+    await anyio.sleep(1.5)  # its snapshot reaches the store
+    started = await call(a.mcp, "run_code", {"code": "import time\ntime.sleep(600)", "session_id": sid, "wait_s": 0})
+    assert started["status"] == "running", started
+    await anyio.sleep(1.0)  # the run's start is in the registry
+    a.proc.send_signal(signal.SIGKILL)
+    a.proc.wait(5)
+    await anyio.sleep(LEASE_S + 0.5)
+    r = await call(b.mcp, "run_code", {"code": "before", "session_id": sid})
+    assert r["status"] == "ok" and r["result"] == "'kept'", r
+    assert r["container"]["state_restored"] is not None
+    lost = await call(b.mcp, "get_run", {"run_id": started["run_id"], "wait_s": 0})
+    assert lost["status"] == "lost", lost

@@ -1,0 +1,102 @@
+"""Replicas side by side in one run (issue "Beyond one machine"): two real replicas sharing a real PostgreSQL and
+a folder store, talked to over HTTP by the real MCP client.
+
+- forwarded / direct: a warm `run_code("1+1")` of a session homed on A, sent to A (direct) and to B (forwarded to A),
+  interleaved call by call so both see the same machine; median and p95 of each, and their ratios;
+- adoption: A holds a session with 100 files and a 50 MB namespace, is killed (SIGKILL), and B's first call after
+  the lease ran out adopts it: the time of that call (files from the store, variables from the snapshot).
+
+    . .venv/bin/activate && python bench/bench_cluster.py --calls 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import secrets
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import anyio
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.helpers import structured  # noqa: E402
+from tests.infra import postgres  # noqa: E402
+from tests.test_cluster import LEASE_S, client, replica  # noqa: E402
+from tests.test_e2e_http import free_port  # noqa: E402
+
+
+def pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(p * len(ordered)))]
+
+
+async def main(calls: int) -> None:
+    root = Path(tempfile.mkdtemp(prefix="bench-cluster-"))
+    store = root / "store"
+    store.mkdir()
+    with postgres() as pg, ExitStack() as stack:
+        shared = {
+            "DATABASE_URL": pg.create_database("bench_" + secrets.token_hex(4)),
+            "STORE_URL": store.as_uri(),
+            "CLUSTER_SECRET": secrets.token_hex(32),
+        }
+        a = stack.enter_context(replica(root / "a", free_port(), shared))
+        b = stack.enter_context(replica(root / "b", free_port(), shared))
+        async with client(a.mcp) as ca, client(b.mcp) as cb:
+            sid = structured(await ca.call_tool("run_code", {"code": "1+1"}))["session_id"]
+            args = {"code": "1+1", "session_id": sid}
+            for _ in range(20):  # warm both paths
+                await ca.call_tool("run_code", args)
+                await cb.call_tool("run_code", args)
+            direct: list[float] = []
+            forwarded: list[float] = []
+            for _ in range(calls):
+                t = time.perf_counter()
+                await ca.call_tool("run_code", args)
+                direct.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                await cb.call_tool("run_code", args)
+                forwarded.append(time.perf_counter() - t)
+        dm, fm = statistics.median(direct), statistics.median(forwarded)
+        d95, f95 = pct(direct, 0.95), pct(forwarded, 0.95)
+        print(f"warm run_code 1+1, {calls} calls each, interleaved")
+        print(f"  direct    median {dm * 1000:7.2f} ms  p95 {d95 * 1000:7.2f} ms")
+        print(f"  forwarded median {fm * 1000:7.2f} ms  p95 {f95 * 1000:7.2f} ms")
+        print(f"  ratio     median {fm / dm:5.2f}x       p95 {f95 / d95:5.2f}x   (target median <= 1.3x)")
+
+        code = (
+            "import numpy as np\nbig = np.random.default_rng(1).random(50 * 2**20 // 8)\n"
+            "for i in range(100): open(f'/mnt/data/f{i:03d}.txt', 'w').write(str(i) * 100)\n"
+        )
+        async with client(a.mcp) as ca:
+            r = structured(await ca.call_tool("run_code", {"code": code}))
+            sid = r["session_id"]
+            assert r["status"] == "ok", r
+        manifest_dir = store / "o_none" / "snapshots" / sid
+        deadline = time.monotonic() + 60
+        while not list(manifest_dir.glob("run-*/manifest.json")):
+            assert time.monotonic() < deadline, "no snapshot reached the store"
+            await anyio.sleep(0.1)
+        a.proc.send_signal(signal.SIGKILL)
+        a.proc.wait(5)
+        await anyio.sleep(LEASE_S + 0.5)
+        async with client(b.mcp) as cb:
+            t = time.perf_counter()
+            r = structured(await cb.call_tool("run_code", {"code": "float(big.sum()) > 0", "session_id": sid}))
+            took = time.perf_counter() - t
+            assert r["result"] == "True" and r["container"]["state_restored"], r
+            listed = structured(await cb.call_tool("list_container_files", {"session_id": sid, "limit": 1000}))
+        print(f"adoption of an idle session, 100 files + 50 MB namespace: first call on B {took:.2f} s (target <= 3 s)")
+        print(f"  files listed on B afterwards: {len(listed['files'])}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--calls", type=int, default=200)
+    anyio.run(main, parser.parse_args().calls)

@@ -41,6 +41,12 @@ RUN_ROW_WAIT_S = 0.6
 """A run unknown here is looked up once more after this long: its home writes its start with the next registry
 flush (a few times a second), and a caller may name it on another replica before that."""
 
+KNOWN_HOMES = 10_000
+_HOMES: dict[str, tuple[str, float]] = {}
+"""Session id -> (its live home, until when that is taken as known): a home is asked of the registry at most every
+`LEASE_S / 3` per session (a home that died meanwhile fails the forward, which forgets it), so a forwarded warm
+call costs no database round trip."""
+
 FORWARDED: ContextVar[bool] = ContextVar("ci_forwarded", default=False)
 """Set for a verified forwarded request: it is served here, and its result left whole for the forwarder."""
 
@@ -84,11 +90,24 @@ async def target(engine: Engine, tool: str, arguments: dict[str, Any]) -> str | 
         sid = row.session_id if row is not None else None
     if not isinstance(sid, str) or (sid in homes.held and homes.on_time):
         return None
+    known = _HOMES.get(sid)
+    if known is not None and known[1] > time.monotonic():
+        return known[0]
     leases = homes.leases
     home = await anyio.to_thread.run_sync(leases.home_of, sid)
     if home is None or home[0] in ("", leases.replica):
         return None
-    return home[0] if await anyio.to_thread.run_sync(leases.alive, home[0]) else None
+    if not await anyio.to_thread.run_sync(leases.alive, home[0]):
+        return None
+    if len(_HOMES) >= KNOWN_HOMES:
+        _HOMES.clear()
+    _HOMES[sid] = (home[0], time.monotonic() + leases.lease_s / 3)
+    return home[0]
+
+
+def forget_home(session_id: str) -> None:
+    """The home did not answer, or refused the call: asked again from the registry next time."""
+    _HOMES.pop(session_id, None)
 
 
 class Forwarder:

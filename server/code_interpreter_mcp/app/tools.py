@@ -151,6 +151,8 @@ def _routed(fn: ToolFn) -> ToolFn:
         try:
             wire = await forwarder.call(home, name, arguments, client_name(ctx.request_context), ctx.report_progress)
         except Exception as exc:
+            if isinstance(arguments.get("session_id"), str):
+                forward.forget_home(arguments["session_id"])
             raise content.tool_error(exc) from None
         return CallToolResult.model_validate(wire)
 

@@ -231,3 +231,16 @@ async def test_kill_9_of_the_home_during_a_run_loses_the_run_and_adopts_the_sess
     assert r["container"]["state_restored"] is not None
     lost = await call(b.mcp, "get_run", {"run_id": started["run_id"], "wait_s": 0})
     assert lost["status"] == "lost", lost
+
+
+async def test_resources_read_works_from_every_replica(cluster: list[Replica]) -> None:
+    a, b, c = cluster
+    sid = (await call(a.mcp, "run_code", {"code": "1"}))["session_id"]
+    async with client(b.mcp) as cl:  # b has read the session before its file exists
+        await cl.call_tool("list_container_files", {"session_id": sid})
+    made = await call(a.mcp, "run_code", {"code": "open('/mnt/data/r.txt', 'w').write('read me')", "session_id": sid})
+    uri = made["files"][0]["uri"]
+    for r in (b, c):
+        async with client(r.mcp) as cl:
+            got = await cl.read_resource(uri)
+        assert "read me" in str(got.contents), (r.url, got)

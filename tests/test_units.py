@@ -120,3 +120,39 @@ async def test_registry_persists_and_enforces_owner(tmp_path: Path) -> None:
     with pytest.raises(SessionNotFound):
         await again.get_session(s.id, "alice")
     again.close()
+
+
+def test_published_schema_means_what_the_model_schema_means() -> None:
+    """Type lists instead of `anyOf` change nothing a validator accepts or refuses, for every tool result model."""
+    import jsonschema
+
+    from code_interpreter_mcp import models
+
+    sample = json.loads(
+        '{"session_id": "s_1", "container_id": "c", "backend": "local", "status": "ok", "stdout": "", "stderr": "",'
+        ' "result": "2", "error": null, "json": null, "json_error": null, "files": [], "outputs": [],'
+        ' "more_files": null, "container": {"id": "c", "expires_at": "2026-12-07T16:45:26Z", "state_lost": false,'
+        ' "state_restored": null, "isolation": "bubblewrap"}, "truncated": false, "warnings": [], "text": null,'
+        ' "structured": null, "usage": null, "model_calls": 0, "duration_ms": 1.0, "run_id": "r_1",'
+        ' "elapsed_s": null, "position": null, "waits_for": null, "packages": null, "execution_count": 1}'
+    )
+    published = models.published_schema(models.RunResult)
+    original = models.RunResult.model_json_schema(by_alias=True)
+    assert "anyOf" not in json.dumps(published["properties"]["result"])
+    variants = [sample]
+    for key in sample:
+        for value in (None, 1, "x", 2.5, True, [], {}, {"id": 3}, [{"bad": 1}]):
+            variants.append({**sample, key: value})
+    variants.append({k: v for k, v in sample.items() if k != "status"})
+    variants.append({**sample, "container": {**sample["container"], "state_restored": {"from_run": "x"}}})
+    refused = 0
+    for instance in variants:
+        a = jsonschema.Draft202012Validator(original).is_valid(instance)
+        b = jsonschema.Draft202012Validator(published).is_valid(instance)
+        assert a == b, instance
+        refused += not a
+    assert 0 < refused < len(variants)
+    for name in dir(models):
+        model = getattr(models, name)
+        if isinstance(model, type) and issubclass(model, models.BaseModel) and model.__module__ == models.__name__:
+            jsonschema.Draft202012Validator.check_schema(models.published_schema(model))

@@ -244,3 +244,88 @@ async def test_resources_read_works_from_every_replica(cluster: list[Replica]) -
         async with client(r.mcp) as cl:
             got = await cl.read_resource(uri)
         assert "read me" in str(got.contents), (r.url, got)
+
+
+async def test_a_client_stop_of_a_forwarded_call_stops_the_run_on_its_home(cluster: list[Replica]) -> None:
+    a, b, _c = cluster
+    sid = (await call(a.mcp, "run_code", {"code": "i = 0"}))["session_id"]
+    loop = "import time\nfor i in range(1, 600): time.sleep(0.1)"
+    async with client(b.mcp) as cl:  # forwarded to a; the client gives up after 2 s ("caller cancelled")
+        with anyio.move_on_after(2.0) as scope:
+            await cl.call_tool("run_code", {"code": loop, "session_id": sid})
+    assert scope.cancelled_caught
+    began = time.monotonic()
+    after = await call(a.mcp, "run_code", {"code": "i", "session_id": sid, "wait_s": 20})
+    assert after["status"] == "ok" and 0 < int(after["result"]) < 100, after  # stopped, not run to its end
+    assert time.monotonic() - began < 10
+    # A 2025-era client's own timeout says so in its cancel: the forwarder keeps the run, as its home would.
+    headers = {"Authorization": f"Bearer {TOKENS[0]}"}
+    legacy = Client(streamable_http_client(b.mcp, http_client=httpx2.AsyncClient(headers=headers)), mode="legacy")
+    async with legacy as cl:
+        with pytest.raises(Exception):  # noqa: B017 - the client's timeout
+            await cl.call_tool(
+                "run_code", {"code": "import time; time.sleep(4); 'kept'", "session_id": sid}, read_timeout_seconds=0.5
+            )
+    await anyio.sleep(1.5)  # past the verdict's wait for the cancel's reason
+    probe = await call(a.mcp, "run_code", {"code": "'next'", "session_id": sid, "wait_s": 0})
+    assert probe["status"] == "queued", probe  # the kept run still goes
+    assert (await call(b.mcp, "get_run", {"run_id": probe["waits_for"], "wait_s": 20}))["result"] == "'kept'"
+
+
+def _modern(tool_or_method: str, params: dict[str, Any]) -> dict[str, Any]:
+    meta = {
+        "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+        "io.modelcontextprotocol/clientCapabilities": {"extensions": {"io.modelcontextprotocol/tasks": {}}},
+        "io.modelcontextprotocol/clientInfo": {"name": "raw", "version": "1"},
+    }
+    return {"jsonrpc": "2.0", "id": 1, "method": tool_or_method, "params": {**params, "_meta": meta}}
+
+
+async def _post(url: str, message: dict[str, Any]) -> dict[str, Any]:
+    """One 2026-07-28 request (no handshake), its answer from JSON or from the event stream."""
+    import json
+
+    headers = {
+        "authorization": f"Bearer {TOKENS[0]}",
+        "accept": "application/json, text/event-stream",
+        "content-type": "application/json",
+        "mcp-protocol-version": "2026-07-28",
+        "mcp-method": message["method"],
+    }
+    if message["method"] == "tools/call":
+        headers["mcp-name"] = message["params"]["name"]
+    async with httpx2.AsyncClient(timeout=60) as h:
+        r = await h.post(url, json=message, headers=headers)
+    if not r.headers.get("content-type", "").startswith("text/event-stream"):
+        return json.loads(r.text)  # type: ignore[no-any-return]
+    answers = [json.loads(line[5:]) for line in r.text.splitlines() if line.startswith("data:")]
+    return next(m for m in reversed(answers) if "result" in m or "error" in m)  # type: ignore[no-any-return]
+
+
+async def test_mcp_tasks_work_from_every_replica(cluster: list[Replica]) -> None:
+    a, b, c = cluster
+    sid = (await call(a.mcp, "run_code", {"code": "n = 6"}))["session_id"]
+    slow = "import time\ntime.sleep(2.5)\nn * 7"
+    made = await _post(
+        b.mcp, _modern("tools/call", {"name": "run_code", "arguments": {"code": slow, "session_id": sid}})
+    )
+    task = made["result"]
+    assert task["resultType"] == "task" and task["status"] == "working", made  # forwarded, answered as a task
+    task_id = task["taskId"]
+    polled = (await _post(c.mcp, _modern("tasks/get", {"taskId": task_id})))["result"]
+    assert polled["status"] == "working", polled
+    deadline = time.monotonic() + 30
+    while polled["status"] == "working" and time.monotonic() < deadline:
+        await anyio.sleep(0.5)
+        polled = (await _post(c.mcp, _modern("tasks/get", {"taskId": task_id})))["result"]
+    assert polled["status"] == "completed", polled
+    assert polled["result"]["structuredContent"]["result"] == "42", polled
+    long = {"name": "run_code", "arguments": {"code": "import time\ntime.sleep(600)", "session_id": sid}}
+    second = (await _post(c.mcp, _modern("tools/call", long)))["result"]
+    assert second["status"] == "working", second
+    acknowledged = await _post(b.mcp, _modern("tasks/cancel", {"taskId": second["taskId"]}))
+    assert acknowledged["result"]["resultType"] == "complete", acknowledged
+    after = (await _post(a.mcp, _modern("tasks/get", {"taskId": second["taskId"]})))["result"]
+    assert after["status"] == "cancelled", after
+    missing = await _post(b.mcp, _modern("tasks/get", {"taskId": "r_" + "0" * 32}))
+    assert "error" in missing and "not found" in missing["error"]["message"], missing

@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Literal
 
 import httpx2
 import pytest
@@ -56,11 +57,12 @@ def http_server(data_dir: Path, tokens: str | None = None) -> Iterator[str]:
             proc.kill()
 
 
-def with_token(url: str, token: str) -> Client:
+def with_token(url: str, token: str, mode: Literal["auto", "legacy"] = "auto") -> Client:
     return Client(
         streamable_http_client(
             url, http_client=httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=30)
-        )
+        ),
+        mode=mode,
     )
 
 

@@ -5,10 +5,12 @@ of ours sees the notification, so the handler cannot read the reason. The notifi
 middleware (`middleware` here), which records its reason per (connection, request id). The abandoned call's
 verdict (`verdict_for`) waits for that record, briefly, in the engine's task group: a reason that says the request
 timed out (the TypeScript SDK's "Request timed out", the Python SDK's "timed out after 5s") keeps the run for
-get_run; any other cancel interrupts it as cancel_run does. A call that ends with no notification at all (the
-connection closed, or a 2026-era HTTP POST aborted, which carries no reason) keeps the run: runs outlive their
-requests. `CLIENT_CANCEL` = interrupt | keep overrides the rule. Owns that rule and the records; knows nothing of
-runs.
+get_run; any other cancel interrupts it as cancel_run does. A call of the 2025 eras that ends with no
+notification at all (the connection closed) keeps the run: runs outlive their requests. In the 2026-07-28 era an
+HTTP client cancels by aborting its POST (the SDK's transport turns the cancel into that; there is no reason to
+read), so there an abandoned call interrupts its run: with `wait_s` answering "running" well before any client's
+timeout, an abort is a person's Stop. `CLIENT_CANCEL` = interrupt | keep overrides the rule. Owns that rule and the
+records; knows nothing of runs.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 
 import anyio
 from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 TIMED_OUT = "timed out"
 KEPT_RECORDS = 512  # cancels of requests that were not waiting for a run are forgotten past this
@@ -29,6 +32,12 @@ NOTIFICATION_WAIT_S = 1.0  # the notification reaches the middleware right after
 def _connection(session: object) -> object:
     # The SDK builds a new ServerSession per inbound message; the Connection behind it is the one stable identity.
     return getattr(session, "_connection", session)
+
+
+def aborts_cancel(protocol: str | None, transport: str, forwarded: bool) -> bool:
+    """Whether an abandoned call with no notification was the client's cancel: a 2026-07-28 request over HTTP, not
+    one a replica forwarded (the forwarder judges its own caller's cancel and passes it on as `cancel_run`)."""
+    return transport == "http" and protocol in MODERN_PROTOCOL_VERSIONS and not forwarded
 
 
 def interrupts(reason: str | None, mode: str) -> bool:
@@ -63,19 +72,22 @@ class CancelReasons:
         record.reason = reason if isinstance(reason, str) else None
         record.seen.set()
 
-    def verdict_for(self, connection: object, request_id: Any, mode: str) -> Callable[[], Awaitable[bool]]:
-        """For a call waiting on a run: once it is cancelled, whether the run should be interrupted."""
+    def verdict_for(
+        self, connection: object, request_id: Any, mode: str, aborts: bool = False
+    ) -> Callable[[], Awaitable[bool]]:
+        """For a call waiting on a run: once it is cancelled, whether the run should be interrupted. `aborts`: the
+        call is a 2026-07-28 HTTP request, which a client cancels by aborting it (no notification comes)."""
         key = (id(_connection(connection)), str(request_id))
 
         async def verdict() -> bool:
             if mode != "auto":
                 return mode == "interrupt"
             record = self._record(key)
-            with anyio.move_on_after(NOTIFICATION_WAIT_S):
+            with anyio.move_on_after(0.0 if aborts else NOTIFICATION_WAIT_S):
                 await record.seen.wait()
             self._records.pop(key, None)
             if not record.seen.is_set():
-                return False  # no cancel was sent: the connection went away, and the run outlives it
+                return aborts  # else the connection went away, and the run outlives it
             return interrupts(record.reason, mode)
 
         return verdict

@@ -8,6 +8,9 @@ to the home over HTTP, signed with `CLUSTER_SECRET`, and the home's answer (its 
   caller's bearer token (so the home derives the same owner: tokens never see each other's sessions on any
   replica), the client's name (so the home shapes the text for it), and a progress token whose notifications are
   relayed to the caller.
+- A forwarded `run_code` carries the run id the forwarder chose (in `_meta`, under the signature), so that the
+  client's cancel of the call (`notifications/cancelled`, judged by `cancels` as for a local call) is passed on to
+  the home as a `cancel_run` of that run (`pass_cancel`); a forwarded `get_run` names its run already.
 - `ForwardScreen`: on the home, an ASGI middleware. A request that says it is forwarded (`X-CI-Forward`) must carry
   an HMAC-SHA256 of its timestamp and body under `CLUSTER_SECRET`, at most `MAX_SKEW_S` old; anything else is
   refused (401) before the MCP layer sees it. A verified one is served here, never forwarded again.
@@ -20,6 +23,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
+import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -34,7 +39,14 @@ from mcp_types import CLIENT_CAPABILITIES_META_KEY, CLIENT_INFO_META_KEY, PROTOC
 from ..engine import Engine
 from ..errors import SessionElsewhere
 
+logger = logging.getLogger(__name__)
+
 HEADER = "x-ci-forward"
+RUN_ID_META = "io.github.code-interpreter-mcp/run-id"
+_RUN_ID = re.compile(r"r_[0-9a-f]{32}")
+CANCEL_TRIES = 8
+CANCEL_RETRY_S = 0.25
+"""A cancel can overtake the call it stops (the home has not started the run yet): it is tried again, briefly."""
 MAX_SKEW_S = 60.0
 MODERN = "2026-07-28"
 RUN_ROW_WAIT_S = 0.6
@@ -123,13 +135,18 @@ class Forwarder:
         arguments: dict[str, Any],
         client: str | None,
         progress: Callable[[float, float | None, str | None], Awaitable[None]] | None,
+        bearer: str | None,
+        run_id: str | None = None,
     ) -> dict[str, Any]:
-        """The home's `tools/call` result (its wire form); SessionElsewhere when the home does not answer."""
+        """The home's `tools/call` result (its wire form), made with the caller's bearer token; SessionElsewhere
+        when the home does not answer."""
         meta: dict[str, Any] = {
             PROTOCOL_VERSION_META_KEY: MODERN,
             CLIENT_INFO_META_KEY: {"name": client or "code-interpreter-replica", "version": "0"},
             CLIENT_CAPABILITIES_META_KEY: {},
         }
+        if run_id is not None:
+            meta[RUN_ID_META] = run_id
         if progress is not None:
             meta["progressToken"] = "fw_" + secrets.token_hex(8)
         body = json.dumps(
@@ -148,9 +165,8 @@ class Forwarder:
             "mcp-name": tool,
             HEADER: signed_header(self.secret, body),
         }
-        token = get_access_token()
-        if token is not None:
-            headers["authorization"] = f"Bearer {token.token}"
+        if bearer is not None:
+            headers["authorization"] = f"Bearer {bearer}"
         try:
             async with self.client.stream("POST", home.rstrip("/") + "/mcp", content=body, headers=headers) as resp:
                 if resp.headers.get("content-type", "").startswith("text/event-stream"):
@@ -194,7 +210,54 @@ def _result(message: dict[str, Any], home: str) -> dict[str, Any]:
     raise SessionElsewhere(f"The session's home replica {home} refused the call: {str(error.get('message'))[:300]}")
 
 
+def caller_token() -> str | None:
+    """The bearer token of the call being served (the home derives the same owner from it)."""
+    token = get_access_token()
+    return token.token if token is not None else None
+
+
+async def pass_cancel(
+    forwarder: Forwarder,
+    home: str,
+    run_id: str,
+    session_id: object,
+    bearer: str | None,
+    verdict: Callable[[], Awaitable[bool]],
+) -> None:
+    """After a forwarded call was cancelled: the home's run stops too when the client's cancel means it (the
+    verdict: a stop, not a timeout, under CLIENT_CANCEL), as it would on the home itself."""
+    if not await verdict():
+        return
+    arguments: dict[str, Any] = {"run_id": run_id}
+    if isinstance(session_id, str):
+        arguments["session_id"] = session_id
+    for _ in range(CANCEL_TRIES):
+        try:
+            wire = await forwarder.call(home, "cancel_run", arguments, None, None, bearer)
+        except SessionElsewhere as exc:
+            logger.warning("cancel of run %s not passed on to %s: %s", run_id, home, exc.message)
+            return
+        if not wire.get("isError"):
+            return
+        await anyio.sleep(CANCEL_RETRY_S)  # not started there yet, most likely
+    logger.warning("cancel of run %s not taken by %s", run_id, home)
+
+
+def forwarded_run_id(meta: object) -> str | None:
+    """The run id a forwarding replica chose for this call (only ever read from a verified forwarded request)."""
+    if not FORWARDED.get() or not isinstance(meta, dict):
+        return None
+    value = meta.get(RUN_ID_META)
+    return value if isinstance(value, str) and _RUN_ID.fullmatch(value) else None
+
+
 _FORWARDERS: dict[str, Forwarder] = {}
+
+
+def forwarder_of(engine: Engine) -> Forwarder:
+    secret = engine.settings.cluster_secret
+    assert secret is not None  # target() forwards nothing without one
+    return forwarder_for(secret.get_secret_value(), engine.settings.max_wait_s + 120)
 
 
 def forwarder_for(secret: str, timeout_s: float) -> Forwarder:

@@ -39,9 +39,9 @@ from ..engine import Engine, RunOutput
 from ..errors import CIError, RunNotFound
 from ..models import RunResult
 from ..sessions import new_id
-from . import cancels, content
+from . import cancels, content, forward
 from .auth import current_owner
-from .clients import client_profile
+from .clients import client_name, client_profile
 
 EXTENSION_ID = "io.modelcontextprotocol/tasks"
 CAPABILITIES_KEY = "io.modelcontextprotocol/clientCapabilities"
@@ -170,15 +170,39 @@ class RunTasks(Extension):
 
     async def _call(
         self, ctx: ServerRequestContext[Any, Any], task_id: str, wait_s: float | None = 0.0, cancel: bool = False
-    ) -> RunOutput:
+    ) -> RunOutput | CallToolResult:
+        """The run's state (`get_run`, or `cancel_run`): from this replica, or the `get_run`/`cancel_run` result
+        of the replica that is its session's home."""
         engine: Engine = ctx.lifespan_context
+        home = await forward.target(engine, "get_run", {"run_id": task_id})
+        if home is not None:
+            return await self._call_home(engine, home, task_id, wait_s, cancel, client_name(ctx))
         try:
             if cancel:
                 return await engine.cancel_run(task_id, current_owner())
-            verdict = cancels.REASONS.verdict_for(ctx.session, ctx.request_id, engine.settings.client_cancel)
+            aborts = cancels.aborts_cancel(ctx.protocol_version, engine.settings.transport, forward.FORWARDED.get())
+            verdict = cancels.REASONS.verdict_for(ctx.session, ctx.request_id, engine.settings.client_cancel, aborts)
             return await engine.get_run(task_id, current_owner(), None, wait_s, None, verdict)
         except RunNotFound:
             raise MCPError(code=INVALID_PARAMS, message="Failed to retrieve task: Task not found") from None
+
+    async def _call_home(
+        self, engine: Engine, home: str, task_id: str, wait_s: float | None, cancel: bool, client: str | None
+    ) -> CallToolResult:
+        forwarder, bearer = forward.forwarder_of(engine), forward.caller_token()
+        if cancel:
+            return CallToolResult.model_validate(
+                await forwarder.call(home, "cancel_run", {"run_id": task_id}, client, None, bearer)
+            )
+        while True:  # no limit (tasks/result): the home's longest wait, again until the run ends
+            wait = engine.settings.max_wait_s if wait_s is None else wait_s
+            wire = await forwarder.call(home, "get_run", {"run_id": task_id, "wait_s": wait}, client, None, bearer)
+            result = CallToolResult.model_validate(wire)
+            run = result.structured_content or {}
+            if wait_s is not None or result.is_error or run.get("status") not in ("queued", "running"):
+                if result.is_error and "No run" in str(result.content):
+                    raise RunNotFound(f"No run {task_id!r} is known for this client.")
+                return result
 
     async def _final(
         self, ctx: ServerRequestContext[Any, Any], task_id: str, wait_s: float | None
@@ -191,13 +215,17 @@ class RunTasks(Extension):
         except CIError as exc:  # the run could not start or went wrong outside the code
             result = CallToolResult(content=[TextContent(text=str(content.tool_error(exc)))], is_error=True)
         else:
-            if out.result.status in ("queued", "running"):
-                self._working[task_id] = _working_message(out.result)
+            run = out.result if isinstance(out, RunOutput) else _run_of(out)
+            if run is not None and run.status in ("queued", "running"):
+                self._working[task_id] = _working_message(run)
                 return None
-            if out.result.status == "lost":
-                message = out.result.error.message if out.result.error else "The run was lost."
+            if run is not None and run.status == "lost":
+                message = run.error.message if run.error else "The run was lost."
                 return {"error": {"code": INTERNAL_ERROR, "message": message}, "lost": True}
-            result = content.run_result(out, client_profile(ctx, ctx.lifespan_context.settings))
+            if isinstance(out, CallToolResult):
+                result = out  # shaped by the home for this client already
+            else:
+                result = content.run_result(out, client_profile(ctx, ctx.lifespan_context.settings))
         dumped = result.model_dump(by_alias=True, mode="json", exclude_none=True)
         return serialize_server_result("tools/call", ctx.protocol_version, dumped)
 
@@ -228,6 +256,13 @@ class RunTasks(Extension):
         elif status == "failed" and wire is not None:
             task["error"] = wire["error"]
         return task
+
+
+def _run_of(result: CallToolResult) -> RunResult | None:
+    """The run a home replica's `get_run`/`cancel_run` answer describes (None for a tool error)."""
+    if result.is_error or not isinstance(result.structured_content, dict):
+        return None
+    return RunResult.model_validate(result.structured_content)
 
 
 def legacy_capabilities() -> dict[str, Any]:

@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypeVar
 
+import anyio
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.types import CallToolResult, ToolAnnotations
 from pydantic import Field
@@ -20,11 +21,11 @@ from pydantic import Field
 from ..config import Settings
 from ..engine import Engine
 from ..models import CloseResult, DownloadResult, FileList, RunResult, UploadResult
-from ..sessions import Session
+from ..sessions import Session, new_id
 from . import cancels, content, forward, tasks
 from .arguments import keep_strings
 from .auth import current_owner
-from .clients import client_name, client_profile
+from .clients import client_name, client_profile, protocol_version
 from .context import engine_from, resolve_session
 
 RUN_CODE_DESCRIPTION = """\
@@ -148,11 +149,28 @@ def _routed(fn: ToolFn) -> ToolFn:
             raise content.tool_error(exc) from None
         if home is None:
             return await fn(*args, **kwargs)
-        secret = engine.settings.cluster_secret
-        assert secret is not None
-        forwarder = forward.forwarder_for(secret.get_secret_value(), engine.settings.max_wait_s + 120)
+        forwarder = forward.forwarder_of(engine)
+        run_id = new_id("r_") if name == "run_code" else arguments.get("run_id") if name == "get_run" else None
+        if name == "run_code" and tasks.task_wait(arguments.get("wait_s")) is not None:
+            arguments["wait_s"] = tasks.task_wait(arguments.get("wait_s"))  # a call made as a task waits briefly
+        bearer = forward.caller_token()
         try:
-            wire = await forwarder.call(home, name, arguments, client_name(ctx.request_context), ctx.report_progress)
+            wire = await forwarder.call(
+                home, name, arguments, client_name(ctx.request_context), ctx.report_progress, bearer, run_id
+            )
+        except anyio.get_cancelled_exc_class():
+            group = engine.runs.task_group
+            if isinstance(run_id, str) and group is not None:  # the client stopped the call: the run too?
+                group.start_soon(
+                    forward.pass_cancel,
+                    forwarder,
+                    home,
+                    run_id,
+                    arguments.get("session_id"),
+                    bearer,
+                    _verdict(ctx, engine),
+                )
+            raise
         except Exception as exc:
             if isinstance(arguments.get("session_id"), str):
                 forward.forget_home(arguments["session_id"])
@@ -211,6 +229,7 @@ async def run_code(
             wait_s=tasks.task_wait(wait_s),
             progress=ctx.report_progress,
             abandoned=_verdict(ctx, engine),
+            run_id=forward.forwarded_run_id(ctx.request_context.meta),
             packages=packages,
             env=env,
             persist_env=persist_env,
@@ -220,7 +239,15 @@ async def run_code(
 
 def _verdict(ctx: Context[Engine], engine: Engine) -> Callable[[], Awaitable[bool]]:
     """Whether this call's run stops when the client cancels the call (`cancels`: its reason and CLIENT_CANCEL)."""
-    return cancels.REASONS.verdict_for(ctx.session, ctx.request_context.request_id, engine.settings.client_cancel)
+    settings, rc = engine.settings, ctx.request_context
+    aborts = cancels.aborts_cancel(protocol_version(rc), settings.transport, forward.FORWARDED.get())
+    if forward.FORWARDED.get() and settings.client_cancel == "auto":
+        return _kept  # the forwarding replica judges its caller's cancel, and passes a stop on as cancel_run
+    return cancels.REASONS.verdict_for(ctx.session, rc.request_id, settings.client_cancel, aborts)
+
+
+async def _kept() -> bool:
+    return False
 
 
 RunId = Annotated[str, Field(description="The run_id of a result whose status was 'running'.")]

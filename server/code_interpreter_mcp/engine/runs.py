@@ -160,10 +160,12 @@ class Runs:
         wait_s: float | None = None,
         progress: ProgressSink | None = None,
         abandoned: Verdict | None = None,
+        run_id: str | None = None,
         **options: Any,
     ) -> RunOutput:
         """Start a run in the background and wait for it up to `wait_s` (the setting's default when None). When the
-        waiting call is cancelled, `abandoned()` (awaited in the background) says whether the run stops too."""
+        waiting call is cancelled, `abandoned()` (awaited in the background) says whether the run stops too.
+        `run_id` is the id a forwarding replica chose (so that it can pass a cancel on); a new one by default."""
         settings = self.ctx.settings
         wait = check_wait(wait_s, settings.default_wait_s, settings.max_wait_s)
         check_run_args(  # bad arguments fail the call now, not the run later
@@ -179,7 +181,9 @@ class Runs:
         await self.ctx.ready()
         if self.task_group is None:
             raise RuntimeError("the engine is not running")
-        run = Run(id=new_id("r_"), session=session, started_at=time.time(), live=LiveOutput(settings.output_cap_chars))
+        if run_id is None or run_id in self._runs:
+            run_id = new_id("r_")
+        run = Run(id=run_id, session=session, started_at=time.time(), live=LiveOutput(settings.output_cap_chars))
         self.queue.admit(session.id, run)  # SessionBusy when the queue is full
         self._runs[run.id] = run
         self.task_group.start_soon(self._main, run, code, options)

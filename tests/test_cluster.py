@@ -96,6 +96,8 @@ DATABASE: dict[str, str] = {}  # the running cluster's DATABASE_URL, for the tes
 
 @pytest.fixture
 def cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[list[Replica]]:
+    marker = request.node.get_closest_marker("replica_env")
+    extra: dict[str, str] = marker.args[0] if marker is not None else {}
     pg: Postgres = request.getfixturevalue("pg")
     store = tmp_path / "store"
     store.mkdir()
@@ -103,6 +105,7 @@ def cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[list[Rep
         "DATABASE_URL": pg.create_database("c_" + secrets.token_hex(6)),
         "STORE_URL": store.as_uri(),
         "CLUSTER_SECRET": secrets.token_hex(32),
+        **extra,
     }
     DATABASE["url"] = shared["DATABASE_URL"]
     with ExitStack() as stack:
@@ -165,6 +168,11 @@ async def test_forwarded_requests_must_be_signed(cluster: list[Replica]) -> None
                 headers={HEADER: value, "authorization": f"Bearer {TOKENS[0]}", "content-type": "application/json"},
             )
             assert r.status_code == 401 and "CLUSTER_SECRET" in r.text, (value, r.status_code, r.text)
+        # The replicas' own calls too: unsigned or signed with another secret, refused before anything runs.
+        ask = b'{"owner": "o_none", "count": 5}'
+        for headers in ({}, {HEADER: signed_header("another secret", ask)}):
+            r = await h.post(a.url + "/cluster/stop-idle", content=ask, headers=headers)
+            assert r.status_code == 401 and "CLUSTER_SECRET" in r.text, (headers, r.status_code, r.text)
 
 
 async def test_one_tokens_session_is_invisible_to_another_on_every_replica(cluster: list[Replica]) -> None:
@@ -329,3 +337,35 @@ async def test_mcp_tasks_work_from_every_replica(cluster: list[Replica]) -> None
     assert after["status"] == "cancelled", after
     missing = await _post(b.mcp, _modern("tasks/get", {"taskId": "r_" + "0" * 32}))
     assert "error" in missing and "not found" in missing["error"]["message"], missing
+
+
+def _owner_counts() -> dict[tuple[str, str], int]:
+    import psycopg
+
+    with psycopg.connect(DATABASE["url"]) as db:
+        rows = db.execute("SELECT replica, owner, live FROM replica_owners").fetchall()
+    return {(str(r[0]), str(r[1])): int(r[2]) for r in rows}
+
+
+@pytest.mark.replica_env({"CODE_INTERPRETER_MAX_LIVE_CONTAINERS_PER_OWNER": "2", "CODE_INTERPRETER_WARM_WORKERS": "0"})
+async def test_the_per_owner_cap_holds_across_replicas(cluster: list[Replica]) -> None:
+    a, b, c = cluster
+    other = await call(a.mcp, "run_code", {"code": "z = 3"}, token=TOKENS[1])  # another owner: never counted
+    first = await call(a.mcp, "run_code", {"code": "x = 1"})
+    second = await call(b.mcp, "run_code", {"code": "y = 2"})
+    await anyio.sleep(LEASE_S)  # a beat or two: each replica's counts are in the registry
+    third = await call(c.mcp, "run_code", {"code": "w = 4\nw"})  # a third live worker: one elsewhere stops
+    assert third["status"] == "ok" and third["result"] == "4", third
+    await anyio.sleep(LEASE_S)
+    rows = _owner_counts()
+    key = next(o for (r, o) in rows if r == c.url)  # c has only this owner's worker
+    counts = {r: n for (r, o), n in rows.items() if o == key}
+    assert sum(counts.values()) == 2 and counts.get(c.url) == 1, rows
+    stopped = a if counts.get(a.url, 0) == 0 else b
+    sid, name = (first["session_id"], "x") if stopped is a else (second["session_id"], "y")
+    back = await call(stopped.mcp, "run_code", {"code": name, "session_id": sid})
+    assert back["status"] == "ok" and back["result"] in ("1", "2"), back  # its variables came back
+    assert any("make room" in w and "counted over the replicas" in w for w in back["warnings"]), str(back["warnings"])
+    assert (await call(a.mcp, "run_code", {"code": "z", "session_id": other["session_id"]}, token=TOKENS[1]))[
+        "container"
+    ]["state_lost"] is False

@@ -56,6 +56,19 @@ def _age(db: Database, replica: str) -> None:
     db.transaction([("UPDATE replicas SET seen_at = 0 WHERE url = ?", (replica,))])
 
 
+def test_owners_live_workers_are_counted_per_replica(db: Database) -> None:
+    a, b, c = Leases(db, "http://a", 10), Leases(db, "http://b", 10), Leases(db, "http://c", 10)
+    a.beat({"o_1": 2, "o_2": 1})
+    b.beat({"o_1": 1, "o_3": 0})
+    c.beat()  # no counts: only alive
+    assert c.owners_elsewhere() == {"o_1": {"http://a": 2, "http://b": 1}, "o_2": {"http://a": 1}}
+    assert a.owners_elsewhere() == {"o_1": {"http://b": 1}}
+    a.beat({"o_2": 1})  # each beat replaces the replica's counts
+    assert c.owners_elsewhere() == {"o_1": {"http://b": 1}, "o_2": {"http://a": 1}}
+    _age(db, "http://b")  # a dead replica's workers count no more
+    assert c.owners_elsewhere() == {"o_2": {"http://a": 1}}
+
+
 def test_homes_are_held_adopted_and_freed(db: Database) -> None:
     a, b = Leases(db, "http://a", 10), Leases(db, "http://b", 10)
     a.beat()

@@ -13,7 +13,9 @@ to the home over HTTP, signed with `CLUSTER_SECRET`, and the home's answer (its 
   the home as a `cancel_run` of that run (`pass_cancel`); a forwarded `get_run` names its run already.
 - `ForwardScreen`: on the home, an ASGI middleware. A request that says it is forwarded (`X-CI-Forward`) must carry
   an HMAC-SHA256 of its timestamp and body under `CLUSTER_SECRET`, at most `MAX_SKEW_S` old; anything else is
-  refused (401) before the MCP layer sees it. A verified one is served here, never forwarded again.
+  refused (401) before the MCP layer sees it. A verified one is served here, never forwarded again. The same
+  screen serves the replicas' own calls, `POST /cluster/<name>` (signed the same way; `Forwarder.internal`), such
+  as `stop-idle` for the per-owner cap (`engine.owner_caps`); unsigned ones are refused alike.
 
 Knows the engine's homes and leases, HTTP and JSON-RPC; nothing of what the tools do.
 """
@@ -42,6 +44,10 @@ from ..errors import SessionElsewhere
 logger = logging.getLogger(__name__)
 
 HEADER = "x-ci-forward"
+CLUSTER_PATH = "/cluster/"
+INTERNAL_TIMEOUT_S = 30.0  # a stop-idle writes the stopped worker's snapshot first
+Internal = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
+"""Serves a replica's own call: (name, payload) -> JSON answer."""
 RUN_ID_META = "io.github.code-interpreter-mcp/run-id"
 _RUN_ID = re.compile(r"r_[0-9a-f]{32}")
 CANCEL_TRIES = 8
@@ -179,6 +185,16 @@ class Forwarder:
             ) from None
         return _result(data, home)
 
+    async def internal(self, replica: str, name: str, payload: dict[str, Any]) -> dict[str, Any]:
+        """A replica's own call to another (`/cluster/<name>`): its JSON answer."""
+        body = json.dumps(payload).encode()
+        headers = {"content-type": "application/json", HEADER: signed_header(self.secret, body)}
+        url = f"{replica.rstrip('/')}/cluster/{name}"
+        resp = await self.client.post(url, content=body, headers=headers, timeout=INTERNAL_TIMEOUT_S)
+        resp.raise_for_status()
+        answer = resp.json()
+        return answer if isinstance(answer, dict) else {}
+
     async def aclose(self) -> None:
         await self.client.aclose()
 
@@ -274,13 +290,16 @@ def forwarder_for(secret: str, timeout_s: float) -> Forwarder:
 class ForwardScreen:
     """ASGI middleware: a forwarded request is verified before anything else sees it (see the module's docstring)."""
 
-    def __init__(self, app: Any, secret: str | None, max_bytes: int) -> None:
-        self.app, self.secret, self.max_bytes = app, secret, max_bytes
+    def __init__(self, app: Any, secret: str | None, max_bytes: int, internal: Internal | None = None) -> None:
+        self.app, self.secret, self.max_bytes, self.internal = app, secret, max_bytes, internal
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope.get("type") != "http":
             return await self.app(scope, receive, send)
         claimed = next((v for k, v in scope.get("headers") or [] if k == HEADER.encode()), None)
+        cluster = str(scope.get("path", "")).startswith(CLUSTER_PATH)
+        if claimed is None and cluster:
+            return await _refuse(send, 401, "a replica's call that is not signed with CLUSTER_SECRET is refused")
         if claimed is None:
             return await self.app(scope, receive, send)
         body = bytearray()
@@ -293,6 +312,8 @@ class ForwardScreen:
                 return await _refuse(send, 413, "the forwarded request is over the message limit")
         if not verified(self.secret, claimed.decode("latin-1"), bytes(body)):
             return await _refuse(send, 401, "a forwarded request that is not signed with CLUSTER_SECRET is refused")
+        if cluster:
+            return await self._serve_internal(str(scope["path"])[len(CLUSTER_PATH) :], bytes(body), send)
         sent = False
 
         async def replay() -> dict[str, Any]:
@@ -307,6 +328,19 @@ class ForwardScreen:
             await self.app(scope, replay, send)
         finally:
             FORWARDED.reset(token)
+
+    async def _serve_internal(self, name: str, body: bytes, send: Any) -> None:
+        try:
+            payload = json.loads(body)
+            if self.internal is None or not isinstance(payload, dict):
+                raise ValueError("no such call")
+            answer = await self.internal(name, payload)
+        except Exception as exc:  # a replica's call is never the server's crash
+            logger.warning("replica call %s failed: %s", name, exc)
+            return await _refuse(send, 400, f"the replica call {name!r} failed")
+        data = json.dumps(answer).encode()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": data})
 
 
 async def _refuse(send: Any, status: int, message: str) -> None:

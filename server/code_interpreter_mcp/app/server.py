@@ -38,7 +38,7 @@ from . import cancels
 from .auth import auth_options
 from .clients import client_profile
 from .content import for_client
-from .forward import FORWARDED, ForwardScreen
+from .forward import FORWARDED, ForwardScreen, forwarder_for
 from .http_screen import JsonRpcScreen
 from .oversize import message_limit
 from .resources import add_file_resources, read_file_resource
@@ -66,6 +66,7 @@ class CodeInterpreterServer(MCPServer[Engine]):
         super().__init__(**kwargs)
         self.ci_settings = settings  # MCPServer has a `settings` of its own
         self.view_served = False  # set when the app view's extension is in (see `view`)
+        self.engine: Engine | None = None  # the running engine, for the replicas' own calls
 
     async def _handle_list_tools(
         self, ctx: ServerRequestContext[Engine], params: PaginatedRequestParams | None
@@ -104,9 +105,20 @@ class CodeInterpreterServer(MCPServer[Engine]):
         app.add_middleware(JsonRpcScreen, path=kwargs.get("streamable_http_path", "/mcp"), limit=limit)
         secret = self.ci_settings.cluster_secret
         app.add_middleware(
-            ForwardScreen, secret=secret.get_secret_value() if secret else None, max_bytes=limit.max_bytes
+            ForwardScreen,
+            secret=secret.get_secret_value() if secret else None,
+            max_bytes=limit.max_bytes,
+            internal=self._replica_call,
         )
         return app
+
+    async def _replica_call(self, name: str, payload: dict[str, Any]) -> dict[str, Any]:
+        """Another replica's own call (verified by the screen): the engine's answer."""
+        engine = self.engine
+        caps = engine.ctx.homes.caps if engine is not None and engine.ctx.homes is not None else None
+        if name == "stop-idle" and caps is not None:
+            return await caps.stop_idle(payload)
+        raise ValueError(f"no replica call {name!r} here")
 
     async def list_tools(self) -> list[MCPTool]:
         tools = await super().list_tools()
@@ -137,7 +149,13 @@ def build_server(settings: Settings, engine: Engine | None = None) -> CodeInterp
     @asynccontextmanager
     async def lifespan(server: MCPServer[Engine]) -> AsyncIterator[Engine]:
         eng = engine if engine is not None else Engine(settings)
+        if settings.cluster_secret is not None:
+            eng.ctx.replica_call = forwarder_for(
+                settings.cluster_secret.get_secret_value(), settings.max_wait_s + 120
+            ).internal
         async with eng.running():
+            if isinstance(server, CodeInterpreterServer):
+                server.engine = eng
             yield eng
 
     level = settings.log_level.upper()

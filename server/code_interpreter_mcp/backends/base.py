@@ -203,6 +203,16 @@ class RepairOutcome:
     usage: Usage | None = None
 
 
+@dataclass
+class Neighbours:
+    """The other replicas' share of the per-owner cap on live workers (`MAX_LIVE_CONTAINERS_PER_OWNER`), set by
+    the engine when replicas share a registry: how many live workers an owner has elsewhere (as last counted), and
+    a way to have up to `n` of its idle ones stopped there (how many were)."""
+
+    live_elsewhere: Callable[[str | None], int]
+    evict_elsewhere: Callable[[str | None, int], Awaitable[int]]
+
+
 @runtime_checkable
 class Backend(Protocol):
     name: str

@@ -7,7 +7,8 @@ no MCP types.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
@@ -57,6 +58,8 @@ class EngineContext:
                 self.snapshots.committed = mirror.snapshot_written
                 self.snapshots.deleted = lambda key, session: mirror.forget_prefix(f"{key}/snapshots/{session}/")
         self.homes: Homes | None = None  # this replica's sessions (REPLICA_URL), set once the registry is open
+        # A signed call to another replica's `/cluster/<name>` (set by the HTTP face): its JSON answer.
+        self.replica_call: Callable[[str, str, dict[str, Any]], Awaitable[dict[str, Any]]] | None = None
         self.backend_error: CIError | None = None
         self._started = anyio.Event()
         self.guard = Guard(settings.schema_time_limit_s)  # schema checks and JSON validation, off the event loop

@@ -16,7 +16,7 @@ from typing import Any
 import anyio
 
 from ..backends import create_backend
-from ..backends.base import Backend
+from ..backends.base import Backend, Neighbours
 from ..config import Settings
 from ..errors import BackendError, CIError
 from ..models import CloseResult
@@ -28,6 +28,7 @@ from .context import EngineContext
 from .files import Files
 from .homes import Homes
 from .inputs import Inputs
+from .owner_caps import OwnerCaps
 from .packages import Packages
 from .progress import Relays
 from .run import Runner
@@ -103,6 +104,9 @@ class Engine:
         if settings.replica_url:
             leases = Leases(self.ctx.registry.database, settings.replica_url, settings.lease_s)
             self.ctx.homes = Homes(self.ctx, leases)
+            if settings.max_live_containers_per_owner is not None and hasattr(self.backend, "neighbours"):
+                caps = self.ctx.homes.caps = OwnerCaps(self.ctx, leases)
+                self.backend.neighbours = Neighbours(caps.live_elsewhere, caps.evict_elsewhere)
             await self.ctx.homes.beat()
         self._started = True
         if wait_for_backend:

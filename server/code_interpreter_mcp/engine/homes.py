@@ -12,6 +12,8 @@ replica adopted them meanwhile.
   (the database unreachable, a paused process) make every lease here doubtful: each is claimed again at its next
   use.
 - `release`: a graceful stop frees the sessions at once.
+- With `MAX_LIVE_CONTAINERS_PER_OWNER`, each beat also counts the owners' live workers here and reads the other
+  replicas' counts back (`owner_caps`).
 
 Knows the registry, the backend's containers and the leases; nothing of MCP.
 """
@@ -27,6 +29,7 @@ from ..errors import CIError, SessionElsewhere
 from ..sessions import Session
 from ..storage.leases import HeldElsewhere, Leases
 from .context import EngineContext
+from .owner_caps import OwnerCaps
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +39,7 @@ class Homes:
         self.ctx, self.leases = ctx, leases
         self.held: dict[str, int] = {}  # session id -> the epoch this replica holds it at
         self.last_beat = 0.0  # monotonic time of the last beat the database took
+        self.caps: OwnerCaps | None = None  # with MAX_LIVE_CONTAINERS_PER_OWNER: owners' live workers counted
 
     @property
     def on_time(self) -> bool:
@@ -61,8 +65,11 @@ class Homes:
 
     async def beat(self) -> None:
         try:
-            await anyio.to_thread.run_sync(self.leases.beat)
+            caps = self.caps
+            await anyio.to_thread.run_sync(self.leases.beat, caps.counts_here() if caps is not None else None)
             self.last_beat = time.monotonic()
+            if caps is not None:
+                await anyio.to_thread.run_sync(caps.read_back)
             lost = await anyio.to_thread.run_sync(self.leases.lost, dict(self.held))
         except CIError as exc:
             logger.warning("replica beat failed: %s", exc.message)

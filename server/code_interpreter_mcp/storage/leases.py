@@ -15,12 +15,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from .database import Database
 
 LEASES_SCHEMA = """
 CREATE TABLE IF NOT EXISTS homes (session_id TEXT PRIMARY KEY, replica TEXT NOT NULL, epoch INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS replicas (url TEXT PRIMARY KEY, seen_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS replica_owners (
+    replica TEXT NOT NULL, owner TEXT NOT NULL, live INTEGER NOT NULL, PRIMARY KEY (replica, owner)
+);
 """
 
 
@@ -44,17 +48,33 @@ class Leases:
     def __init__(self, db: Database, replica: str, lease_s: float) -> None:
         self.db, self.replica, self.lease_s = db, replica, lease_s
 
-    def beat(self) -> None:
-        """This replica is alive (now)."""
-        self.db.transaction(
-            [
-                (
-                    "INSERT INTO replicas (url, seen_at) VALUES (?, ?) "
-                    "ON CONFLICT (url) DO UPDATE SET seen_at = excluded.seen_at",
-                    (self.replica, time.time()),
-                )
-            ]
+    def beat(self, owners: dict[str, int] | None = None) -> None:
+        """This replica is alive (now); with `owners`, how many live workers each owner (its key) has here."""
+        statements: list[tuple[str, Any]] = [
+            (
+                "INSERT INTO replicas (url, seen_at) VALUES (?, ?) "
+                "ON CONFLICT (url) DO UPDATE SET seen_at = excluded.seen_at",
+                (self.replica, time.time()),
+            )
+        ]
+        if owners is not None:
+            statements.append(("DELETE FROM replica_owners WHERE replica = ?", (self.replica,)))
+            rows = [(self.replica, key, n) for key, n in owners.items() if n > 0]
+            if rows:
+                statements.append(("INSERT INTO replica_owners (replica, owner, live) VALUES (?, ?, ?)", rows))
+        self.db.transaction(statements)
+
+    def owners_elsewhere(self) -> dict[str, dict[str, int]]:
+        """Owner key -> {live replica: its live workers}, as the other live replicas last counted them."""
+        rows = self.db.rows(
+            "SELECT o.owner, o.replica, o.live FROM replica_owners o JOIN replicas r ON r.url = o.replica "
+            "WHERE o.replica <> ? AND r.seen_at > ?",
+            (self.replica, time.time() - self.lease_s),
         )
+        out: dict[str, dict[str, int]] = {}
+        for owner, replica, live in rows:
+            out.setdefault(str(owner), {})[str(replica)] = int(live)
+        return out
 
     def alive(self, replica: str) -> bool:
         row = self.db.row("SELECT seen_at FROM replicas WHERE url = ?", (replica,))

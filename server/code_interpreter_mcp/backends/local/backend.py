@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from ..base import (
     ExecOutcome,
     ExecRequest,
     FetchResult,
+    Neighbours,
     Progress,
     RemoteFile,
     RepairOutcome,
@@ -94,6 +96,7 @@ class LocalBackend:
         # Sessions' namespace snapshots: the engine counts them against its store and deletes a closed session's.
         self.snapshots = SnapshotStore(settings.files_dir)
         self.snapshots_off: str | None = snapshots_off(settings)  # why they are off, None when on
+        self.neighbours: Neighbours | None = None  # the other replicas' part in per-owner caps (set by the engine)
 
     # ------------------------------------------------------------------------------------------ lifecycle
 
@@ -119,6 +122,7 @@ class LocalBackend:
             hub = None
         quota = QuotaGuard(s, pool, service)
         capacity = Capacity(s, self._containers, pool, profile, service, hub)
+        capacity.neighbours = self.neighbours
         self._pool, self._capacity = pool, capacity
         keeper = None
         if self.snapshots_off is None:
@@ -252,6 +256,18 @@ class LocalBackend:
         return None
 
     # ------------------------------------------------------------------------------------------ facts
+
+    def live_owners(self) -> dict[str | None, int]:
+        """How many live workers each owner has here (for the per-owner cap across replicas)."""
+        counts: dict[str | None, int] = {}
+        if self._live is not None:
+            for c in self._live.capacity.live():
+                counts[c.owner] = counts.get(c.owner, 0) + 1
+        return counts
+
+    async def stop_idle_of(self, owner_is: Callable[[str | None], bool], n: int, setting: str) -> int:
+        """Stop up to `n` idle workers of an owner, for its cap on another replica (`Capacity.stop_idle_of`)."""
+        return 0 if self._live is None else await self._live.capacity.stop_idle_of(owner_is, n, setting)
 
     def describe(self) -> dict[str, Any]:
         s = self.settings

@@ -6,6 +6,9 @@
   (the same owner's when the owner's cap is what is reached): that worker is stopped, its container and files stay,
   and its next run reports `state_lost` and why. When every worker is busy running code, the start fails with
   CapacityError, never with the host running out of memory.
+- Among replicas (`neighbours`, set by the engine): the owner's live workers on the other replicas count against
+  its cap too; when it is reached, an idle worker of the owner here makes room first, else the other replicas are
+  asked to stop idle ones of the owner; CapacityError when none can.
 - Spares (`warm_workers`, default 1): a spare is a worker started in a fresh container folder with its own uid
   (containers.new_folder). A new container adopts a spare whole (folder, uid, worker), so its first run costs a
   warm run; the pool refills in the background (service.py). The first spare starts right after the probe.
@@ -16,11 +19,13 @@ Owns: the caps, the choice of whom to evict, the spares. Must not know runs or f
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import anyio
 
 from ....config import Settings
 from ....errors import CapacityError
+from ...base import Neighbours
 from ..sandbox.profile import Profile
 from ..tracking.changes import ChangeTracker, Inotify
 from ..tracking.folder import open_tracker
@@ -92,6 +97,7 @@ class Capacity:
         self.evictions = 0
         self._lock = anyio.Lock()  # one decision about room at a time
         self._closed = False
+        self.neighbours: Neighbours | None = None
         pool.make_room = self.make_room
 
     # ------------------------------------------------------------------------------------------ counting
@@ -121,9 +127,7 @@ class Capacity:
         CapacityError when every candidate is busy."""
         async with self._lock:
             if self.max_per_owner is not None:
-                mine = [x for x in self.live() if x is not c and x.owner == c.owner]
-                if len(mine) >= self.max_per_owner:
-                    await self._evict(mine, c, f"CODE_INTERPRETER_MAX_LIVE_CONTAINERS_PER_OWNER={self.max_per_owner}")
+                await self._owner_room(c, self.max_per_owner)
             others = [x for x in self.live() if x is not c]
             if len(others) + len(self.spares) + self._filling + self._claimed < self.max_live:
                 return
@@ -131,6 +135,44 @@ class Capacity:
                 await self._drop_spare(self.spares.pop(0))
                 return
             await self._evict(others, c, f"CODE_INTERPRETER_MAX_LIVE_CONTAINERS={self.max_live}")
+
+    async def _owner_room(self, c: Container, cap: int) -> None:
+        setting = f"CODE_INTERPRETER_MAX_LIVE_CONTAINERS_PER_OWNER={cap}"
+        mine = [x for x in self.live() if x is not c and x.owner == c.owner]
+        elsewhere = self.neighbours.live_elsewhere(c.owner) if self.neighbours is not None else 0
+        over = len(mine) + elsewhere + 1 - cap
+        while over > 0 and mine:
+            try:
+                await self._evict(mine, c, setting)
+            except CapacityError:
+                if self.neighbours is None or not elsewhere:
+                    raise
+                break
+            mine = [x for x in self.live() if x is not c and x.owner == c.owner]
+            over -= 1
+        if over > 0 and self.neighbours is not None and elsewhere:
+            over -= await self.neighbours.evict_elsewhere(c.owner, over)
+        if over > 0:
+            raise CapacityError(
+                f"All of this owner's {len(mine) + elsewhere} sandbox workers ({len(mine)} here, {elsewhere} on other "
+                f"replicas) are busy running code ({setting}); no idle one can make room."
+            )
+
+    async def stop_idle_of(self, owner_is: Callable[[str | None], bool], n: int, setting: str) -> int:
+        """Stop up to `n` idle workers of the owner (`owner_is`), least recently used first, for the owner's cap on
+        another replica; how many were stopped. Takes no lock of this replica's room: two replicas asking each
+        other at once must not wait on each other."""
+        stopped = 0
+        for _ in range(n):
+            idle = [x for x in self.live() if owner_is(x.owner)]
+            if not idle:
+                break
+            try:
+                await self._evict(idle, idle[0], setting)
+            except CapacityError:  # all of them busy
+                break
+            stopped += 1
+        return stopped
 
     async def _evict(self, candidates: list[Container], c: Container, cap: str) -> None:
         idle = [x for x in candidates if not x.lock.locked() and not x.starting and x.worker is not None]

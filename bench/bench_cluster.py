@@ -5,8 +5,11 @@ a folder store, talked to over HTTP by the real MCP client.
   interleaved call by call so both see the same machine; median and p95 of each, and their ratios;
 - adoption: A holds a session with 100 files and a 50 MB namespace, is killed (SIGKILL), and B's first call after
   the lease ran out adopts it: the time of that call (files from the store, variables from the snapshot).
+- capacity: with `MAX_LIVE_CONTAINERS=--cap` on every replica, 3 x cap + 3 sessions made through one replica and
+  then through haproxy in front of three; the live sessions held (those whose next run finds its worker still
+  there, probed newest first) by one replica and by three, and their ratio.
 
-    . .venv/bin/activate && python bench/bench_cluster.py --calls 200
+    . .venv/bin/activate && python bench/bench_cluster.py --calls 200 --cap 4
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import anyio
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.helpers import structured
-from tests.infra import postgres
+from tests.infra import haproxy, postgres
 from tests.test_cluster import LEASE_S, client, replica
 from tests.test_e2e_http import free_port
 
@@ -96,7 +99,56 @@ async def main(calls: int) -> None:
         print(f"  files listed on B afterwards: {len(listed['files'])}")
 
 
+async def live_held(url: str, made: int) -> int:
+    """Make `made` sessions through `url`, then count those whose worker is still live (newest first: probing a
+    live one evicts nothing, and the first evicted one of a replica comes after all of its live ones)."""
+    sids = []
+    async with client(url) as c:
+        for i in range(made):
+            r = structured(await c.call_tool("run_code", {"code": f"v = {i}"}))
+            assert r["status"] == "ok", r
+            sids.append(r["session_id"])
+        live = 0
+        for sid in reversed(sids):
+            r = structured(await c.call_tool("run_code", {"code": "v", "session_id": sid}))
+            evicted = r["container"]["state_restored"] is not None or any("make room" in w for w in r["warnings"])
+            live += not evicted
+    return live
+
+
+async def capacity(cap: int) -> None:
+    root = Path(tempfile.mkdtemp(prefix="bench-capacity-"))
+    made = 3 * cap + 3
+    env = {"CODE_INTERPRETER_MAX_LIVE_CONTAINERS": str(cap), "CODE_INTERPRETER_WARM_WORKERS": "0"}
+    with postgres() as pg, ExitStack() as stack:
+        for name in ("one", "three"):
+            (root / name).mkdir()
+        one = {"DATABASE_URL": pg.create_database("cap1_" + secrets.token_hex(4)), **env}
+        alone = stack.enter_context(replica(root / "one" / "a", free_port(), one))
+        single = await live_held(alone.mcp, made)
+        alone.proc.terminate()
+        store = root / "three" / "store"
+        store.mkdir()
+        shared = {
+            "DATABASE_URL": pg.create_database("cap3_" + secrets.token_hex(4)),
+            "STORE_URL": store.as_uri(),
+            "CLUSTER_SECRET": secrets.token_hex(32),
+            **env,
+        }
+        group = [stack.enter_context(replica(root / "three" / f"r{i}", free_port(), shared)) for i in range(3)]
+        proxy = stack.enter_context(haproxy([r.url.removeprefix("http://") for r in group]))
+        three = await live_held(f"http://127.0.0.1:{proxy.port}/mcp", made)
+    print(f"live sessions held, MAX_LIVE_CONTAINERS={cap} each, {made} sessions made:")
+    print(f"  one replica {single}, three replicas behind haproxy {three}: {three / single:.2f}x (target 3x)")
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--calls", type=int, default=200)
-    anyio.run(main, parser.parse_args().calls)
+    parser.add_argument("--cap", type=int, default=4, help="MAX_LIVE_CONTAINERS of each replica (capacity part)")
+    parser.add_argument("--only", choices=["latency", "capacity"], default=None)
+    args = parser.parse_args()
+    if args.only != "capacity":
+        anyio.run(main, args.calls)
+    if args.only != "latency":
+        anyio.run(capacity, args.cap)

@@ -164,3 +164,32 @@ async def test_a_database_that_goes_away_gives_retryable_errors_and_comes_back(t
         assert again.id != session.id
         row = await engine.reg.load_run(run.result.run_id or "")
         assert row is not None and row.status == "ok"
+
+
+def test_the_pool_comes_back_within_seconds_of_a_long_outage(pg: Postgres) -> None:
+    """psycopg_pool's own retry delay doubles without bound; the registry does not wait it out."""
+    import time
+
+    from code_interpreter_mcp.errors import RegistryUnavailable
+
+    db = PostgresDatabase(pg.create_database("t_" + secrets.token_hex(6)), SCHEMA, ADDED_COLUMNS, lambda d, a: None)
+    try:
+        assert db.row("SELECT 1") == (1,)
+        pg.stop()
+        try:
+            until = time.monotonic() + 16  # the pool's retries are 8 s apart by now
+            while time.monotonic() < until:
+                with pytest.raises(RegistryUnavailable):
+                    db.row("SELECT 1")
+        finally:
+            pg.start()
+        began = time.monotonic()
+        while True:
+            try:
+                assert db.row("SELECT 1") == (1,)
+                break
+            except RegistryUnavailable:
+                assert time.monotonic() - began < 12
+        assert time.monotonic() - began < 7, time.monotonic() - began
+    finally:
+        db.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -90,6 +91,10 @@ class Registry:
         self.sessions: dict[str, Session] = {}
         self.containers: dict[str, ContainerRecord] = {}
         self._dirty: dict[str, ContainerRecord] = {}
+        # With replicas: the (replica, epoch) this process holds a session at, None when it does not hold it.
+        # A container's row is then written only while that is still the session's home in the registry, so a
+        # former home (paused, or cut off from the database) never writes back over its successor's rows.
+        self.held_at: Callable[[str], tuple[str, int] | None] | None = None
         self._run_rows: list[tuple[str, tuple[Any, ...]]] = []  # run starts and ends, in order, for `flush`
         self._flush_lock = anyio.Lock()
         self._seq = int((self._db.row("SELECT COALESCE(MAX(seq), 0) FROM files") or (0,))[0])
@@ -230,18 +235,30 @@ class Registry:
         )
         return rec
 
-    @staticmethod
-    def _container_update(rec: ContainerRecord) -> tuple[str, tuple[Any, ...]]:
+    def _container_update(self, rec: ContainerRecord) -> tuple[str, tuple[Any, ...]] | None:
         s = rec.state
-        return (
+        sql = (
             "UPDATE containers SET last_active_at = ?, expires_after_s = ?, status = ?, runs = ?, extra = ? "
-            "WHERE id = ?",
-            (s.last_active_at, s.expires_after_s, s.status, rec.runs, json.dumps(s.extra), s.id),
+            "WHERE id = ?"
         )
+        params: tuple[Any, ...] = (s.last_active_at, s.expires_after_s, s.status, rec.runs, json.dumps(s.extra), s.id)
+        if self.held_at is None:
+            return sql, params
+        held = self.held_at(rec.session_id)
+        if held is None:
+            return None  # another replica's session now: not ours to write
+        guard = " AND EXISTS (SELECT 1 FROM homes WHERE session_id = ? AND replica = ? AND epoch = ?)"
+        return sql + guard, (*params, rec.session_id, *held)
 
     async def save_container(self, rec: ContainerRecord) -> None:
         self._dirty.pop(rec.state.id, None)
-        await self._write(self._container_update(rec))
+        update = self._container_update(rec)
+        if update is not None:
+            await self._write(update)
+
+    def forget_pending(self, container_id: str) -> None:
+        """The container's row is another replica's now: its waiting update is not written."""
+        self._dirty.pop(container_id, None)
 
     def save_container_later(self, rec: ContainerRecord) -> None:
         """Activity times change on every run; they are written by `flush` (housekeeping, shutdown)."""
@@ -255,7 +272,7 @@ class Registry:
                 return
             dirty, self._dirty = self._dirty, {}
             runs, self._run_rows = self._run_rows, []
-            updates = [self._container_update(r) for r in dirty.values()]
+            updates = [u for u in map(self._container_update, dirty.values()) if u is not None]
             try:
                 await anyio.to_thread.run_sync(lambda: self._write_sync([*updates, *self._encoded(runs)]))
             except BaseException:  # the database is away: the rows wait for the next flush, none is lost
@@ -344,7 +361,8 @@ class Registry:
     def end_run_later(self, run_id: str, status: str, result: dict[str, Any] | BaseModel) -> None:
         """A run ended with `result` (its RunResult, or the error that ended it), JSON-encoded when flushed, in the
         flush's thread: a model is encoded there, not on the run's path."""
-        sql = "UPDATE runs SET status = ?, ended_at = ?, result = ? WHERE id = ?"
+        # A run its session's new home marked lost stays lost: this process lost the session meanwhile.
+        sql = "UPDATE runs SET status = ?, ended_at = ?, result = ? WHERE id = ? AND status <> 'lost'"
         self._run_rows.append((sql, (status, time.time(), result, run_id)))
 
     @staticmethod

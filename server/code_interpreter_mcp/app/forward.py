@@ -116,7 +116,12 @@ async def target(engine: Engine, tool: str, arguments: dict[str, Any]) -> str | 
     if home is None or home[0] in ("", leases.replica):
         return None
     if not await anyio.to_thread.run_sync(leases.alive, home[0]):
-        return None
+        await homes.settled()
+        if not await anyio.to_thread.run_sync(leases.alive, home[0]):
+            winner = await homes.claim(sid)  # adopt it here; a replica that won the race gets the call
+            if winner is None:
+                return None
+            home = (winner, 0)
     if len(_HOMES) >= KNOWN_HOMES:
         _HOMES.clear()
     _HOMES[sid] = (home[0], time.monotonic() + leases.lease_s / 3)

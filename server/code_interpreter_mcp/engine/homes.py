@@ -38,6 +38,9 @@ class Homes:
     def __init__(self, ctx: EngineContext, leases: Leases) -> None:
         self.ctx, self.leases = ctx, leases
         self.held: dict[str, int] = {}  # session id -> the epoch this replica holds it at
+        self._claiming: dict[str, anyio.Lock] = {}
+        self.back_since = 0.0  # monotonic time of the first beat on time after late ones
+        ctx.reg.held_at = self.held_at
         self.last_beat = 0.0  # monotonic time of the last beat the database took
         self.caps: OwnerCaps | None = None  # with MAX_LIVE_CONTAINERS_PER_OWNER: owners' live workers counted
 
@@ -45,29 +48,60 @@ class Homes:
     def on_time(self) -> bool:
         return time.monotonic() - self.last_beat < self.leases.lease_s
 
+    def held_at(self, session_id: str) -> tuple[str, int] | None:
+        """(this replica, the epoch it holds the session at), None when it does not hold it."""
+        epoch = self.held.get(session_id)
+        return None if epoch is None else (self.leases.replica, epoch)
+
     async def hold(self, session: Session) -> Session:
         """The session, held here (see the module's docstring); the registry's fresh copy when adopted."""
-        if session.id in self.held and self.on_time:
-            return session
-        try:
-            claim = await anyio.to_thread.run_sync(self.leases.claim, session.id)
-        except HeldElsewhere as exc:
-            raise SessionElsewhere(f"Session {session.id} lives on the replica at {exc.home}.") from None
-        before = self.held.get(session.id)
-        self.held[session.id] = claim.epoch
-        if before == claim.epoch or (before is None and claim.epoch == 1):
-            return session  # ours all along, or new: this copy is the registry's
-        # Another replica had it since this copy was read (or it was adopted now): read it again.
-        logger.info("session %s adopted from %s (epoch %d)", session.id, claim.adopted_from, claim.epoch)
         reg = self.ctx.reg
-        reg.sessions.pop(session.id, None)
-        return await reg.get_session(session.id, session.owner)
+        if session.id in self.held and self.on_time and reg.sessions.get(session.id) is session:
+            return session
+        home = await self.claim(session.id)
+        if home is not None:
+            raise SessionElsewhere(f"Session {session.id} lives on the replica at {home}.")
+        current = reg.sessions.get(session.id)
+        return current if current is not None else await reg.get_session(session.id, session.owner)
+
+    async def claim(self, session_id: str) -> str | None:
+        """Hold the session here (free, ours, or adopted from a dead home), or the live replica that holds it.
+        Claims of one session run one at a time, and an adoption drops this replica's old copy of the session,
+        so that calls racing on it all read the one fresh copy (two copies would each start a container)."""
+        lock = self._claiming.setdefault(session_id, anyio.Lock())
+        try:
+            async with lock:
+                try:
+                    claim = await anyio.to_thread.run_sync(self.leases.claim, session_id)
+                except HeldElsewhere as exc:
+                    return exc.home
+                before = self.held.get(session_id)
+                self.held[session_id] = claim.epoch
+                if before != claim.epoch and not (before is None and claim.epoch == 1):
+                    # Another replica had it since this copy was read (or it was adopted now): read it again.
+                    logger.info("session %s adopted from %s (epoch %d)", session_id, claim.adopted_from, claim.epoch)
+                    self.ctx.reg.sessions.pop(session_id, None)
+                return None
+        finally:
+            if not lock.locked() and lock.statistics().tasks_waiting == 0:
+                self._claiming.pop(session_id, None)
+
+    async def settled(self) -> None:
+        """Before taking a session from a home that looks dead: if this replica's own beats were late until a
+        moment ago (the database was away), every replica's beat is old, the live ones' too; wait until they
+        had a lease's time to beat again, so that a database outage moves no session."""
+        wait = self.back_since + self.leases.lease_s - time.monotonic()
+        if wait > 0:
+            await anyio.sleep(wait)
 
     async def beat(self) -> None:
         try:
             caps = self.caps
+            late = self.last_beat > 0 and not self.on_time
             await anyio.to_thread.run_sync(self.leases.beat, caps.counts_here() if caps is not None else None)
             self.last_beat = time.monotonic()
+            if late:
+                self.back_since = self.last_beat
             if caps is not None:
                 await anyio.to_thread.run_sync(caps.read_back)
             lost = await anyio.to_thread.run_sync(self.leases.lost, dict(self.held))
@@ -85,6 +119,7 @@ class Homes:
         logger.warning("session %s was adopted by another replica: dropped here", session_id)
         for rec in [r for r in reg.containers.values() if r.session_id == session_id]:
             reg.containers.pop(rec.state.id, None)
+            reg.forget_pending(rec.state.id)
             try:
                 await self.ctx.backend.destroy(rec.state)
             except Exception:

@@ -15,6 +15,7 @@ import contextlib
 import re
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,6 +27,7 @@ Statement = tuple[str, tuple[Any, ...] | list[tuple[Any, ...]]]
 Row = tuple[Any, ...]
 _SCHEMA_LOCK = 0x6369_6D63_7000  # pg_advisory_xact_lock key: "cimcp"
 CONNECT_TIMEOUT_S = 5.0  # a call waits this long for a connection before it is told to retry
+REVIVE_EVERY_S = 2.0  # a pool that lends nothing is made again at most this often (see `_connection`)
 
 
 class Database(Protocol):
@@ -125,19 +127,63 @@ class PostgresDatabase:
 
         self.url = url
         self._down = (psycopg.OperationalError, PoolTimeout)  # the server gone or unreachable: retryable
-        # Each connection is checked as it is lent, so one broken by a database restart is replaced, not used.
-        self._pool = ConnectionPool(
-            url,
-            min_size=1,
-            max_size=pool_size,
-            open=True,
-            timeout=CONNECT_TIMEOUT_S,
-            check=ConnectionPool.check_connection,
-            name="registry",
-        )
+        self._pool_timeout = PoolTimeout
+
+        def new_pool() -> Any:
+            # Each connection is checked as it is lent, so one broken by a database restart is replaced, not used.
+            return ConnectionPool(
+                url,
+                min_size=1,
+                max_size=pool_size,
+                open=True,
+                timeout=CONNECT_TIMEOUT_S,
+                check=ConnectionPool.check_connection,
+                name="registry",
+            )
+
+        self._new_pool = new_pool
+        self._pool = new_pool()
+        self._revive_lock = threading.Lock()
+        self._revived_at = 0.0
         with self._answered():
             new = self._create(schema, added)
         migrate(self, new)
+
+    @contextlib.contextmanager
+    def _connection(self) -> Iterator[Any]:
+        """A connection of the pool; when none comes, and the server answers a direct connection, the pool is
+        made again at once: psycopg_pool retries a lost server with a delay that doubles without bound (1, 2,
+        4, ... 64 s after a minute's outage), and calls should work again within seconds of the server's return."""
+        pool = self._pool
+        try:
+            conn = pool.getconn()
+        except self._pool_timeout:
+            if not self._revive(pool):
+                raise
+            pool = self._pool
+            conn = pool.getconn()
+        try:
+            yield conn
+        finally:
+            pool.putconn(conn)
+
+    def _revive(self, stuck: Any) -> bool:
+        """Whether there is a new pool to try (made here, or by another call since `stuck` failed)."""
+        import psycopg
+
+        with self._revive_lock:
+            if self._pool is not stuck:
+                return True
+            if time.monotonic() - self._revived_at < REVIVE_EVERY_S:
+                return False
+            self._revived_at = time.monotonic()
+            try:
+                psycopg.connect(self.url, connect_timeout=2).close()
+            except psycopg.OperationalError:
+                return False
+            old, self._pool = self._pool, self._new_pool()
+        old.close(timeout=0)
+        return True
 
     @contextlib.contextmanager
     def _answered(self) -> Iterator[None]:
@@ -150,7 +196,7 @@ class PostgresDatabase:
 
     def _create(self, schema: str, added: list[tuple[str, str, str]]) -> list[tuple[str, str]]:
         new = []
-        with self._pool.connection() as conn, conn.transaction():
+        with self._connection() as conn, conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
             for statement in postgres_ddl(schema).split(";"):
                 if statement.strip():
@@ -167,15 +213,15 @@ class PostgresDatabase:
         return new
 
     def rows(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
-        with self._answered(), self._pool.connection() as conn:
+        with self._answered(), self._connection() as conn:
             return conn.execute(postgres_sql(sql), tuple(params)).fetchall()  # type: ignore[call-overload,no-any-return]
 
     def row(self, sql: str, params: Sequence[Any] = ()) -> Row | None:
-        with self._answered(), self._pool.connection() as conn:
+        with self._answered(), self._connection() as conn:
             return conn.execute(postgres_sql(sql), tuple(params)).fetchone()  # type: ignore[call-overload,no-any-return]
 
     def transaction(self, statements: list[Statement]) -> None:
-        with self._answered(), self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+        with self._answered(), self._connection() as conn, conn.transaction(), conn.cursor() as cur:
             for sql, params in statements:
                 if isinstance(params, list):
                     if params:

@@ -94,19 +94,30 @@ def _wait_http(url: str, proc: subprocess.Popen[bytes]) -> None:
 DATABASE: dict[str, str] = {}  # the running cluster's DATABASE_URL, for the tests that read its registry
 
 
+def shared_env(tmp_path: Path, pg: Postgres, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """What every replica of one cluster shares: a new PostgreSQL database, a folder store, a secret."""
+    store = tmp_path / "store"
+    store.mkdir()
+    return {
+        "DATABASE_URL": pg.create_database("c_" + secrets.token_hex(6)),
+        "STORE_URL": store.as_uri(),
+        "CLUSTER_SECRET": secrets.token_hex(32),
+        **(extra or {}),
+    }
+
+
+async def kill_home(r: Replica) -> None:
+    """kill -9 of a replica, then wait until its lease has run out."""
+    r.proc.send_signal(signal.SIGKILL)
+    r.proc.wait(5)
+    await anyio.sleep(LEASE_S + 0.5)
+
+
 @pytest.fixture
 def cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[list[Replica]]:
     marker = request.node.get_closest_marker("replica_env")
     extra: dict[str, str] = marker.args[0] if marker is not None else {}
-    pg: Postgres = request.getfixturevalue("pg")
-    store = tmp_path / "store"
-    store.mkdir()
-    shared = {
-        "DATABASE_URL": pg.create_database("c_" + secrets.token_hex(6)),
-        "STORE_URL": store.as_uri(),
-        "CLUSTER_SECRET": secrets.token_hex(32),
-        **extra,
-    }
+    shared = shared_env(tmp_path, request.getfixturevalue("pg"), extra)
     DATABASE["url"] = shared["DATABASE_URL"]
     with ExitStack() as stack:
         yield [stack.enter_context(replica(tmp_path / f"r{i}", free_port(), shared)) for i in range(3)]
@@ -188,9 +199,7 @@ async def test_kill_9_of_the_home_while_idle_adopts_the_session(cluster: list[Re
     first = await call(a.mcp, "run_code", {"code": "kept = 'variables'\nopen('/mnt/data/f.txt', 'w').write('files')"})
     sid = first["session_id"]
     await anyio.sleep(1.5)  # the snapshot is written after the result, then uploaded by the store's pass
-    a.proc.send_signal(signal.SIGKILL)
-    a.proc.wait(5)
-    await anyio.sleep(LEASE_S + 0.5)  # its lease runs out
+    await kill_home(a)  # its lease runs out
     r = await call(b.mcp, "run_code", {"code": "print(kept)", "session_id": sid})
     assert r["status"] == "ok" and r["stdout"] == "variables\n", r
     assert r["container"]["state_restored"] is not None and "kept" in r["container"]["state_restored"]["restored"]
@@ -231,9 +240,7 @@ async def test_kill_9_of_the_home_during_a_run_loses_the_run_and_adopts_the_sess
     started = await call(a.mcp, "run_code", {"code": "import time\ntime.sleep(600)", "session_id": sid, "wait_s": 0})
     assert started["status"] == "running", started
     await anyio.sleep(1.0)  # the run's start is in the registry
-    a.proc.send_signal(signal.SIGKILL)
-    a.proc.wait(5)
-    await anyio.sleep(LEASE_S + 0.5)
+    await kill_home(a)  # its lease runs out
     r = await call(b.mcp, "run_code", {"code": "before", "session_id": sid})
     assert r["status"] == "ok" and r["result"] == "'kept'", r
     assert r["container"]["state_restored"] is not None

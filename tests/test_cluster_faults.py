@@ -46,7 +46,7 @@ from tests.infra import (  # noqa: F401  # the fixtures, by name
     s3_fixture,
     s3_session_fixture,
 )
-from tests.test_cluster import LEASE_S, Replica, call, client, replica
+from tests.test_cluster import LEASE_S, Replica, call, client, kill_home, replica, shared_env
 from tests.test_e2e_http import free_port
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
@@ -75,15 +75,8 @@ def _start(tmp_path: Path, shared: dict[str, str]) -> Iterator[Cluster]:
 @pytest.fixture
 def pg_cluster(tmp_path: Path, pg: Postgres) -> Iterator[Cluster]:
     """Three replicas on a new PostgreSQL database and a folder store; PostgreSQL running again at the end."""
-    store = tmp_path / "store"
-    store.mkdir()
-    shared = {
-        "DATABASE_URL": pg.create_database("f_" + secrets.token_hex(6)),
-        "STORE_URL": store.as_uri(),
-        "CLUSTER_SECRET": secrets.token_hex(32),
-    }
     try:
-        yield from _start(tmp_path, shared)
+        yield from _start(tmp_path, shared_env(tmp_path, pg))
     finally:
         pg.ensure_running()
 
@@ -415,9 +408,7 @@ async def test_the_s3_gateway_stopped_during_a_harvest_loses_nothing(s3_cluster:
         got = await cl.call_tool("download_file", {"file": "kept.bin", "session_id": sid})
     assert not got.is_error and _downloaded(got) == payload, got
     # The home dies: the next replica adopts the session and streams the bytes from the store.
-    a.proc.send_signal(signal.SIGKILL)
-    a.proc.wait(5)
-    await anyio.sleep(LEASE_S + 0.5)
+    await kill_home(a)  # its lease runs out
     async with client(c.mcp) as cl:
         got = await cl.call_tool("download_file", {"file": "kept.bin", "session_id": sid})
         note = await cl.call_tool("download_file", {"file": "note.txt", "session_id": sid})
@@ -434,9 +425,7 @@ async def test_two_replicas_racing_to_adopt_a_session_one_wins_the_other_forward
     a, b, c = pg_cluster.replicas
     sid = (await call(a.mcp, "run_code", {"code": "kept = 'variables'"}))["session_id"]
     await anyio.sleep(1.5)  # its snapshot reaches the store
-    a.proc.send_signal(signal.SIGKILL)
-    a.proc.wait(5)
-    await anyio.sleep(LEASE_S + 0.5)  # its lease runs out
+    await kill_home(a)  # its lease runs out
     got: dict[str, Outcome] = {}
     ready = anyio.Event()
 
@@ -470,9 +459,7 @@ async def test_calls_racing_on_the_replica_that_adopts_a_session_share_one_conta
     a, b, _c = pg_cluster.replicas
     sid = (await call(a.mcp, "run_code", {"code": "kept = 'variables'"}))["session_id"]
     await anyio.sleep(1.5)  # its snapshot reaches the store
-    a.proc.send_signal(signal.SIGKILL)
-    a.proc.wait(5)
-    await anyio.sleep(LEASE_S + 0.5)
+    await kill_home(a)  # its lease runs out
     got: dict[str, Outcome] = {}
 
     async def one(name: str) -> None:

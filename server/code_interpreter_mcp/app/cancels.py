@@ -34,10 +34,9 @@ def _connection(session: object) -> object:
     return getattr(session, "_connection", session)
 
 
-def aborts_cancel(protocol: str | None, transport: str, forwarded: bool) -> bool:
-    """Whether an abandoned call with no notification was the client's cancel: a 2026-07-28 request over HTTP, not
-    one a replica forwarded (the forwarder judges its own caller's cancel and passes it on as `cancel_run`)."""
-    return transport == "http" and protocol in MODERN_PROTOCOL_VERSIONS and not forwarded
+def aborts_cancel(protocol: str | None, transport: str) -> bool:
+    """Whether an abandoned call with no notification was the client's cancel: a 2026-07-28 request over HTTP."""
+    return transport == "http" and protocol in MODERN_PROTOCOL_VERSIONS
 
 
 def interrupts(reason: str | None, mode: str) -> bool:

@@ -116,8 +116,7 @@ async def target(engine: Engine, tool: str, arguments: dict[str, Any]) -> str | 
     if home is None or home[0] in ("", leases.replica):
         return None
     if not await anyio.to_thread.run_sync(leases.alive, home[0]):
-        await homes.settled()
-        if not await anyio.to_thread.run_sync(leases.alive, home[0]):
+        if not (await homes.settled() and await anyio.to_thread.run_sync(leases.alive, home[0])):
             winner = await homes.claim(sid)  # adopt it here; a replica that won the race gets the call
             if winner is None:
                 return None

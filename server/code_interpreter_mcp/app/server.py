@@ -38,7 +38,7 @@ from . import cancels
 from .auth import auth_options
 from .clients import client_profile
 from .content import for_client
-from .forward import FORWARDED, ForwardScreen, forwarder_for
+from .forward import FORWARDED, ForwardScreen, forwarder_of
 from .http_screen import JsonRpcScreen
 from .oversize import message_limit
 from .resources import add_file_resources, read_file_resource
@@ -150,9 +150,7 @@ def build_server(settings: Settings, engine: Engine | None = None) -> CodeInterp
     async def lifespan(server: MCPServer[Engine]) -> AsyncIterator[Engine]:
         eng = engine if engine is not None else Engine(settings)
         if settings.cluster_secret is not None:
-            eng.ctx.replica_call = forwarder_for(
-                settings.cluster_secret.get_secret_value(), settings.max_wait_s + 120
-            ).internal
+            eng.ctx.replica_call = forwarder_of(eng).internal
         async with eng.running():
             if isinstance(server, CodeInterpreterServer):
                 server.engine = eng

@@ -180,7 +180,7 @@ class RunTasks(Extension):
         try:
             if cancel:
                 return await engine.cancel_run(task_id, current_owner())
-            aborts = cancels.aborts_cancel(ctx.protocol_version, engine.settings.transport, forward.FORWARDED.get())
+            aborts = cancels.aborts_cancel(ctx.protocol_version, engine.settings.transport)
             verdict = cancels.REASONS.verdict_for(ctx.session, ctx.request_id, engine.settings.client_cancel, aborts)
             return await engine.get_run(task_id, current_owner(), None, wait_s, None, verdict)
         except RunNotFound:

@@ -151,8 +151,9 @@ def _routed(fn: ToolFn) -> ToolFn:
             return await fn(*args, **kwargs)
         forwarder = forward.forwarder_of(engine)
         run_id = new_id("r_") if name == "run_code" else arguments.get("run_id") if name == "get_run" else None
-        if name == "run_code" and tasks.task_wait(arguments.get("wait_s")) is not None:
-            arguments["wait_s"] = tasks.task_wait(arguments.get("wait_s"))  # a call made as a task waits briefly
+        wait = tasks.task_wait(arguments.get("wait_s")) if name == "run_code" else None
+        if wait is not None:
+            arguments["wait_s"] = wait  # a call made as a task waits briefly
         bearer = forward.caller_token()
         try:
             wire = await forwarder.call(
@@ -240,9 +241,9 @@ async def run_code(
 def _verdict(ctx: Context[Engine], engine: Engine) -> Callable[[], Awaitable[bool]]:
     """Whether this call's run stops when the client cancels the call (`cancels`: its reason and CLIENT_CANCEL)."""
     settings, rc = engine.settings, ctx.request_context
-    aborts = cancels.aborts_cancel(protocol_version(rc), settings.transport, forward.FORWARDED.get())
     if forward.FORWARDED.get() and settings.client_cancel == "auto":
         return _kept  # the forwarding replica judges its caller's cancel, and passes a stop on as cancel_run
+    aborts = cancels.aborts_cancel(protocol_version(rc), settings.transport)
     return cancels.REASONS.verdict_for(ctx.session, rc.request_id, settings.client_cancel, aborts)
 
 

@@ -86,13 +86,15 @@ class Homes:
             if not lock.locked() and lock.statistics().tasks_waiting == 0:
                 self._claiming.pop(session_id, None)
 
-    async def settled(self) -> None:
+    async def settled(self) -> bool:
         """Before taking a session from a home that looks dead: if this replica's own beats were late until a
         moment ago (the database was away), every replica's beat is old, the live ones' too; wait until they
-        had a lease's time to beat again, so that a database outage moves no session."""
+        had a lease's time to beat again, so that a database outage moves no session. Whether it waited (then the
+        home's beat is worth reading again)."""
         wait = self.back_since + self.leases.lease_s - time.monotonic()
         if wait > 0:
             await anyio.sleep(wait)
+        return wait > 0
 
     async def beat(self) -> None:
         try:

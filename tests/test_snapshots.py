@@ -174,6 +174,19 @@ async def test_a_server_restart_gives_every_value_back(tmp_path: Path) -> None:
         assert_restored(structured(await c.call_tool("run_code", {"code": CHECK, "session_id": sid})))
 
 
+async def test_a_stop_right_after_a_run_keeps_that_runs_variables(tmp_path: Path) -> None:
+    data = tmp_path / "d"
+    async with client(data) as (c, _engine):
+        sid = (await call(c, "words = [str(i) for i in range(1_500_000)]\nn = 1"))["session_id"]
+        assert (await call(c, "n += 1", sid))["status"] == "ok"
+    # Stopped while the snapshot of those runs was still being written: the stop waits for it, and only then
+    # retires the worker its snapshot child lives in.
+    async with client(data) as (c, _engine):
+        back = await call(c, "n, len(words)", sid)
+        assert back["container"]["state_lost"] is False, back
+        assert back["result"] == "(2, 1500000)", back
+
+
 async def test_a_killed_server_gives_every_value_back(tmp_path: Path) -> None:
     data = tmp_path / "d"
     with raw_server(data) as raw:

@@ -225,6 +225,10 @@ class Backend(Protocol):
     async def aclose(self) -> None:
         """Stop everything this backend started (workers; containers it created, if configured)."""
 
+    async def save_state(self) -> None:
+        """At a graceful stop, before any container is retired: save what a later worker restores (the local
+        backend's namespace snapshots). Bounded in time; never raises."""
+
     async def create_container(
         self, session_id: str, expires_after_s: float, owner: str | None = None
     ) -> ContainerState:

@@ -137,6 +137,8 @@ class Engine:
         with anyio.CancelScope(shield=True):
             try:
                 await self.runs.shutdown()
+                if self.ctx.backend_ok:
+                    await self.backend.save_state()  # before retiring: a worker's snapshot dies with it
                 if self.ctx.backend_ok and (
                     self.settings.delete_containers_on_shutdown or self.backend.name == "local"
                 ):

@@ -144,12 +144,8 @@ class LocalBackend:
         live, self._live = self._live, None
         if live is not None:
             with anyio.CancelScope(shield=True):
-                if live.keeper is not None:  # a restart keeps the last run's variables
-                    async with anyio.create_task_group() as tg:
-                        for c in self._containers.live():
-                            if c.worker is not None and not c.lock.locked():
-                                tg.start_soon(live.keeper.flush, c, 5.0)
-                    await live.keeper.drain(5.0)
+                if live.keeper is not None:
+                    await self._save(live.keeper)
                     live.keeper.close()
                 await live.capacity.aclose()
                 await live.service.aclose()
@@ -159,6 +155,21 @@ class LocalBackend:
                 if live.hub is not None:
                     live.hub.close()
                 live.pool.memory.sweep()
+
+    async def save_state(self) -> None:
+        live = self._live
+        if live is not None and live.keeper is not None:
+            with anyio.CancelScope(shield=True):
+                await self._save(live.keeper)
+
+    async def _save(self, keeper: Keeper) -> None:
+        """Every idle worker's due snapshot written, and those being written finished: a restart keeps the last
+        run's variables. Before containers are retired, whose workers' snapshot children die with them."""
+        async with anyio.create_task_group() as tg:
+            for c in self._containers.live():
+                if c.worker is not None and not c.lock.locked():
+                    tg.start_soon(keeper.flush, c, 5.0)
+        await keeper.drain(5.0)
 
     def _container_of(self, worker: object) -> Container | None:
         for c in self._containers.live():

@@ -93,6 +93,9 @@ class OpenAIBackend:
             self._download_client = self._client.with_options(max_retries=0)
             self._limiter = anyio.CapacityLimiter(self.settings.download_concurrency)
 
+    async def save_state(self) -> None:
+        """Nothing to save: a hosted container's variables live (and die) with it at OpenAI."""
+
     async def aclose(self) -> None:
         client, self._client = self._client, None
         if client is None:

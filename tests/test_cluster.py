@@ -29,7 +29,7 @@ import pytest
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
-from code_interpreter_mcp.app.forward import HEADER, signed_header
+from code_interpreter_mcp.app.forward import HEADER, RAW, signed_header
 from tests.helpers import structured
 from tests.infra import (  # noqa: F401  # the fixtures, by name
     Postgres,
@@ -148,6 +148,35 @@ async def test_a_session_is_served_by_every_replica(cluster: list[Replica]) -> N
     assert structured(got)["inline"] is True and "one" in str(got.content), got
 
 
+async def test_a_2026_request_is_passed_to_the_home_as_it_came(cluster: list[Replica]) -> None:
+    import json
+
+    a, b, _c = cluster
+    sid = (await call(a.mcp, "run_code", {"code": "w = 20"}))["session_id"]
+    message = _modern("tools/call", {"name": "run_code", "arguments": {"code": "w + 1", "session_id": sid}})
+    headers = {
+        "authorization": f"Bearer {TOKENS[0]}",
+        "accept": "application/json, text/event-stream",
+        "content-type": "application/json",
+        "mcp-protocol-version": "2026-07-28",
+        "mcp-method": "tools/call",
+        "mcp-name": "run_code",
+    }
+    async with httpx2.AsyncClient(timeout=60) as h:
+        r = await h.post(b.mcp, json=message, headers=headers)
+        assert r.headers.get("x-ci-home") == a.url, r.headers  # b passed the bytes on; a answered
+        lines = [ln[5:] for ln in r.text.splitlines() if ln.startswith("data:")] or [r.text]
+        answer = json.loads(lines[-1])
+        assert answer["result"]["structuredContent"]["result"] == "21", answer
+        # Another token's request is passed on alike, and the home refuses it as its own.
+        other = {**headers, "authorization": f"Bearer {TOKENS[1]}"}
+        refused = await h.post(b.mcp, json=message, headers=other)
+        assert "No session" in refused.text, refused.text
+        # Without a valid token nothing is passed on: b's own authentication answers.
+        bad = await h.post(b.mcp, json=message, headers={**headers, "authorization": "Bearer nope"})
+        assert bad.status_code == 401 and "x-ci-home" not in bad.headers
+
+
 async def test_sessions_through_haproxy_spread_over_the_replicas(cluster: list[Replica], haproxy_factory: Any) -> None:
     proxy = haproxy_factory([r.url.removeprefix("http://") for r in cluster])
     front = f"http://127.0.0.1:{proxy.port}/mcp"
@@ -179,6 +208,18 @@ async def test_forwarded_requests_must_be_signed(cluster: list[Replica]) -> None
                 headers={HEADER: value, "authorization": f"Bearer {TOKENS[0]}", "content-type": "application/json"},
             )
             assert r.status_code == 401 and "CLUSTER_SECRET" in r.text, (value, r.status_code, r.text)
+        # The mode (a tool call of the forwarder's, or the client's request passed on as it came) is signed too.
+        r = await h.post(
+            a.mcp,
+            content=body,
+            headers={
+                HEADER: signed_header("another secret", body, RAW),
+                "x-ci-forward-mode": "raw",
+                "authorization": f"Bearer {TOKENS[0]}",
+                "content-type": "application/json",
+            },
+        )
+        assert r.status_code == 401 and "CLUSTER_SECRET" in r.text, (r.status_code, r.text)
         # The replicas' own calls too: unsigned or signed with another secret, refused before anything runs.
         ask = b'{"owner": "o_none", "count": 5}'
         for headers in ({}, {HEADER: signed_header("another secret", ask)}):

@@ -44,6 +44,12 @@ from ..errors import SessionElsewhere
 logger = logging.getLogger(__name__)
 
 HEADER = "x-ci-forward"
+MODE_HEADER = "x-ci-forward-mode"
+TOOL, RAW = "tool", "raw"
+"""The two kinds of forwarded request: a tool call made by the forwarder (`Forwarder.call`: its result is left
+whole for the forwarder, which judges its caller's cancel), or the client's own 2026-07-28 request passed on as it
+came (`passthrough`: served as the client's, shaped for it, stopped when it is aborted). The mode is signed."""
+HEADER_B, MODE_HEADER_B = HEADER.encode(), MODE_HEADER.encode()
 CLUSTER_PATH = "/cluster/"
 INTERNAL_TIMEOUT_S = 30.0  # a stop-idle writes the stopped worker's snapshot first
 Internal = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
@@ -65,21 +71,21 @@ _HOMES: dict[str, tuple[str, float]] = {}
 `LEASE_S / 3` per session (a home that died meanwhile fails the forward, which forgets it), so a forwarded warm
 call costs no database round trip."""
 
-FORWARDED: ContextVar[bool] = ContextVar("ci_forwarded", default=False)
-"""Set for a verified forwarded request: it is served here, and its result left whole for the forwarder."""
+FORWARDED: ContextVar[str] = ContextVar("ci_forwarded", default="")
+"""The mode (`TOOL` or `RAW`) of a verified forwarded request, served here and never forwarded again; "" else."""
 
 
-def signature(secret: str, timestamp: str, body: bytes) -> str:
+def signature(secret: str, timestamp: str, body: bytes, mode: str = TOOL) -> str:
     digest = hashlib.sha256(body).hexdigest()
-    return hmac.new(secret.encode(), f"{timestamp}\n{digest}".encode(), hashlib.sha256).hexdigest()
+    return hmac.new(secret.encode(), f"{timestamp}\n{mode}\n{digest}".encode(), hashlib.sha256).hexdigest()
 
 
-def signed_header(secret: str, body: bytes) -> str:
+def signed_header(secret: str, body: bytes, mode: str = TOOL) -> str:
     ts = f"{time.time():.3f}"
-    return f"{ts}.{signature(secret, ts, body)}"
+    return f"{ts}.{signature(secret, ts, body, mode)}"
 
 
-def verified(secret: str | None, value: str, body: bytes) -> bool:
+def verified(secret: str | None, value: str, body: bytes, mode: str = TOOL) -> bool:
     if not secret:
         return False
     ts, _, sig = value.rpartition(".")
@@ -87,7 +93,7 @@ def verified(secret: str | None, value: str, body: bytes) -> bool:
         fresh = abs(time.time() - float(ts)) <= MAX_SKEW_S
     except ValueError:
         return False
-    return fresh and hmac.compare_digest(sig, signature(secret, ts, body))
+    return fresh and hmac.compare_digest(sig, signature(secret, ts, body, mode))
 
 
 # ---- the forwarder's side --------------------------------------------------------------------------------------
@@ -300,7 +306,13 @@ class ForwardScreen:
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope.get("type") != "http":
             return await self.app(scope, receive, send)
-        claimed = next((v for k, v in scope.get("headers") or [] if k == HEADER.encode()), None)
+        claimed = mode = None
+        for k, v in scope.get("headers") or []:
+            if k == HEADER_B:
+                claimed = v
+            elif k == MODE_HEADER_B:
+                mode = v.decode("latin-1")
+        mode = mode or TOOL
         cluster = str(scope.get("path", "")).startswith(CLUSTER_PATH)
         if claimed is None and cluster:
             return await _refuse(send, 401, "a replica's call that is not signed with CLUSTER_SECRET is refused")
@@ -314,7 +326,9 @@ class ForwardScreen:
             more = message.get("more_body", False)
             if len(body) > self.max_bytes:
                 return await _refuse(send, 413, "the forwarded request is over the message limit")
-        if not verified(self.secret, claimed.decode("latin-1"), bytes(body)):
+        if mode not in (TOOL, RAW) or (cluster and mode != TOOL):
+            return await _refuse(send, 401, "a forwarded request of an unknown kind is refused")
+        if not verified(self.secret, claimed.decode("latin-1"), bytes(body), mode):
             return await _refuse(send, 401, "a forwarded request that is not signed with CLUSTER_SECRET is refused")
         if cluster:
             return await self._serve_internal(str(scope["path"])[len(CLUSTER_PATH) :], bytes(body), send)
@@ -327,7 +341,7 @@ class ForwardScreen:
             sent = True
             return {"type": "http.request", "body": bytes(body), "more_body": False}
 
-        token = FORWARDED.set(True)
+        token = FORWARDED.set(mode)
         try:
             await self.app(scope, replay, send)
         finally:

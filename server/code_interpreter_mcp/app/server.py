@@ -30,6 +30,7 @@ from mcp.types import Tool as MCPTool
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import AnyUrl
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 
 from .. import __version__
 from ..config import Settings
@@ -38,9 +39,10 @@ from . import cancels
 from .auth import auth_options
 from .clients import client_profile
 from .content import for_client
-from .forward import FORWARDED, ForwardScreen, forwarder_of
+from .forward import FORWARDED, TOOL, ForwardScreen, forwarder_of
 from .http_screen import JsonRpcScreen
 from .oversize import message_limit
+from .passthrough import PassThrough
 from .resources import add_file_resources, read_file_resource
 from .schemas import publish_flat_schemas, tools_for_client
 from .stdio import stdio_streams
@@ -78,7 +80,7 @@ class CodeInterpreterServer(MCPServer[Engine]):
         self, name: str, arguments: dict[str, Any], context: Context[Engine, Any] | None = None
     ) -> CallToolResult | InputRequiredResult:
         result = await super().call_tool(name, arguments, context)
-        if isinstance(result, CallToolResult) and context is not None and not FORWARDED.get():  # else: the forwarder's
+        if isinstance(result, CallToolResult) and context is not None and FORWARDED.get() != TOOL:
             return for_client(result, client_profile(context, self.ci_settings))
         return result
 
@@ -102,8 +104,11 @@ class CodeInterpreterServer(MCPServer[Engine]):
             limit = replace(limit, max_bytes=kwargs["max_request_body_size"])
         # The SDK's own cap is the same: only the screen meets an over-limit body, and answers it with its id.
         app = super().streamable_http_app(**{**kwargs, "max_request_body_size": limit.max_bytes})
-        app.add_middleware(JsonRpcScreen, path=kwargs.get("streamable_http_path", "/mcp"), limit=limit)
+        path = kwargs.get("streamable_http_path", "/mcp")
+        app.add_middleware(JsonRpcScreen, path=path, limit=limit)
         secret = self.ci_settings.cluster_secret
+        if secret is not None:  # replicas: innermost, inside the SDK's authentication (`passthrough`)
+            app.user_middleware.append(Middleware(PassThrough, engine_of=lambda: self.engine, path=path))
         app.add_middleware(
             ForwardScreen,
             secret=secret.get_secret_value() if secret else None,

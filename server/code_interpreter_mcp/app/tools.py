@@ -241,7 +241,7 @@ async def run_code(
 def _verdict(ctx: Context[Engine], engine: Engine) -> Callable[[], Awaitable[bool]]:
     """Whether this call's run stops when the client cancels the call (`cancels`: its reason and CLIENT_CANCEL)."""
     settings, rc = engine.settings, ctx.request_context
-    if forward.FORWARDED.get() and settings.client_cancel == "auto":
+    if forward.FORWARDED.get() == forward.TOOL and settings.client_cancel == "auto":
         return _kept  # the forwarding replica judges its caller's cancel, and passes a stop on as cancel_run
     aborts = cancels.aborts_cancel(protocol_version(rc), settings.transport)
     return cancels.REASONS.verdict_for(ctx.session, rc.request_id, settings.client_cancel, aborts)

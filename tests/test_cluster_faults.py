@@ -446,9 +446,11 @@ async def test_two_replicas_racing_to_adopt_a_session_one_wins_the_other_forward
         assert o.ok and o.result is not None, (o.url, o.text, pg_cluster.log_tails())
         assert o.result["status"] == "ok" and o.result["stdout"] == "variables\n", o.result
     restored = [o.url for o in got.values() if o.result and o.result["container"]["state_restored"] is not None]
-    assert len(restored) == 1, got
+    assert len(restored) == 1, got  # one new worker, loaded once: by whichever of the two calls ran first there
+    # Both calls were served by the one container of the winner (the loser's call forwarded to it).
+    assert len({o.result["container"]["id"] for o in got.values() if o.result}) == 1, got
     rows = _homes(pg_cluster.database_url, [sid])
-    assert [(s, r) for s, r, _ in rows] == [(sid, restored[0])], rows
+    assert len(rows) == 1 and rows[0][1] in (b.url, c.url), rows
     assert rows[0][2] == 2, rows  # adopted once
     for r in (b, c):
         again = await call(r.mcp, "run_code", {"code": "kept", "session_id": sid})

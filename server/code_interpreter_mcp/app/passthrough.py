@@ -115,6 +115,8 @@ class PassThrough:
             left.set()
         except httpx2.HTTPError as exc:  # the home went away with the request: never run twice, say so
             logger.info("pass-through to %s cut short: %s", home, type(exc).__name__)
+            if route.session_id is not None:
+                forward.forget_home(route.session_id)  # asked of the registry again next time
             if upstream is None:
                 await _unanswered(send, route, home)
         finally:

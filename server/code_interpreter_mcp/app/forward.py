@@ -189,10 +189,7 @@ class Forwarder:
                     return await _from_events(resp, progress)
                 data = json.loads(await resp.aread())
         except (httpx2.HTTPError, ValueError) as exc:
-            raise SessionElsewhere(
-                f"The session's home replica {home} did not answer ({type(exc).__name__}).",
-                "Try again in a few seconds: once its lease runs out another replica takes the session over.",
-            ) from None
+            raise home_unanswered(home, exc) from None
         return _result(data, home)
 
     async def internal(self, replica: str, name: str, payload: dict[str, Any]) -> dict[str, Any]:
@@ -207,6 +204,14 @@ class Forwarder:
 
     async def aclose(self) -> None:
         await self.client.aclose()
+
+
+def home_unanswered(home: str, exc: BaseException) -> SessionElsewhere:
+    """The retryable error of a call its home did not answer (nothing is run twice: the caller tries again)."""
+    return SessionElsewhere(
+        f"The session's home replica {home} did not answer ({type(exc).__name__}).",
+        "Try again in a few seconds: once its lease runs out another replica takes the session over.",
+    )
 
 
 async def _from_events(

@@ -46,7 +46,7 @@ class JsonRpcScreen:
         while more:
             message = await receive()
             if message["type"] != "http.request":
-                await self.app(scope, _replay(chunks, message, receive, more_body=bool(chunks)), send)
+                await self.app(scope, replayed(chunks, message, receive, more_body=bool(chunks)), send)
                 return
             chunk = message.get("body", b"")
             chunks.append(chunk)
@@ -60,7 +60,7 @@ class JsonRpcScreen:
         if verdict is not None and verdict.error is not None:
             await _answer(send, 400, verdict.error.model_dump(by_alias=True, exclude_unset=True))
             return
-        await self.app(scope, _replay([body], None, receive), send)
+        await self.app(scope, replayed([body], None, receive), send)
 
     async def _refuse(self, chunks: list[bytes], size: int, more: bool, receive: Receive, send: Send) -> None:
         """Read the rest of an over-limit body through the id scanner only, then answer 413 with its id."""
@@ -86,7 +86,7 @@ class JsonRpcScreen:
         await _answer(send, 413, reply.model_dump(by_alias=True, exclude_unset=True))
 
 
-def _replay(chunks: list[bytes], pending: Message | None, receive: Receive, more_body: bool = False) -> Receive:
+def replayed(chunks: list[bytes], pending: Message | None, receive: Receive, more_body: bool = False) -> Receive:
     """A receive that hands out what was read already, then continues with the client's own stream."""
     queue: list[Message] = [
         {"type": "http.request", "body": c, "more_body": more_body or i < len(chunks) - 1} for i, c in enumerate(chunks)
@@ -94,12 +94,12 @@ def _replay(chunks: list[bytes], pending: Message | None, receive: Receive, more
     if pending is not None:
         queue.append(pending)
 
-    async def replayed() -> Message:
+    async def receive_again() -> Message:
         if queue:
             return queue.pop(0)
         return await receive()
 
-    return replayed
+    return receive_again
 
 
 async def _answer(send: Send, status: int, payload: dict[str, Any]) -> None:

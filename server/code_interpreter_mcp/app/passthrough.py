@@ -29,15 +29,17 @@ import anyio
 import httpx2
 
 from ..engine import Engine
+from ..errors import SessionElsewhere
 from ..sessions import new_id
 from . import forward
+from .http_screen import replayed
 
 logger = logging.getLogger(__name__)
 
 SERVED_BY = b"x-ci-home"
 """Response header naming the replica that served a passed-through request (for operators and tests)."""
 _HOP = {b"host", b"content-length", b"connection", b"keep-alive", b"transfer-encoding", b"te", b"upgrade"}
-_HOP |= {forward.HEADER.encode(), forward.MODE_HEADER.encode()}
+_HOP |= {forward.HEADER_B, forward.MODE_HEADER_B}
 _SENT_BACK_HOP = {b"connection", b"keep-alive", b"transfer-encoding", b"date", b"server"}
 
 
@@ -50,7 +52,6 @@ class PassThrough:
         if (
             engine is None
             or engine.ctx.homes is None
-            or engine.settings.cluster_secret is None
             or scope.get("type") != "http"
             or scope.get("method") != "POST"
             or str(scope.get("path", "")).rstrip("/") != self.path
@@ -60,7 +61,7 @@ class PassThrough:
         ):
             return await self.app(scope, receive, send)
         body, tail = await _read_body(receive)
-        replay = _replayer(body, tail, receive)
+        replay = replayed([body], tail, receive, more_body=tail is not None)
         if tail is not None:  # the client left while sending
             return await self.app(scope, replay, send)
         route = await _route(engine, body)
@@ -77,8 +78,9 @@ class PassThrough:
             # keeps runs. Said to the home as a cancel_run of the run id it was given, as for a tool-level forward:
             # the home may only notice the closed request when it next writes to it.
             if engine.settings.client_cancel != "keep":
+                bearer = forward.caller_token()
                 engine.runs.task_group.start_soon(
-                    forward.pass_cancel, forwarder, route.home, route.run_id, route.session_id, _bearer(scope), _stop
+                    forward.pass_cancel, forwarder, route.home, route.run_id, route.session_id, bearer, _stop
                 )
 
     async def _pass(
@@ -88,8 +90,8 @@ class PassThrough:
         answered (the caller then serves the request itself); else whether the client went away before the end."""
         home, body = route.home, route.body
         headers = [(k, v) for k, v in scope.get("headers") or [] if k.lower() not in _HOP]
-        headers.append((forward.HEADER.encode(), forward.signed_header(forwarder.secret, body, forward.RAW).encode()))
-        headers.append((forward.MODE_HEADER.encode(), forward.RAW.encode()))
+        headers.append((forward.HEADER_B, forward.signed_header(forwarder.secret, body, forward.RAW).encode()))
+        headers.append((forward.MODE_HEADER_B, forward.RAW.encode()))
         url = home.rstrip("/") + self.path
         if scope.get("query_string"):
             url += "?" + scope["query_string"].decode("latin-1")
@@ -118,7 +120,7 @@ class PassThrough:
             if route.session_id is not None:
                 forward.forget_home(route.session_id)  # asked of the registry again next time
             if upstream is None:
-                await _unanswered(send, route, home)
+                await _unanswered(send, route.request_id, forward.home_unanswered(home, exc))
         finally:
             if upstream is not None:
                 with anyio.CancelScope(shield=True):
@@ -128,14 +130,10 @@ class PassThrough:
         return left.is_set() and not answered
 
 
-async def _unanswered(send: Any, route: Route, home: str) -> None:
+async def _unanswered(send: Any, request_id: Any, error: SessionElsewhere) -> None:
     """The tool error a tool-level forward gives when the home does not answer (`forward.Forwarder.call`)."""
-    text = (
-        f"The session's home replica {home} did not answer. Try again in a few seconds: once its lease runs out "
-        "another replica takes the session over."
-    )
-    payload = {"jsonrpc": "2.0", "id": route.request_id, "result": {"content": [{"type": "text", "text": text}],
-               "isError": True}}  # fmt: skip
+    result = {"content": [{"type": "text", "text": error.user_text()}], "isError": True}
+    payload = {"jsonrpc": "2.0", "id": request_id, "result": result}
     data = json.dumps(payload).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
     await send({"type": "http.response.start", "status": 200, "headers": headers})
@@ -162,14 +160,6 @@ async def _watch_disconnect(receive: Any, scope: anyio.CancelScope, left: anyio.
 
 async def _stop() -> bool:
     return True
-
-
-def _bearer(scope: Any) -> str | None:
-    for k, v in scope.get("headers") or []:
-        if k == b"authorization":
-            scheme, _, token = v.decode("latin-1").partition(" ")
-            return token.strip() if scheme.lower() == "bearer" else None
-    return None
 
 
 def _modern_sessionless(scope: Any) -> bool:
@@ -199,21 +189,6 @@ async def _read_body(receive: Any) -> tuple[bytes, dict[str, Any] | None]:
         chunks.append(message.get("body", b""))
         if not message.get("more_body", False):
             return b"".join(chunks), None
-
-
-def _replayer(body: bytes, tail: dict[str, Any] | None, receive: Any) -> Callable[[], Any]:
-    sent = False
-
-    async def replay() -> dict[str, Any]:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": tail is not None}
-        if tail is not None:
-            return tail
-        return await receive()  # type: ignore[no-any-return]
-
-    return replay
 
 
 @dataclass
